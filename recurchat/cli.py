@@ -1,0 +1,233 @@
+"""The front door: `recurchat <command>` (same as `python -m recurchat <command>`). Thin: parse, call one function.
+
+    recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
+    recurchat eval --ckpt runs/tiny --tasks bpb --recur 1,2,4,8 --json bpb.json
+    recurchat sample --ckpt runs/tiny -p "In the beginning"
+    recurchat tokenizer train --data corpus.txt --vocab-size 4096 --out tok.json
+
+A UserError (bad input) prints one line `error: ...` and exits 2; nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+from recurchat.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from recurchat.errors import UserError
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per dataclass field; defaults are None so only what the user typed overrides the preset."""
+    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        if isinstance(default, bool):
+            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        elif isinstance(default, tuple):
+            group.add_argument(_flag(f.name), dest=f.name, type=type(default[0]), nargs=len(default), default=None)
+        else:
+            group.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None,
+                               help=f"default from preset ({default!r} in the dataclass)")
+
+
+def apply_overrides(cfg, args: argparse.Namespace):
+    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
+               if getattr(args, f.name, None) is not None}
+    return dataclasses.replace(cfg, **changes)
+
+
+def parse_depths(text: str) -> list[int]:
+    try:
+        depths = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"bad recursion list {text!r}: expected comma-separated integers like 1,2,4,8") from None
+    if not depths or min(depths) < 1:
+        raise UserError(f"bad recursion list {text!r}: each r must be >= 1")
+    return depths
+
+
+# -- commands -------------------------------------------------------------------------------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from recurchat.train import checkpoint
+    from recurchat.train.trainer import train
+
+    preset = get_preset(args.preset)
+    model_cfg, train_cfg = preset.model, preset.train
+    if args.resume:
+        ckpt = checkpoint.load(args.resume)
+        model_cfg, train_cfg = ckpt.model_cfg, ckpt.train_cfg
+    else:
+        if args.standard:
+            model_cfg = model_cfg.standard_twin()
+        if (Path(args.out) / "checkpoint").exists() and not args.overwrite:
+            raise UserError(f"{args.out} already holds a checkpoint: pass --resume {args.out} to continue it, "
+                            "or --overwrite to start over")
+    model_cfg = apply_overrides(model_cfg, args)
+    train_cfg = apply_overrides(train_cfg, args)
+    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if result:
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
+    return 0
+
+
+def load_model(ckpt_path: str, device: str = "auto"):
+    import torch
+
+    from recurchat.model.recurrent import RecurrentLM
+    from recurchat.train import checkpoint
+
+    ckpt = checkpoint.load(ckpt_path)
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if device == "auto" else device))
+    model = RecurrentLM(ckpt.model_cfg)
+    checkpoint.load_model_weights(model, ckpt)
+    return ckpt, model.to(dev).eval()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from recurchat.data.corpus import prepare_data
+    from recurchat.eval.bpb import evaluate_bpb
+    from recurchat.train.trainer import autocast_context
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = [t for t in tasks if t != "bpb"]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)} (available: bpb)")
+    depths = parse_depths(args.recur)
+    ckpt, model = load_model(args.ckpt, args.device)
+    cfg = ckpt.model_cfg
+    if not cfg.recursive:
+        depths = [1]
+    too_deep = [r for r in depths if r > cfg.r_max]
+    if too_deep:
+        print(f"note: r = {too_deep} exceed the trained r_max = {cfg.r_max}; evaluating anyway", file=sys.stderr)
+    data_path = args.data if args.data is not None else (ckpt.train_cfg.data or None)
+    data = prepare_data(data_path, cfg.vocab_size, tokenizer=ckpt.tokenizer,
+                        log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    device = next(model.parameters()).device
+    autocast = autocast_context(device, args.dtype)
+    eval_tokens = args.eval_tokens or ckpt.train_cfg.eval_tokens
+    bpb = {}
+    for r in depths:
+        bpb[str(r)] = evaluate_bpb(model, data.val, ckpt.tokenizer.token_bytes(), args.batch_size, cfg.seq_len,
+                                   eval_tokens, num_recur=r, autocast=autocast)
+    print(f"{'r':>4}  {'val bpb':>8}")
+    for r, v in bpb.items():
+        print(f"{r:>4}  {v:8.4f}")
+    result = {"bpb": bpb, "params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
+              "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)}
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+def write_json(path: str, obj: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from recurchat.infer.naive import generate_naive
+
+    ckpt, model = load_model(args.ckpt, args.device)
+    tok = ckpt.tokenizer
+    prompt = [tok.bos_id] + tok.encode(args.prompt)
+    if len(prompt) >= model.cfg.seq_len:
+        raise UserError(f"prompt is {len(prompt)} tokens; the context is {model.cfg.seq_len}")
+    for i in range(args.num_samples):
+        ids = generate_naive(model, prompt, args.max_tokens, num_recur=args.recur, temperature=args.temperature,
+                             top_k=args.top_k, seed=args.seed + i, stop_ids=(tok.bos_id,))
+        print(args.prompt + tok.decode(ids))
+        if args.num_samples > 1:
+            print("-" * 40)
+    return 0
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from recurchat.data.corpus import embedded_documents, read_documents, split_documents
+    from recurchat.data.tokenizer import Tokenizer
+
+    docs = read_documents(args.data) if args.data else embedded_documents()
+    train_docs, _ = split_documents(docs)
+    tok = Tokenizer.train(train_docs, args.vocab_size)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint()}")
+    return 0
+
+
+# -- parser ---------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recurchat", description="Recursive language models with adaptive compute.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="pretrain a recursive (or --standard) model")
+    t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint/)")
+    t.add_argument("--resume", default=None, help="checkpoint or run directory to continue exactly")
+    t.add_argument("--standard", action="store_true", help="train the iso-FLOP standard twin (P + r̄·R + C blocks)")
+    t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_config_flags(t, ModelConfig)
+    add_config_flags(t, TrainConfig)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
+    e.add_argument("--ckpt", required=True)
+    e.add_argument("--tasks", default="bpb")
+    e.add_argument("--recur", default="1,2,4,8")
+    e.add_argument("--json", default=None, help="write results to this file")
+    e.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's training data)")
+    e.add_argument("--eval-tokens", type=int, default=0, help="tokens of held-out text (default: the checkpoint's)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    e.add_argument("--device", default="auto")
+    e.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("sample", help="sample text from a checkpoint")
+    s.add_argument("--ckpt", required=True)
+    s.add_argument("-p", "--prompt", default="")
+    s.add_argument("--recur", type=int, default=None, help="recursion depth (default r̄)")
+    s.add_argument("--max-tokens", type=int, default=64)
+    s.add_argument("--temperature", type=float, default=0.8)
+    s.add_argument("--top-k", type=int, default=50)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    tk = sub.add_parser("tokenizer", help="tokenizer tools")
+    tks = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tt = tks.add_parser("train", help="train a byte-level BPE tokenizer")
+    tt.add_argument("--data", default=None, help="text source (default: the embedded corpus)")
+    tt.add_argument("--vocab-size", type=int, default=4096)
+    tt.add_argument("--out", required=True)
+    tt.set_defaults(func=cmd_tokenizer_train)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,159 @@
+"""ModelConfig and TrainConfig dataclasses plus the named presets (cpu-smoke, cpu-tiny, gpu-d20).
+
+Every field is also a command-line flag (see `recurchat train --help`). Exercised by `pytest tests/test_config.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from recurchat.errors import UserError
+
+ADAPTERS = ("concat", "add")
+STATE_INITS = ("e", "zeros", "noise")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_head: int = 4
+    n_kv_head: int = 4
+    mlp_ratio: int = 4
+    n_prelude: int = 2
+    n_recur: int = 2  # R: blocks in the shared recurrent stack; 0 makes the standard (non-recursive) model
+    n_coda: int = 2
+    mean_recur: int = 4  # r̄: default r at evaluation and mean of the training distribution
+    r_max: int = 16
+    adapter: str = "concat"
+    state_init: str = "e"
+    state_noise_std: float = 1.0
+    seq_len: int = 256
+    logit_softcap: float = 15.0
+    rope_base: float = 10000.0
+
+    def validate(self) -> "ModelConfig":
+        if self.adapter not in ADAPTERS:
+            raise UserError(f"unknown adapter {self.adapter!r} (choose from {', '.join(ADAPTERS)})")
+        if self.state_init not in STATE_INITS:
+            raise UserError(f"unknown state init {self.state_init!r} (choose from {', '.join(STATE_INITS)})")
+        if self.r_max < 1:
+            raise UserError(f"r_max must be >= 1, got {self.r_max}")
+        if self.mean_recur < 1 or self.mean_recur > self.r_max:
+            raise UserError(f"mean_recur must be in [1, r_max={self.r_max}], got {self.mean_recur}")
+        for name in ("n_prelude", "n_recur", "n_coda"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.n_prelude + self.n_recur + self.n_coda == 0:
+            raise UserError("the model has no blocks (n_prelude + n_recur + n_coda = 0)")
+        if self.d_model % self.n_head or self.n_head % self.n_kv_head or (self.d_model // self.n_head) % 2:
+            raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
+                            "need d_model % n_head == 0, n_head % n_kv_head == 0 and an even head dim")
+        if self.seq_len < 2:
+            raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
+        return self
+
+    @property
+    def recursive(self) -> bool:
+        return self.n_recur > 0
+
+    @property
+    def effective_depth(self) -> int:
+        """Blocks a token passes through at r = r̄: P + r̄·R + C."""
+        return self.n_prelude + self.mean_recur * self.n_recur + self.n_coda
+
+    def standard_twin(self) -> "ModelConfig":
+        """The iso-FLOP standard model: P + r̄·R + C distinct blocks of the same width, no recurrence."""
+        return dataclasses.replace(self, n_prelude=self.n_prelude + self.mean_recur * self.n_recur, n_recur=0,
+                                   mean_recur=1, r_max=max(1, self.r_max))
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 200  # length of the LR schedule
+    stop_after: int = 0  # stop this invocation after N steps (0 = run to max_steps); for preemptible jobs / tests
+    batch_size: int = 8  # rows per micro-batch per rank
+    total_batch_tokens: int = 2048  # global tokens per optimizer step; accumulation = this / (B·T·world)
+    lr_matrix: float = 0.02  # Muon (2-D block and adapter weights)
+    lr_embed: float = 0.05  # AdamW
+    lr_head: float = 0.004  # AdamW
+    lr_scalar: float = 0.01  # AdamW (any 1-D parameters)
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.8, 0.95)
+    warmup_steps: int = 10
+    warmdown_frac: float = 0.3
+    final_lr_frac: float = 0.0
+    grad_clip: float = 1.0
+    recur_dist: str = "poisson-lognormal"  # fixed[:R] | poisson-lognormal
+    recur_sigma: float = 0.5
+    curriculum_frac: float = 0.0  # ramp r̄ from 1 over this fraction of max_steps
+    bptt_k: int = 4  # gradient flows through the last k iterations only
+    dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    eval_every: int = 50
+    eval_tokens: int = 32768
+    eval_recur: str = ""  # comma list; empty = 1, r̄, 2·r̄
+    save_every: int = 0  # 0 = only at the end
+    log_every: int = 1
+    compile: bool = False
+    peak_flops: float = 0.0  # 0 = documented default for the device
+    data: str = ""  # empty = embedded corpus
+    wandb: str = ""  # project name; empty = off
+
+    def validate(self) -> "TrainConfig":
+        if self.bptt_k < 1:
+            raise UserError(f"bptt_k must be >= 1, got {self.bptt_k}")
+        if self.max_steps < 1:
+            raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.batch_size < 1 or self.total_batch_tokens < 1:
+            raise UserError("batch_size and total_batch_tokens must be >= 1")
+        if self.dtype not in ("bf16", "fp32"):
+            raise UserError(f"unknown dtype {self.dtype!r} (bf16 | fp32)")
+        return self
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    description: str = ""
+
+
+def _preset(description: str, model: dict, train: dict) -> Preset:
+    return Preset(ModelConfig(**model), TrainConfig(**train), description)
+
+
+PRESETS: dict[str, Preset] = {
+    # A few seconds: for tests and CI smoke runs.
+    "cpu-smoke": _preset("seconds-long run for tests", dict(vocab_size=512, d_model=64, n_head=2, n_kv_head=1,
+                         n_prelude=1, n_recur=1, n_coda=1, mean_recur=2, r_max=4, seq_len=64),
+                         dict(max_steps=20, batch_size=4, total_batch_tokens=256, bptt_k=2, eval_every=10,
+                              eval_tokens=2048, warmup_steps=2)),
+    # Learns visibly in minutes on 2 CPU cores: 6 distinct blocks, effective depth 12 at r̄ = 4.
+    "cpu-tiny": _preset("2-core CPU, minutes", dict(vocab_size=4096, d_model=256, n_head=4, n_kv_head=2,
+                        n_prelude=2, n_recur=2, n_coda=2, mean_recur=4, r_max=16, seq_len=256),
+                        dict(max_steps=200, batch_size=8, total_batch_tokens=2048, bptt_k=4)),
+    # The seed's setting: (P,R,C) = (2,4,2), r̄ = 4, r_max = 16, k = 4, d = 1280; iso-FLOP twin has 20 layers.
+    "gpu-d20": _preset("8×H100-class, hours", dict(vocab_size=65536, d_model=1280, n_head=10, n_kv_head=10,
+                       n_prelude=2, n_recur=4, n_coda=2, mean_recur=4, r_max=16, seq_len=2048),
+                       dict(max_steps=20000, batch_size=32, total_batch_tokens=524288, bptt_k=4, warmup_steps=200,
+                            eval_every=500, eval_tokens=10 * 524288, lr_embed=0.2, compile=True)),
+}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    p = PRESETS[name]
+    return Preset(dataclasses.replace(p.model), dataclasses.replace(p.train), p.description)
+
+
+def config_from_dict(cls, d: dict):
+    """Build a dataclass from JSON, refusing unknown keys so a foreign config.json is caught early."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise UserError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    d = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()}
+    return cls(**d)

@@ -1,0 +1,38 @@
+"""Bits per byte on held-out text at any recursion depth r.
+
+bpb = Σ cross-entropy (nats) / (ln 2 · Σ UTF-8 bytes of the target tokens); special tokens (0 bytes) are excluded,
+so the number is comparable across tokenizers. Exercise: `recurchat eval --ckpt DIR --tasks bpb --recur 1,2,4,8`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+import torch
+
+from recurchat.data.loader import eval_batches
+
+
+@torch.no_grad()
+def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int,
+                 seq_len: int, max_tokens: int, num_recur: int | None = None,
+                 autocast: contextlib.AbstractContextManager | None = None) -> float:
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    nbytes = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    # Evaluation must not move the training RNG (state_init=noise draws from it): exact resume depends on it.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+            x, y = x.to(device), y.to(device)
+            with autocast or contextlib.nullcontext():
+                loss = model(x, y, num_recur=num_recur, loss_reduction="none")
+            b = token_bytes[y]
+            nats += (loss.double() * (b > 0)).sum()
+            nbytes += b.sum()
+    model.train(was_training)
+    return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("nan")

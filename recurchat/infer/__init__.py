@@ -1,0 +1,1 @@
+"""Inference: sampling, KV caches for recursion, early exit, the engine and the server."""

@@ -1,0 +1,1 @@
+"""Model: layers, the recursive LM, depth samplers and FLOPs accounting."""

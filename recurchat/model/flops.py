@@ -1,0 +1,77 @@
+"""FLOPs per token for a recursive model at a given r and number of gradient iterations, and MFU.
+
+Accounting (the same numbers feed `metrics.jsonl` and `recurchat bench`):
+- every use of a weight matrix with N parameters costs 2·N FLOPs per token forward; the prelude and coda once, the
+  recurrent stack and adapter once per iteration, the lm_head once; embeddings are lookups (0);
+- backward costs 4·N (input and weight gradients) only where gradients flow: prelude, coda, head, and the last
+  g = min(k, r) iterations — the r − g no-grad iterations of truncated BPTT cost forward only;
+- attention scores and values: 4·T·d_attn forward and 8·T·d_attn backward per layer use, T the full sequence length
+  (what dense SDPA kernels compute; the PaLM/nanochat convention, 12·T·d per layer for a training step).
+Norms, activations, softmax and the loss are not counted (they are not matmuls), like torch's FlopCounterMode.
+
+Exercise: `pytest tests/model/test_flops.py` (checked against torch.utils.flop_counter.FlopCounterMode).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recurchat.config import ModelConfig
+
+# Dense bf16/fp32 matmul peaks used when --peak-flops is not given. The CPU numbers were measured on the 2-core
+# development machine (an estimate for any other CPU: pass --peak-flops or run `recurchat bench train`).
+PEAK_FLOPS = {
+    "cpu": {"bf16": 420e9, "fp32": 190e9},
+    "H100": {"bf16": 989e12, "fp32": 67e12},
+    "H200": {"bf16": 989e12, "fp32": 67e12},
+    "A100": {"bf16": 312e12, "fp32": 19.5e12},
+    "cuda": {"bf16": 312e12, "fp32": 19.5e12},
+}
+
+
+def block_matrix_params(cfg: ModelConfig) -> int:
+    d, hd = cfg.d_model, cfg.d_model // cfg.n_head
+    attn = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2  # q, proj; k, v
+    return attn + 2 * cfg.mlp_ratio * d * d
+
+
+def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: int | None = None,
+                    seq_len: int | None = None, backward: bool = True) -> float:
+    """Training (or, with backward=False, inference) FLOPs per token.
+
+    `grad_iters` defaults to all r iterations (full BPTT); pass min(k, r) for truncated BPTT.
+    """
+    r = cfg.mean_recur if num_recur is None else num_recur
+    if cfg.n_recur == 0:
+        r = 0
+    g = r if grad_iters is None else min(grad_iters, r)
+    T = cfg.seq_len if seq_len is None else seq_len
+    nb = block_matrix_params(cfg)
+    adapter = 2 * cfg.d_model * cfg.d_model if (cfg.adapter == "concat" and cfg.n_recur) else 0
+    head = cfg.d_model * cfg.vocab_size
+    attn_fwd = 4 * T * cfg.n_head * (cfg.d_model // cfg.n_head)
+    once_layers = cfg.n_prelude + cfg.n_coda
+
+    def per_pass(iters: int, matmul_factor: int, attn_factor: int) -> float:
+        layers = once_layers + iters * cfg.n_recur
+        params = once_layers * nb + iters * (cfg.n_recur * nb + adapter) + head
+        return matmul_factor * params + attn_factor * attn_fwd * layers
+
+    fwd = per_pass(r, 2, 1)
+    return fwd + (per_pass(g, 4, 2) if backward else 0.0)
+
+
+def default_peak_flops(device: torch.device | str, dtype: str) -> float:
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key in ("H200", "H100", "A100"):
+            if key in name:
+                return PEAK_FLOPS[key][dtype]
+        return PEAK_FLOPS["cuda"][dtype]
+    return PEAK_FLOPS["cpu"][dtype]
+
+
+def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+    return flops_per_tok * tokens_per_s / peak_flops if peak_flops > 0 else 0.0

@@ -1,0 +1,88 @@
+"""Transformer building blocks: functional RMSNorm, rotary embeddings, GQA attention with QK-norm, ReLU² MLP, Block.
+
+Nothing here knows about recursion; `recurrent.py` composes these blocks. Exercised by `pytest tests/model`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def norm(x: torch.Tensor) -> torch.Tensor:
+    """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables shaped [1, seq_len, 1, head_dim/2] (broadcast over batch and heads)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads and QK-norm, computed by F.scaled_dot_product_attention.
+
+    `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask)` working on [B, H, T, D]
+    tensors; it lets the inference engine own cache layout without this class knowing the strategy.
+    """
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int):
+        super().__init__()
+        if d_model % n_head or n_head % n_kv_head:
+            raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide evenly")
+        self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
+        self.c_q = nn.Linear(d_model, n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.n_kv_head != self.n_head
+        if kv_cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            k, v, mask = kv_cache.update(k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """ReLU² feed-forward: cheap, and sparse activations train well at small scale."""
+
+    def __init__(self, d_model: int, ratio: int = 4):
+        super().__init__()
+        self.c_fc = nn.Linear(d_model, ratio * d_model, bias=False)
+        self.c_proj = nn.Linear(ratio * d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.attn = Attention(d_model, n_head, n_kv_head)
+        self.mlp = MLP(d_model, mlp_ratio)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))

@@ -1,0 +1,163 @@
+"""Checkpoints: a directory with model.safetensors, config.json, tokenizer.json and resumable state.
+
+    CKPT/model.safetensors         weights (safetensors: loading never unpickles anything)
+    CKPT/config.json               {"format": "recurchat-checkpoint", "model": {...}, "train": {...}}
+    CKPT/tokenizer.json            the HF tokenizers file
+    CKPT/state/optimizer.safetensors + state/trainer.json   optimizer tensors; step, data position, RNG states
+
+A run directory (`--out DIR`) keeps its latest checkpoint in DIR/checkpoint; every command that takes `--ckpt`
+accepts either. Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a
+half-written checkpoint. Exercise: `pytest tests/train/test_checkpoint.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from recurchat.config import ModelConfig, TrainConfig, config_from_dict
+from recurchat.data.tokenizer import Tokenizer
+from recurchat.errors import UserError
+
+FORMAT = "recurchat-checkpoint"
+VERSION = 1
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    model_cfg: ModelConfig
+    train_cfg: TrainConfig
+    tokenizer: Tokenizer
+    weights: dict[str, torch.Tensor]
+
+    def has_state(self) -> bool:
+        return (self.path / "state" / "trainer.json").is_file()
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory holding one in `checkpoint/`."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoint"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist")
+    raise UserError(f"{path} is not a recurchat checkpoint (no config.json in it or in {path / 'checkpoint'})")
+
+
+def _flatten_optimizers(optimizers) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors, meta = {}, []
+    for i, opt in enumerate(optimizers):
+        sd = opt.state_dict()
+        state_meta = {}
+        for pid, pstate in sd["state"].items():
+            scalars = {}
+            for key, value in pstate.items():
+                if torch.is_tensor(value):
+                    tensors[f"{i}.{pid}.{key}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars[key] = value
+            state_meta[str(pid)] = {"tensors": [k for k, v in pstate.items() if torch.is_tensor(v)],
+                                    "scalars": scalars}
+        meta.append({"type": type(opt).__name__, "param_groups": sd["param_groups"], "state": state_meta})
+    return tensors, meta
+
+
+def _unflatten_optimizers(optimizers, tensors: dict[str, torch.Tensor], meta: list[dict]) -> None:
+    if len(meta) != len(optimizers) or any(m["type"] != type(o).__name__ for m, o in zip(meta, optimizers)):
+        raise UserError("checkpoint optimizer state does not match this run's optimizers")
+    for i, (opt, m) in enumerate(zip(optimizers, meta)):
+        state = {}
+        for pid, entry in m["state"].items():
+            s = dict(entry["scalars"])
+            for key in entry["tensors"]:
+                s[key] = tensors[f"{i}.{pid}.{key}"]
+            state[int(pid)] = s
+        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+
+
+def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
+         tokenizer: Tokenizer, optimizers=None, trainer_state: dict | None = None) -> Path:
+    """Write a checkpoint atomically (temp dir, then rename); returns its path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "state").mkdir(parents=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    config = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model_cfg),
+              "train": dataclasses.asdict(train_cfg)}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(tmp / "tokenizer.json")
+    if optimizers is not None and trainer_state is not None:
+        tensors, meta = _flatten_optimizers(optimizers)
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()
+        tensors.update({f"rng.{k}": v for k, v in rng.items()})
+        save_file(tensors, str(tmp / "state" / "optimizer.safetensors"))
+        state = dict(trainer_state, optimizers=meta)
+        (tmp / "state" / "trainer.json").write_text(json.dumps(state, indent=2))
+    old = path.parent / f".{path.name}.old-{os.getpid()}"
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load(path: str | Path) -> Checkpoint:
+    """Read config, tokenizer and weights; UserError for anything missing, foreign or corrupt."""
+    path = resolve(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise UserError(f"{path} is not a recurchat checkpoint (config.json has no format={FORMAT!r})")
+    model_cfg = config_from_dict(ModelConfig, config.get("model", {})).validate()
+    train_cfg = config_from_dict(TrainConfig, config.get("train", {}))
+    if not (path / "tokenizer.json").is_file():
+        raise UserError(f"checkpoint {path} has no tokenizer.json")
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    weights_file = path / "model.safetensors"
+    if not weights_file.is_file():
+        raise UserError(f"checkpoint {path} has no model.safetensors")
+    try:
+        weights = load_file(str(weights_file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights_file} is corrupt ({e})") from None
+    return Checkpoint(path, model_cfg, train_cfg, tokenizer, weights)
+
+
+def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {ckpt.path} does not fit the model (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+
+
+def load_train_state(ckpt: Checkpoint, optimizers) -> dict:
+    """Restore optimizer tensors and RNG; return the trainer JSON (step, loader position, ...)."""
+    if not ckpt.has_state():
+        raise UserError(f"checkpoint {ckpt.path} has no resumable state (state/trainer.json)")
+    try:
+        state = json.loads((ckpt.path / "state" / "trainer.json").read_text())
+        tensors = load_file(str(ckpt.path / "state" / "optimizer.safetensors"))
+    except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"resumable state in {ckpt.path / 'state'} is corrupt ({e})") from None
+    _unflatten_optimizers(optimizers, tensors, state.pop("optimizers"))
+    torch.set_rng_state(tensors["rng.torch_cpu"])
+    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
+    return state

@@ -1,0 +1,61 @@
+"""Optimizers and the LR schedule: torch.optim.Muon for 2-D block/adapter matrices, AdamW for the rest.
+
+Muon orthogonalises updates of hidden weight matrices; embeddings, the lm_head and any vectors keep AdamW (Muon is
+defined for 2-D matrices of hidden layers only). Schedule: linear warmup, constant, linear warmdown to
+`final_lr_frac`. Exercise: `pytest tests/train/test_optim.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recurchat.config import TrainConfig
+
+
+def param_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    groups: dict[str, list[torch.nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("embed."):
+            groups["embed"].append(p)
+        elif name.startswith("lm_head."):
+            groups["head"].append(p)
+        elif p.ndim == 2:
+            groups["matrix"].append(p)
+        else:
+            groups["scalar"].append(p)
+    return groups
+
+
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    g = param_groups(model)
+    optimizers: list[torch.optim.Optimizer] = []
+    if g["matrix"]:
+        optimizers.append(torch.optim.Muon(g["matrix"], lr=cfg.lr_matrix, momentum=0.95, nesterov=True,
+                                           weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+    adam_groups = [{"params": g[k], "lr": lr} for k, lr in
+                   (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]]
+    optimizers.append(torch.optim.AdamW(adam_groups, betas=tuple(cfg.adam_betas), eps=1e-10, weight_decay=0.0))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Warmup over `warmup_steps`, constant, then linear warmdown over the last `warmdown_frac` of max_steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    warmdown = int(round(cfg.warmdown_frac * cfg.max_steps))
+    start = cfg.max_steps - warmdown
+    if warmdown <= 0 or step < start:
+        return 1.0
+    progress = (step - start) / warmdown
+    return 1.0 - progress * (1.0 - cfg.final_lr_frac)
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], multiplier: float) -> None:
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * multiplier

@@ -1,0 +1,63 @@
+"""Run telemetry: metrics.jsonl (one JSON object per line), optional wandb, and a tqdm progress bar.
+
+Only rank 0 writes. wandb is used when installed and a project is given; without WANDB_API_KEY it runs offline
+(files under the run directory, sync later with `wandb sync`). Exercise: `pytest tests/train/test_trainer.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+class Telemetry:
+    def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,
+                 wandb_project: str = "", config: dict | None = None, progress: bool = True):
+        self.enabled = enabled
+        self.path = Path(out_dir) / "metrics.jsonl"
+        self.wandb = None
+        self.bar = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                tqdm.write("wandb is not installed (pip install wandb); logging to metrics.jsonl only")
+            else:
+                if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+                    os.environ["WANDB_MODE"] = "offline"
+                self.wandb = wandb.init(project=wandb_project, dir=str(out_dir), config=config or {})
+        if progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, dynamic_ncols=True, desc="train")
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record.get("step"))
+
+    def progress(self, **fields) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(fields, refresh=False)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            tqdm.write(text)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()

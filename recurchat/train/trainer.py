@@ -1,0 +1,177 @@
+"""The training loop shared by pretraining and SFT: accumulation, LR schedule, depth sampling, eval, checkpoints.
+
+Each micro-step draws its recursion depth r from the DepthSampler (seeded by (seed, step), so ranks agree and a
+resumed run repeats), runs truncated BPTT with k = bptt_k, and logs r, loss, lr, tokens/s, FLOPs/token for that r
+and MFU (model/flops.py — the same accounting `recurchat bench` uses).
+
+    recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from recurchat.config import ModelConfig, TrainConfig
+from recurchat.data.corpus import prepare_data
+from recurchat.data.loader import TokenLoader
+from recurchat.errors import UserError
+from recurchat.eval.bpb import evaluate_bpb
+from recurchat.model.depth import DepthSampler
+from recurchat.model.flops import default_peak_flops, flops_per_token, mfu
+from recurchat.model.recurrent import RecurrentLM
+from recurchat.train import checkpoint, distributed
+from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
+from recurchat.train.telemetry import Telemetry
+
+
+def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
+    if not model_cfg.recursive:
+        return [1]
+    if train_cfg.eval_recur:
+        try:
+            depths = [int(r) for r in train_cfg.eval_recur.split(",") if r.strip()]
+        except ValueError:
+            raise UserError(f"bad --eval-recur {train_cfg.eval_recur!r}: expected comma-separated integers") from None
+    else:
+        depths = [1, model_cfg.mean_recur, 2 * model_cfg.mean_recur]
+    return sorted({min(max(1, r), model_cfg.r_max) for r in depths})
+
+
+def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
+          progress: bool = True) -> dict:
+    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics."""
+    model_cfg.validate()
+    train_cfg.validate()
+    out_dir = Path(out_dir)
+    ckpt = None
+    if resume is not None:
+        ckpt = checkpoint.load(resume)
+        if ckpt.model_cfg != model_cfg:
+            diff = [f.name for f in dataclasses.fields(ModelConfig)
+                    if getattr(ckpt.model_cfg, f.name) != getattr(model_cfg, f.name)]
+            raise UserError(f"--resume {resume}: model config differs from the checkpoint in {', '.join(diff)}")
+        if not ckpt.has_state():
+            raise UserError(f"--resume {resume}: checkpoint has no resumable state")
+
+    dist_info = distributed.init()
+    device = dist_info.device
+    torch.manual_seed(train_cfg.seed)
+    log = print if dist_info.is_main else (lambda *a, **k: None)
+
+    data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
+                        tokenizer=ckpt.tokenizer if ckpt is not None else None, log=log)
+    tokenizer = data.tokenizer
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{model_cfg.vocab_size}")
+
+    rows_per_step = train_cfg.total_batch_tokens / (train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size)
+    if rows_per_step < 1 or rows_per_step != int(rows_per_step):
+        raise UserError(f"total_batch_tokens={train_cfg.total_batch_tokens} is not a multiple of batch_size × seq_len"
+                        f" × world_size = {train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size}")
+    grad_accum = int(rows_per_step)
+
+    model = RecurrentLM(model_cfg).to(device)
+    optimizers = build_optimizers(model, train_cfg)
+    sampler = DepthSampler(train_cfg.recur_dist, model_cfg.mean_recur, model_cfg.r_max, train_cfg.recur_sigma,
+                           train_cfg.seed, int(train_cfg.curriculum_frac * train_cfg.max_steps))
+    loader = TokenLoader(data.train, train_cfg.batch_size, model_cfg.seq_len, seed=train_cfg.seed,
+                         rank=dist_info.rank, world_size=dist_info.world_size)
+    start_step = 0
+    if ckpt is not None:
+        checkpoint.load_model_weights(model, ckpt)
+        state = checkpoint.load_train_state(ckpt, optimizers)
+        loader.load_state_dict(state["loader"])
+        start_step = int(state["step"])
+        log(f"resumed from {ckpt.path} at step {start_step}")
+
+    if train_cfg.compile:
+        model.compile_stages()
+    autocast = autocast_context(device, train_cfg.dtype)
+    peak = train_cfg.peak_flops or default_peak_flops(device, train_cfg.dtype)
+    token_bytes = tokenizer.token_bytes()
+    depths = eval_depths(model_cfg, train_cfg)
+    end_step = train_cfg.max_steps
+    if train_cfg.stop_after > 0:
+        end_step = min(end_step, start_step + train_cfg.stop_after)
+    params = model.num_params()
+    if ckpt is None and dist_info.is_main:
+        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (--overwrite) starts a fresh log
+    telemetry = Telemetry(out_dir, train_cfg.max_steps, start_step, enabled=dist_info.is_main,
+                          wandb_project=train_cfg.wandb, progress=progress,
+                          config={"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)})
+    log(f"model: {params['total']:,} parameters ({'recursive' if model_cfg.recursive else 'standard'}, "
+        f"P/R/C = {model_cfg.n_prelude}/{model_cfg.n_recur}/{model_cfg.n_coda}, r̄ = {model_cfg.mean_recur}); "
+        f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step; device {device}")
+
+    def run_eval(step: int) -> dict:
+        bpb = {str(r): evaluate_bpb(model, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
+                                    train_cfg.eval_tokens, num_recur=r, autocast=autocast) for r in depths}
+        record = {"step": step, "val_bpb": bpb}
+        telemetry.log(record)
+        telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in bpb.items()))
+        return record
+
+    def save(step: int) -> None:
+        if dist_info.is_main:
+            checkpoint.save(out_dir / "checkpoint", model, model_cfg, train_cfg, tokenizer, optimizers,
+                            {"step": step, "loader": loader.state_dict(), "grad_accum": grad_accum})
+
+    last: dict = {}
+    model.train()
+    for step in range(start_step, end_step):
+        t0 = time.perf_counter()
+        lrm = lr_multiplier(step, train_cfg)
+        set_lr(optimizers, lrm)
+        rs = sampler.sample(step, grad_accum)
+        loss_sum = torch.zeros((), device=device)
+        flops = 0.0
+        for r in rs:
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast:
+                loss = model(x, y, num_recur=r, bptt_k=train_cfg.bptt_k)
+            (loss / grad_accum).backward()
+            loss_sum += loss.detach()
+            flops += flops_per_token(model_cfg, r, train_cfg.bptt_k) * x.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        loss_val = float(loss_sum) / grad_accum
+        if not math.isfinite(loss_val):
+            raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
+        dt = time.perf_counter() - t0
+        tokens = grad_accum * train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size
+        tok_s = tokens / dt
+        flops *= dist_info.world_size
+        last = {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
+                "grad_norm": float(grad_norm), "tok_s": tok_s, "flops_per_token": flops / tokens,
+                "mfu": mfu(flops / tokens, tok_s, peak * dist_info.world_size), "dt": dt}
+        if (step + 1) % train_cfg.log_every == 0 or step + 1 == end_step:
+            telemetry.log(last)
+        telemetry.progress(loss=f"{loss_val:.3f}", r=f"{last['r_mean']:.1f}", tok_s=f"{tok_s:.0f}",
+                           mfu=f"{100 * last['mfu']:.1f}%")
+        done = step + 1
+        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != end_step:
+            run_eval(done)
+        if train_cfg.save_every and done % train_cfg.save_every == 0 and done != end_step:
+            save(done)
+    if end_step > start_step:
+        last["val_bpb"] = run_eval(end_step)["val_bpb"]
+        save(end_step)
+    telemetry.close()
+    distributed.shutdown()
+    return last
