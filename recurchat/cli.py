@@ -4,6 +4,7 @@
     recurchat eval --ckpt runs/tiny --tasks bpb --recur 1,2,4,8 --json bpb.json
     recurchat sample --ckpt runs/tiny -p "In the beginning"
     recurchat tokenizer train --data corpus.txt --vocab-size 4096 --out tok.json
+    recurchat bench train --json bench.json
 
 A UserError (bad input) prints one line `error: ...` and exits 2; nothing is overwritten.
 """
@@ -170,6 +171,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what != "train":
+        raise UserError(f"unknown benchmark {args.what!r} (available: train)")
+    from recurchat.bench.train import bench_train
+
+    get_preset(args.preset)
+    result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device)
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
 # -- parser ---------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
+
+    b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
+    b.add_argument("what", help="train")
+    b.add_argument("--preset", default="cpu-tiny")
+    b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")
+    b.add_argument("--batch-size", type=int, default=8)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--json", default=None)
+    b.set_defaults(func=cmd_bench)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_command", required=True)

@@ -1,0 +1,30 @@
+"""`recurchat bench train` on the smoke preset: every JSON key present with sane values.
+
+Run: `pytest tests/test_bench_train.py`."""
+
+import json
+
+import pytest
+
+from recurchat.cli import main
+
+KEYS = ("recursive_vs_unrolled_flops_ratio", "compiled_vs_eager_speedup", "mfu_recursive_compiled",
+        "peak_flops_measured", "recompiles_after_warmup", "bptt_memory_ratio", "device")
+
+
+@pytest.mark.slow
+def test_bench_train_json(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "train", "--preset", "cpu-smoke", "--steps", "2", "--batch-size", "2",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in KEYS:
+        assert key in res, key
+    assert res["device"] == "cpu"
+    assert res["peak_flops_measured"] > 1e9
+    assert 0 < res["mfu_recursive_compiled"] < 1
+    assert 0.1 < res["recursive_vs_unrolled_flops_ratio"] < 10
+    assert res["compiled_vs_eager_speedup"] > 0
+    assert res["recompiles_after_warmup"] == 0 and res["distinct_r_after_warmup"] >= 8
+    # k = r̄ at r = 4·r̄ keeps a quarter of the recurrent activations (plus prelude/coda): well under full
+    assert 0 < res["bptt_memory_ratio"] < 0.75
