@@ -127,7 +127,7 @@ def _preset(description: str, model: dict, train: dict) -> Preset:
 PRESETS: dict[str, Preset] = {
     # A few seconds: for tests and CI smoke runs.
     "cpu-smoke": _preset("seconds-long run for tests", dict(vocab_size=512, d_model=64, n_head=2, n_kv_head=1,
-                         n_prelude=1, n_recur=1, n_coda=1, mean_recur=2, r_max=4, seq_len=64),
+                         n_prelude=1, n_recur=1, n_coda=1, mean_recur=2, r_max=8, seq_len=64),
                          dict(max_steps=20, batch_size=4, total_batch_tokens=256, bptt_k=2, eval_every=10,
                               eval_tokens=2048, warmup_steps=2)),
     # Learns visibly in minutes on 2 CPU cores: 6 distinct blocks, effective depth 12 at r̄ = 4.
