@@ -33,7 +33,7 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
         if f.name in skip:
             continue
         default = f.default
-        if isinstance(default, bool):
+        if isinstance(default, bool) or f.type in ("bool | None", "bool"):
             group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None)
         elif isinstance(default, tuple):
             group.add_argument(_flag(f.name), dest=f.name, type=type(default[0]), nargs=len(default), default=None)

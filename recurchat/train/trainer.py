@@ -97,7 +97,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         start_step = int(state["step"])
         log(f"resumed from {ckpt.path} at step {start_step}")
 
-    if train_cfg.compile:
+    if train_cfg.compile if train_cfg.compile is not None else device.type == "cuda":
         model.compile_stages()
     autocast = autocast_context(device, train_cfg.dtype)
     peak = train_cfg.peak_flops or default_peak_flops(device, train_cfg.dtype)

@@ -1,0 +1,139 @@
+"""Chat format: render conversations to token ids with an assistant-only loss mask, and pack them for SFT.
+
+A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Rendered layout:
+
+    <|bos|> <|system_start|> … <|system_end|> <|user_start|> … <|user_end|> <|assistant_start|> … <|assistant_end|> …
+
+The loss mask is 1 on assistant content tokens and on the closing <|assistant_end|> (so the model learns when to
+stop), 0 everywhere else. Content is encoded as plain text, so a literal "<|user_end|>" typed by a user never
+becomes a special token. Exercised by `pytest tests/data/test_chat.py`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from recurchat.data.tokenizer import Tokenizer
+from recurchat.errors import UserError
+
+ROLES = ("system", "user", "assistant")
+IGNORE_INDEX = -1  # the target value cross_entropy(ignore_index=-1) skips
+
+
+def validate_conversation(messages: object, require_assistant: bool = True) -> list[dict]:
+    """Check `messages` is a non-empty list of well-formed messages; UserError (no location) otherwise."""
+    if not isinstance(messages, list):
+        raise UserError(f"conversation must be a list of messages, got {type(messages).__name__}")
+    if not messages:
+        raise UserError("conversation is empty (no messages)")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise UserError(f"message {i} is {type(message).__name__}, expected an object with role and content")
+        for key in ("role", "content"):
+            if key not in message:
+                raise UserError(f"message {i} is missing field {key!r}")
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise UserError(f"message {i} has unknown role {role!r} (expected one of {', '.join(ROLES)})")
+        if not isinstance(content, str):
+            raise UserError(f"message {i} content is {type(content).__name__}, expected a string")
+    if require_assistant and not any(m["role"] == "assistant" for m in messages):
+        raise UserError("conversation has no assistant turn (nothing to learn from)")
+    return messages
+
+
+def _render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    ids = [tokenizer.bos_id]
+    mask = [0]
+    contents = tokenizer.encode_batch([m["content"] for m in messages])
+    for message, content_ids in zip(messages, contents):
+        role = message["role"]
+        supervised = 1 if role == "assistant" else 0
+        ids.append(tokenizer.special_id(f"{role}_start"))
+        mask.append(0)
+        ids.extend(content_ids)
+        mask.extend([supervised] * len(content_ids))
+        ids.append(tokenizer.special_id(f"{role}_end"))
+        mask.append(supervised)
+    return ids, mask
+
+
+def render_conversation(
+    tokenizer: Tokenizer, messages: list[dict], max_len: int | None = None
+) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) for a conversation with at least one assistant turn; the first max_len tokens if given."""
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be >= 1, got {max_len}")
+    ids, mask = _render(tokenizer, validate_conversation(messages))
+    if max_len is not None:
+        ids, mask = ids[:max_len], mask[:max_len]
+    return ids, mask
+
+
+def render_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """Ids of `messages` (ending with a user turn) followed by <|assistant_start|>, for generation."""
+    validate_conversation(messages, require_assistant=False)
+    if messages[-1]["role"] != "user":
+        raise UserError(f"a prompt must end with a user message, not {messages[-1]['role']!r}")
+    ids, _ = _render(tokenizer, messages)
+    return ids + [tokenizer.special_id("assistant_start")]
+
+
+def load_conversations(path: str | Path, require_assistant: bool = True) -> list[list[dict]]:
+    """Conversations from a JSONL file of {"messages": [...]} records; errors say file:line and the problem."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"conversation file not found: {path}")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
+    conversations = []
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
+        if not isinstance(record, dict) or "messages" not in record:
+            raise UserError(f"{path}:{lineno}: missing field 'messages'")
+        try:
+            conversations.append(validate_conversation(record["messages"], require_assistant))
+        except UserError as e:
+            raise UserError(f"{path}:{lineno}: {e}") from e
+    if not conversations:
+        raise UserError(f"{path}: no conversations (file is empty)")
+    return conversations
+
+
+def sft_rows(
+    tokenizer: Tokenizer, conversations: Sequence[list[dict]], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 (x, y) [N, seq_len], one conversation per row (truncated to seq_len + 1 tokens, then shifted).
+
+    y is the next token where that target is supervised (mask 1) and IGNORE_INDEX elsewhere, padding included;
+    x is padded with <|pad|>. Conversations whose supervised tokens were all truncated away are dropped, because
+    a row with no target adds nothing but would make a batch of them a 0/0 (NaN) loss.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if not conversations:
+        raise UserError("no conversations to pack into SFT rows")
+    xs, ys = [], []
+    for messages in conversations:
+        ids, mask = render_conversation(tokenizer, messages, max_len=seq_len + 1)
+        targets = [t if m else IGNORE_INDEX for t, m in zip(ids[1:], mask[1:])]
+        if all(t == IGNORE_INDEX for t in targets):
+            continue
+        pad = seq_len - len(targets)
+        xs.append(ids[:-1] + [tokenizer.pad_id] * pad)
+        ys.append(targets + [IGNORE_INDEX] * pad)
+    if not xs:
+        raise UserError(f"no conversation has an assistant token within seq_len {seq_len} (all truncated away)")
+    return torch.tensor(xs, dtype=torch.int64), torch.tensor(ys, dtype=torch.int64)
