@@ -33,7 +33,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and QK-norm, computed by F.scaled_dot_product_attention.
 
-    `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask)` working on [B, H, T, D]
+    `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask or None)` working on [B, H, T, D]
     tensors; it lets the inference engine own cache layout without this class knowing the strategy.
     """
 
@@ -58,8 +58,8 @@ class Attention(nn.Module):
         if kv_cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            k, v, mask = kv_cache.update(k, v)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            k, v, mask = kv_cache.update(k, v)  # mask None: a causal block starting at position 0 (prefill)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -1,0 +1,237 @@
+"""Batched generation for recursive models: prefill, KV-cached decode, per-row early exit that saves compute.
+
+    recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "In the beginning"
+
+- Prefill runs each prompt's tokens in one pass (prompts of different lengths are right-padded: causal attention
+  never lets a real token see the padding, and decode overwrites it) at a fixed depth; exits are not taken there.
+- Decode: one token per unfinished row, each at its own position (its own rotary angle and attention mask).
+- Per-row exit: after each iteration the criterion (infer/exit.py) marks rows done; those rows leave the
+  recurrent computation — the active rows are gathered once when the set changes, the block runs on them alone, and
+  results are scattered back — so a batch in which easy tokens stop early does less work, not just masks it.
+  A row that stopped at iteration j has its K/V filled forward so deeper iterations of later tokens read it.
+- Warm start (option): the previous token's final recurrent state seeds the next token instead of init(e).
+- `stream()` yields the tokens of each step as they are decided (for the server); `generate()` collects them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from recurchat.errors import UserError
+from recurchat.infer.exit import ExitCriterion, ExitTracker
+from recurchat.infer.kv_cache import KVCache
+from recurchat.infer.naive import sample_next
+from recurchat.model.recurrent import RecurrentLM
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_ids: tuple[int, ...] = ()
+
+
+@dataclass
+class RecurParams:
+    num_recur: int | None = None  # fixed depth when `exit` is None (default r̄)
+    exit: str | None = None  # e.g. "kl:1e-3": adaptive depth per token
+    min_recur: int = 1
+    max_recur: int | None = None  # cap for adaptive depth (default r_max)
+    prefill_recur: int | None = None  # default: the fixed depth, or r̄ with an exit criterion
+    warm_start: bool = False
+    kv: str = "full"
+
+
+@dataclass
+class Event:
+    row: int
+    token: int
+    depth: int
+    finish_reason: str | None = None  # "stop" | "length" when this was the row's last event
+
+
+@dataclass
+class Generation:
+    tokens: list[int] = field(default_factory=list)
+    depths: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+    @property
+    def mean_depth(self) -> float:
+        return sum(self.depths) / len(self.depths) if self.depths else 0.0
+
+
+class Engine:
+    def __init__(self, model: RecurrentLM, autocast_dtype: torch.dtype | None = None):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.device = next(model.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.iterations = 0  # recurrent-block applications × rows, for compute accounting
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _plan(self, recur: RecurParams) -> tuple[ExitCriterion, int, int, int]:
+        cfg = self.cfg
+        if recur.exit:
+            crit = ExitCriterion.parse(recur.exit)
+            max_steps = recur.max_recur or cfg.r_max
+            if crit.kind == "fixed":
+                max_steps = min(max_steps, int(crit.value))
+            prefill = recur.prefill_recur or min(cfg.mean_recur, max_steps)
+        else:
+            r = recur.num_recur or cfg.mean_recur
+            crit, max_steps, prefill = ExitCriterion("fixed", r), r, recur.prefill_recur or r
+        if max_steps < 1 or recur.min_recur < 1 or prefill < 1:
+            raise UserError("recursion depths must be >= 1")
+        return crit, max(1, min(recur.min_recur, max_steps)), max_steps, max(prefill, 1)
+
+    # -- the two passes -------------------------------------------------------------------------------------------
+
+    def _prefill(self, cache: KVCache, idx: torch.Tensor, lens: torch.Tensor, r: int, max_steps: int):
+        m = self.model
+        B, T = idx.shape
+        rows = torch.arange(B, device=self.device)
+        cos, sin = m.rope(0, T)
+        x = m.run_prelude(idx, cos, sin, cache.prelude(rows, None))
+        state = None
+        if m.recur:
+            e, s = x, m.initial_state(x)
+            for i in range(r):
+                s = m.iterate(e, s, cos, sin, cache.recur(i, rows, None))
+            self.iterations += r * B
+            cache.fill_forward(rows, None, r, max_steps)
+            x = state = s
+        logits = m.head(m.run_coda(x, cos, sin, cache.coda(rows, None)))
+        last = lens - 1
+        return logits[rows, last], (state[rows, last][:, None] if state is not None else None)
+
+    def _decode(self, cache: KVCache, tok: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
+                warm: torch.Tensor | None, crit: ExitCriterion, min_steps: int, max_steps: int):
+        """One token for each of `rows`; returns logits [n, V], depths [n], final states [n, 1, d]."""
+        m = self.model
+        cos, sin = m.cos[0, pos].unsqueeze(1), m.sin[0, pos].unsqueeze(1)  # [n, 1, 1, D/2]: a position per row
+        x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(rows, pos))
+        n = rows.numel()
+        if not m.recur:
+            logits = m.head(m.run_coda(x, cos, sin, cache.coda(rows, pos)))[:, -1]
+            return logits, torch.zeros(n, dtype=torch.long, device=self.device), None
+        out_logits = torch.empty(n, self.cfg.vocab_size, device=self.device)
+        out_state = torch.empty_like(x)
+        depth = torch.zeros(n, dtype=torch.long, device=self.device)
+        # compact views of the rows still iterating; `local` maps them back to positions in this call's batch
+        local = torch.arange(n, device=self.device)
+        e, cos_a, sin_a, rows_a, pos_a = x, cos, sin, rows, pos
+        s = m.initial_state(x) if warm is None else warm
+        tracker = ExitTracker(crit, n, self.device)
+        first_check = max(1, min_steps - 1)  # kl/entropy/latent/argmax compare with the previous iteration
+        for i in range(max_steps):
+            step = i + 1
+            s = m.iterate(e, s, cos_a, sin_a, cache.recur(i, rows_a, pos_a))
+            self.iterations += local.numel()
+            logits = None
+            if step >= max_steps:
+                done = torch.ones(local.numel(), dtype=torch.bool, device=self.device)
+            elif step >= first_check and crit.kind != "fixed":
+                if crit.needs_logits:
+                    logits = m.head(m.run_coda(s, cos_a, sin_a, cache.coda(rows_a, pos_a)))[:, -1]
+                done = tracker.update(step, s[:, -1], logits) & (step >= min_steps)
+            else:
+                continue
+            if not bool(done.any()):
+                continue
+            ex = local[done]
+            if logits is None:  # the coda has not run on this state yet (its K/V for this position too)
+                logits = m.head(m.run_coda(s[done], cos_a[done], sin_a[done],
+                                           cache.coda(rows_a[done], pos_a[done])))[:, -1]
+            else:
+                logits = logits[done]
+            out_logits[ex] = logits.float()
+            out_state[ex] = s[done]
+            depth[ex] = step
+            cache.fill_forward(rows_a[done], pos_a[done], step, max_steps)
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            local, e, s = local[keep], e[keep], s[keep]
+            cos_a, sin_a, rows_a, pos_a = cos_a[keep], sin_a[keep], rows_a[keep], pos_a[keep]
+            tracker.keep(keep)
+        return out_logits, depth, out_state
+
+    # -- public API ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def stream(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+               recur: RecurParams | None = None) -> Iterator[list[Event]]:
+        """Yield, step by step, the list of tokens decided at that step (one Event per still-running row)."""
+        sampling, recur = sampling or SamplingParams(), recur or RecurParams()
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        ctx = self.cfg.seq_len
+        too_long = [len(p) for p in prompts if len(p) >= ctx]
+        if too_long:
+            raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {ctx}")
+        crit, min_steps, max_steps, prefill_r = self._plan(recur)
+        B = len(prompts)
+        lens = torch.tensor([len(p) for p in prompts], device=self.device)
+        idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
+        cache_dtype = self.autocast_dtype or torch.float32
+        cache = KVCache(self.cfg, recur.kv, B, ctx, max(max_steps, prefill_r), self.device, cache_dtype)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        with self._autocast():
+            logits, state = self._prefill(cache, idx, lens, prefill_r, max(max_steps, prefill_r))
+        depth = torch.full((B,), prefill_r if self.model.recur else 0, dtype=torch.long, device=self.device)
+        rows = torch.arange(B, device=self.device)
+        pos = lens.clone()
+        produced = 0
+        stop = set(sampling.stop_ids)
+        while rows.numel() and produced < sampling.max_tokens:
+            tok = sample_next(logits, sampling.temperature, sampling.top_k, gen, sampling.top_p)
+            produced += 1
+            events, keep = [], []
+            for j, (row, t, d) in enumerate(zip(rows.tolist(), tok.tolist(), depth.tolist())):
+                reason = None
+                if t in stop:
+                    reason = "stop"
+                elif produced >= sampling.max_tokens or int(pos[j]) >= ctx:
+                    reason = "length"
+                events.append(Event(row, t, d, reason))
+                keep.append(reason is None)
+            yield events
+            keep_t = torch.tensor(keep, dtype=torch.bool, device=self.device)
+            if not keep_t.any():
+                break
+            rows, pos, tok = rows[keep_t], pos[keep_t], tok[keep_t]
+            warm = state[keep_t] if (recur.warm_start and state is not None) else None
+            with self._autocast():
+                logits, depth, state = self._decode(cache, tok, rows, pos, warm, crit, min_steps, max_steps)
+            pos = pos + 1
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
+                 recur: RecurParams | None = None) -> list[Generation]:
+        """Run `stream` to the end; a stop token ends its row and is not included in the output."""
+        out = [Generation() for _ in prompts]
+        for events in self.stream(prompts, sampling, recur):
+            for ev in events:
+                g = out[ev.row]
+                if ev.finish_reason == "stop":
+                    g.finish_reason = "stop"
+                    continue
+                g.tokens.append(ev.token)
+                g.depths.append(ev.depth)
+                if ev.finish_reason:
+                    g.finish_reason = ev.finish_reason
+        return out

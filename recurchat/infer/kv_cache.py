@@ -1,0 +1,115 @@
+"""KV caches for recursion: preallocated K/V tensors with one slot per (layer, iteration slot).
+
+Strategies (how many iteration slots each recurrent layer keeps):
+  full      one slot per iteration up to max_recur: cached decoding equals the uncached forward;
+  last      one slot: every iteration overwrites it, so later tokens read a token's final-iteration K/V;
+            memory (P+R+C)/(P+r·R+C) of full at depth r;
+  ring:K    K slots, iteration i uses slot i mod K (a middle ground: the last K iterations of each token).
+Fill-forward: a token that stopped at iteration j (early exit, or a shallower prefill) is read at a deeper
+iteration i from its latest computed iteration ≤ i. The engine calls `fill_forward` when a row stops, which copies
+iteration j's K/V into the slots of iterations j+1..max_recur−1 for that position (a no-op for `last`).
+
+Exercise: `pytest tests/infer/test_kv_cache.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recurchat.config import ModelConfig
+from recurchat.errors import UserError
+
+
+def iteration_slots(strategy: str, max_recur: int) -> int:
+    name, _, arg = strategy.partition(":")
+    if name == "full" and not arg:
+        return max_recur
+    if name == "last" and not arg:
+        return 1
+    if name == "ring":
+        try:
+            k = int(arg)
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return min(k, max_recur)
+    raise UserError(f"unknown KV-cache strategy {strategy!r} (full | last | ring:K with K >= 1)")
+
+
+def bytes_per_token(cfg: ModelConfig, strategy: str, num_recur: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V bytes one token occupies when decoding at depth `num_recur` (full grows with r; last does not)."""
+    slots = iteration_slots(strategy, num_recur) if cfg.n_recur else 0
+    layers = cfg.n_prelude + cfg.n_coda + cfg.n_recur * slots
+    head_dim = cfg.d_model // cfg.n_head
+    return 2 * layers * cfg.n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class LayerView:
+    """What Attention sees: `update(k, v)` stores this step's keys/values and returns everything to attend to."""
+
+    __slots__ = ("cache", "layer", "rows", "pos")
+
+    def __init__(self, cache: "KVCache", layer: int, rows: torch.Tensor, pos: torch.Tensor | None):
+        self.cache, self.layer, self.rows, self.pos = cache, layer, rows, pos
+
+    def update(self, k: torch.Tensor, v: torch.Tensor):
+        K, V = self.cache.k[self.layer], self.cache.v[self.layer]
+        if self.pos is None:  # prefill: every row starts at 0; causal attention over the new block
+            T = k.size(2)
+            K[self.rows, :, :T] = k.to(K.dtype)
+            V[self.rows, :, :T] = v.to(V.dtype)
+            return k, v, None
+        # decode: one new token per row at that row's own position
+        K[self.rows, :, self.pos] = k[:, :, 0].to(K.dtype)
+        V[self.rows, :, self.pos] = v[:, :, 0].to(V.dtype)
+        length = int(self.pos.max()) + 1
+        keys, values = K[self.rows, :, :length], V[self.rows, :, :length]
+        mask = torch.arange(length, device=k.device)[None, :] <= self.pos[:, None]
+        return keys.to(k.dtype), values.to(v.dtype), mask[:, None, None, :]
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, strategy: str, batch_size: int, max_len: int, max_recur: int,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.cfg, self.strategy, self.max_recur = cfg, strategy, max_recur
+        self.slots = iteration_slots(strategy, max_recur) if cfg.n_recur else 0
+        n_layers = cfg.n_prelude + cfg.n_coda + cfg.n_recur * self.slots
+        head_dim = cfg.d_model // cfg.n_head
+        shape = (n_layers, batch_size, cfg.n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+
+    def nbytes(self) -> int:
+        return self.k.numel() * self.k.element_size() * 2
+
+    # layer numbering: prelude 0..P-1, then coda P..P+C-1, then recurrent layer j / slot s
+    def _recur_layer(self, j: int, iteration: int) -> int:
+        return self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + iteration % self.slots
+
+    def prelude(self, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
+        return [LayerView(self, i, rows, pos) for i in range(self.cfg.n_prelude)]
+
+    def coda(self, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
+        return [LayerView(self, self.cfg.n_prelude + i, rows, pos) for i in range(self.cfg.n_coda)]
+
+    def recur(self, iteration: int, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
+        return [LayerView(self, self._recur_layer(j, iteration), rows, pos) for j in range(self.cfg.n_recur)]
+
+    def fill_forward(self, rows: torch.Tensor, pos: torch.Tensor | None, done: int, upto: int) -> None:
+        """Rows stopped after `done` iterations: make iterations done..upto−1 read iteration done−1's K/V.
+
+        pos None means positions [0, max_len) (after prefill); else one position per row.
+        """
+        if self.slots <= 1 or done >= upto or done < 1:
+            return
+        targets = sorted({i % self.slots for i in range(done, upto)} - {(done - 1) % self.slots})
+        for j in range(self.cfg.n_recur):
+            src = self._recur_layer(j, done - 1)
+            for t in targets:
+                dst = self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + t
+                for buf in (self.k, self.v):
+                    if pos is None:
+                        buf[dst, rows] = buf[src, rows]
+                    else:
+                        buf[dst, rows, :, pos] = buf[src, rows, :, pos]

@@ -1,0 +1,166 @@
+"""The engine: cached decoding equals the uncached forward, batching equals one-at-a-time, exited rows stay put.
+
+Run: `pytest tests/infer/test_engine.py`.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.kv_cache import KVCache, bytes_per_token
+from recurchat.model.recurrent import RecurrentLM
+
+
+def random_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    m = RecurrentLM(cfg)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "c_proj" in name or "adapter" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "lm_head" in name:
+                p.normal_(0, 0.3)
+    return m.eval()
+
+
+def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
+    """Prefill seq[:prompt_len], then teacher-force the rest one token at a time; logits at every position."""
+    m = engine.model
+    max_steps = max_steps or r
+    cache = KVCache(m.cfg, kv, 1, m.cfg.seq_len, max_steps)
+    idx = torch.tensor([seq[:prompt_len]])
+    lens = torch.tensor([prompt_len])
+    from recurchat.infer.exit import ExitCriterion
+    out = []
+    with torch.no_grad():
+        logits, _ = engine._prefill(cache, idx, lens, r, max_steps)
+        out.append(logits[0])
+        for t in range(prompt_len, len(seq)):
+            logits, depth, _ = engine._decode(cache, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]),
+                                             None, ExitCriterion("fixed", r), 1, r)
+            assert int(depth[0]) == (r if m.recur else 0)
+            out.append(logits[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("r", [1, 2, 4])
+@pytest.mark.parametrize("n_coda", [0, 2])
+def test_full_cache_equals_uncached_forward(tiny_cfg, r, n_coda):
+    cfg = dataclasses.replace(tiny_cfg, n_coda=n_coda)
+    m = random_model(cfg)
+    engine = Engine(m)
+    seq = torch.randint(0, cfg.vocab_size, (20,)).tolist()
+    got = cached_logits(engine, seq, 7, r)
+    with torch.no_grad():
+        ref = m(torch.tensor([seq]), num_recur=r)[0, 6:]
+    assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+
+
+def test_last_equals_full_at_r1_and_differs_deeper(tiny_cfg):
+    m = random_model(tiny_cfg)
+    engine = Engine(m)
+    seq = torch.randint(0, tiny_cfg.vocab_size, (16,)).tolist()
+    assert torch.allclose(cached_logits(engine, seq, 5, 1, "last"), cached_logits(engine, seq, 5, 1, "full"),
+                          atol=1e-5)
+    assert not torch.allclose(cached_logits(engine, seq, 5, 3, "last"), cached_logits(engine, seq, 5, 3, "full"),
+                              atol=1e-4)
+    # ring with K >= r is the full cache
+    assert torch.allclose(cached_logits(engine, seq, 5, 3, "ring:3"), cached_logits(engine, seq, 5, 3, "full"),
+                          atol=1e-5)
+
+
+def test_standard_model_cache(tiny_cfg):
+    cfg = tiny_cfg.standard_twin()
+    m = random_model(cfg)
+    seq = torch.randint(0, cfg.vocab_size, (12,)).tolist()
+    got = cached_logits(Engine(m), seq, 4, 1)
+    with torch.no_grad():
+        ref = m(torch.tensor([seq]))[0, 3:]
+    assert torch.allclose(got, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("recur", [RecurParams(num_recur=3), RecurParams(exit="latent:0.05", max_recur=6),
+                                   RecurParams(exit="kl:0.01", max_recur=6, kv="last", warm_start=True)])
+def test_batched_greedy_equals_one_at_a_time(tiny_cfg, recur):
+    m = random_model(tiny_cfg, seed=1)
+    engine = Engine(m)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 5, 1)]
+    sp = SamplingParams(max_tokens=8, temperature=0.0)
+    batched = engine.generate(prompts, sp, recur)
+    for p, b in zip(prompts, batched):
+        single = engine.generate([p], sp, recur)[0]
+        assert single.tokens == b.tokens and single.depths == b.depths
+    assert all(len(b.tokens) == 8 for b in batched)
+
+
+def test_exited_row_no_longer_changes_and_compute_is_saved(tiny_cfg):
+    """Row 0 exits at step 1 (crafted: min=max for it is impossible, so use a criterion threshold that is always
+    met) while the batch keeps iterating for nobody: compare with fixed depth the iteration counts."""
+    m = random_model(tiny_cfg, seed=2)
+    engine = Engine(m)
+    prompts = [[1, 2, 3], [4, 5, 6, 7]]
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    engine.iterations = 0
+    fixed = engine.generate(prompts, sp, RecurParams(num_recur=6))
+    fixed_iters = engine.iterations
+    engine.iterations = 0
+    early = engine.generate(prompts, sp, RecurParams(exit="latent:1e9", max_recur=6, min_recur=2))
+    early_iters = engine.iterations
+    assert all(d == 2 for g in early for d in g.depths[1:])
+    assert early_iters < fixed_iters
+    assert all(d == 6 for g in fixed for d in g.depths)
+
+
+def test_exited_rows_state_frozen(tiny_cfg):
+    """In one decode step, a row that exits early keeps its logits while other rows iterate on."""
+    from recurchat.infer.exit import ExitCriterion
+    m = random_model(tiny_cfg, seed=3)
+    engine = Engine(m)
+    cache = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    with torch.no_grad():
+        engine._prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
+        crit = ExitCriterion("latent", 0.0)  # never met: both rows run to max
+        logits_full, depth, _ = engine._decode(cache, torch.tensor([7, 8]), torch.tensor([0, 1]),
+                                               torch.tensor([3, 3]), None, crit, 1, 6)
+    assert depth.tolist() == [6, 6]
+    # a single-row decode of row 0 at depth 2 gives exactly the logits row 0 would have had exiting at 2
+    cache2 = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
+    with torch.no_grad():
+        engine._prefill(cache2, idx, torch.tensor([3, 3]), 2, 6)
+        l2, d2, _ = engine._decode(cache2, torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([3, 3]),
+                                   None, ExitCriterion("fixed", 2), 1, 2)
+        ref = m(torch.tensor([[1, 2, 3, 7], [4, 5, 6, 8]]), num_recur=2)[:, -1]
+    assert torch.allclose(l2, ref, atol=1e-4)
+
+
+def test_sampling_seed_and_stop(tiny_cfg):
+    m = random_model(tiny_cfg)
+    engine = Engine(m)
+    sp = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=5)
+    a = engine.generate([[1, 2]], sp)[0]
+    b = engine.generate([[1, 2]], sp)[0]
+    assert a.tokens == b.tokens
+    stop = a.tokens[3]
+    c = engine.generate([[1, 2]], dataclasses.replace(sp, stop_ids=(stop,)))[0]
+    assert c.finish_reason == "stop" and stop not in c.tokens and len(c.tokens) == a.tokens.index(stop)
+
+
+def test_stream_yields_per_step(tiny_cfg):
+    m = random_model(tiny_cfg)
+    steps = list(Engine(m).stream([[1, 2, 3], [4]], SamplingParams(max_tokens=4, temperature=0)))
+    assert len(steps) == 4 and all(len(s) == 2 for s in steps)
+    assert all(ev.finish_reason == "length" for ev in steps[-1])
+
+
+def test_bytes_per_token_matches_allocation(tiny_cfg):
+    for kv, slots in (("full", 6), ("last", 1), ("ring:2", 2)):
+        cache = KVCache(tiny_cfg, kv, 1, tiny_cfg.seq_len, 6)
+        assert cache.nbytes() == bytes_per_token(tiny_cfg, kv, 6, torch.float32) * tiny_cfg.seq_len
+    cfg = tiny_cfg
+    full, last = bytes_per_token(cfg, "full", 4), bytes_per_token(cfg, "last", 4)
+    P, R, C = cfg.n_prelude, cfg.n_recur, cfg.n_coda
+    assert last / full == pytest.approx((P + R + C) / (P + 4 * R + C))
