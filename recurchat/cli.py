@@ -3,6 +3,7 @@
     recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
     recurchat eval --ckpt runs/tiny --tasks bpb --recur 1,2,4,8 --json bpb.json
     recurchat sample --ckpt runs/tiny -p "In the beginning"
+    recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "Hello"
     recurchat tokenizer train --data corpus.txt --vocab-size 4096 --out tok.json
     recurchat bench train --json bench.json
 
@@ -124,14 +125,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for r in depths:
         bpb[str(r)] = evaluate_bpb(model, data.val, ckpt.tokenizer.token_bytes(), args.batch_size, cfg.seq_len,
                                    eval_tokens, num_recur=r, autocast=autocast)
-    print(f"{'r':>4}  {'val bpb':>8}")
+    print(f"{'r':>12}  {'val bpb':>8}")
     for r, v in bpb.items():
-        print(f"{r:>4}  {v:8.4f}")
+        print(f"{r:>12}  {v:8.4f}")
     result = {"bpb": bpb, "params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
               "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)}
+    if args.exit:
+        from recurchat.eval.bpb import evaluate_bpb_exit
+        from recurchat.infer.engine import Engine, RecurParams
+
+        engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
+        result["exit"] = {}
+        for spec in args.exit.split(","):
+            recur = RecurParams(exit=spec, max_recur=args.max_recur or cfg.r_max, kv=args.kv)
+            v, mean_r = evaluate_bpb_exit(engine, data.val, ckpt.tokenizer.token_bytes(), args.batch_size,
+                                          cfg.seq_len, eval_tokens, recur)
+            result["exit"][spec] = {"bpb": v, "mean_recursions": mean_r}
+            print(f"{spec:>12}  {v:8.4f}  (mean recursions per token {mean_r:.2f})")
     if args.json:
         write_json(args.json, result)
     return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return torch.bfloat16 if name == "bf16" else None
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -142,20 +161,84 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def recur_params(args: argparse.Namespace):
+    from recurchat.infer.engine import RecurParams
+
+    if args.recur is not None and args.exit:
+        raise UserError("give either --recur (fixed depth) or --exit (adaptive depth), not both")
+    return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
+                       warm_start=args.warm_start)
+
+
+def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...], seed: int):
+    from recurchat.infer.engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=seed, stop_ids=stop_ids)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    from recurchat.infer.naive import generate_naive
+    from recurchat.infer.engine import Engine
 
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    if len(prompt) >= model.cfg.seq_len:
-        raise UserError(f"prompt is {len(prompt)} tokens; the context is {model.cfg.seq_len}")
-    for i in range(args.num_samples):
-        ids = generate_naive(model, prompt, args.max_tokens, num_recur=args.recur, temperature=args.temperature,
-                             top_k=args.top_k, seed=args.seed + i, stop_ids=(tok.bos_id,))
-        print(args.prompt + tok.decode(ids))
-        if args.num_samples > 1:
-            print("-" * 40)
+    engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
+    prompts = [prompt] * args.num_samples
+    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur_params(args))
+    for g in gens:
+        print(args.prompt + tok.decode(g.tokens))
+        print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from recurchat.data.chat import render_prompt
+    from recurchat.infer.engine import Engine
+
+    ckpt, model = load_model(args.ckpt, args.device)
+    tok = ckpt.tokenizer
+    engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
+    recur = recur_params(args)
+    stop = (tok.special_id("assistant_end"), tok.bos_id)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str, turn: int) -> None:
+        messages.append({"role": "user", "content": text})
+        ids = render_prompt(tok, messages)
+        if len(ids) >= model.cfg.seq_len:
+            raise UserError(f"the conversation is {len(ids)} tokens; the context is {model.cfg.seq_len}")
+        out, depths = [], []
+        printed = ""
+        for events in engine.stream([ids], sampling_params(args, stop, args.seed + turn), recur):
+            ev = events[0]
+            if ev.finish_reason == "stop":
+                break
+            out.append(ev.token)
+            depths.append(ev.depth)
+            text_so_far = tok.decode(out)
+            print(text_so_far[len(printed):], end="", flush=True)
+            printed = text_so_far
+        print()
+        mean = sum(depths) / len(depths) if depths else 0.0
+        print(f"[{len(out)} tokens, mean recursion depth {mean:.2f}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": printed})
+
+    if args.prompt is not None:
+        reply(args.prompt, 0)
+        return 0
+    print("recurchat chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        print("bot> ", end="", flush=True)
+        reply(line, turn)
+        turn += 1
     return 0
 
 
@@ -172,12 +255,21 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what != "train":
-        raise UserError(f"unknown benchmark {args.what!r} (available: train)")
-    from recurchat.bench.train import bench_train
-
     get_preset(args.preset)
-    result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device)
+    if args.what == "train":
+        from recurchat.bench.train import bench_train
+
+        result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device)
+    elif args.what == "infer":
+        from recurchat.bench.infer import bench_infer
+        from recurchat.infer.exit import ExitCriterion
+
+        sweep = tuple(s for s in args.sweep.split(",") if s)
+        for spec in (args.exit, *sweep):
+            ExitCriterion.parse(spec)
+        result = bench_infer(args.ckpt, args.preset, args.exit, args.tokens, args.eval_tokens, sweep)
+    else:
+        raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
         write_json(args.json, result)
     return 0
@@ -210,22 +302,46 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     e.add_argument("--device", default="auto")
+    e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05")
+    e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
+    e.add_argument("--kv", default="full", help="KV-cache strategy for --exit")
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="sample text from a checkpoint")
-    s.add_argument("--ckpt", required=True)
+    def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+        sp.add_argument("--ckpt", required=True)
+        sp.add_argument("--recur", type=int, default=None, help="fixed recursion depth (default r̄)")
+        sp.add_argument("--exit", default=None, help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N")
+        sp.add_argument("--max-recur", type=int, default=None, help="depth cap with --exit (default r_max)")
+        sp.add_argument("--kv", default="full", help="KV cache: full | last | ring:K")
+        sp.add_argument("--warm-start", action="store_true", help="seed each token with the previous final state")
+        sp.add_argument("--max-tokens", type=int, default=max_tokens)
+        sp.add_argument("--temperature", type=float, default=temperature)
+        sp.add_argument("--top-k", type=int, default=50)
+        sp.add_argument("--top-p", type=float, default=1.0)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--dtype", default="fp32", choices=("bf16", "fp32"))
+        sp.add_argument("--device", default="auto")
+
+    s = sub.add_parser("sample", help="sample text from a checkpoint (KV-cached engine)")
+    add_generation_flags(s, 64, 0.8)
     s.add_argument("-p", "--prompt", default="")
-    s.add_argument("--recur", type=int, default=None, help="recursion depth (default r̄)")
-    s.add_argument("--max-tokens", type=int, default=64)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=50)
-    s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-samples", type=int, default=1)
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_sample)
 
+    c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
+    add_generation_flags(c, 256, 0.6)
+    c.add_argument("-p", "--prompt", default=None, help="one-shot: answer this and exit")
+    c.add_argument("--system", default="", help="system message")
+    c.set_defaults(func=cmd_chat)
+
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument("what", help="train")
+    b.add_argument("what", help="train | infer")
+    b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
+    b.add_argument("--exit", default="kl:1e-3", help="infer: the exit criterion to time")
+    b.add_argument("--sweep", default="kl:1e-4,kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.02,latent:0.05",
+                   help="infer: criteria for the Pareto sweep")
+    b.add_argument("--tokens", type=int, default=256, help="infer: continuation length")
+    b.add_argument("--eval-tokens", type=int, default=4096, help="infer: held-out tokens for bpb")
     b.add_argument("--preset", default="cpu-tiny")
     b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")
     b.add_argument("--batch-size", type=int, default=8)

@@ -2,7 +2,8 @@
 
 A conversation is a list of {"role": "system" | "user" | "assistant", "content": str}. Rendered layout:
 
-    <|bos|> <|system_start|> … <|system_end|> <|user_start|> … <|user_end|> <|assistant_start|> … <|assistant_end|> …
+    <|bos|> <|system_start|> … <|system_end|> <|user_start|> … <|user_end|>
+            <|assistant_start|> … <|assistant_end|> <|user_start|> … …
 
 The loss mask is 1 on assistant content tokens and on the closing <|assistant_end|> (so the model learns when to
 stop), 0 everywhere else. Content is encoded as plain text, so a literal "<|user_end|>" typed by a user never

@@ -36,3 +36,25 @@ def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.
             nbytes += b.sum()
     model.train(was_training)
     return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("nan")
+
+
+def evaluate_bpb_exit(engine, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
+                      max_tokens: int, recur) -> tuple[float, float]:
+    """(bpb, mean recursions per token) when every token picks its own depth by an exit criterion.
+
+    Runs through the KV-cached engine one position at a time (`Engine.score`), so it measures exactly what
+    adaptive generation would spend.
+    """
+    token_bytes = token_bytes.to(engine.device)
+    nats = nbytes = 0.0
+    depth_sum = count = 0
+    with torch.random.fork_rng(devices=[]):
+        for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
+            nll, depth = engine.score(x, y, recur)
+            b = token_bytes[y.to(engine.device)]
+            nats += float((nll.double() * (b > 0)).sum())
+            nbytes += float(b.sum())
+            depth_sum += int(depth.sum())
+            count += depth.numel()
+    bpb = nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
+    return bpb, depth_sum / max(count, 1)

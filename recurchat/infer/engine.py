@@ -75,6 +75,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.autocast_dtype = autocast_dtype
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
+        self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -146,6 +147,8 @@ class Engine:
                 if crit.needs_logits:
                     logits = m.head(m.run_coda(s, cos_a, sin_a, cache.coda(rows_a, pos_a)))[:, -1]
                 done = tracker.update(step, s[:, -1], logits) & (step >= min_steps)
+                if crit.needs_logits:
+                    self.extra_heads += int((~done).sum())
             else:
                 continue
             if not bool(done.any()):
@@ -219,6 +222,34 @@ class Engine:
             with self._autocast():
                 logits, depth, state = self._decode(cache, tok, rows, pos, warm, crit, min_steps, max_steps)
             pos = pos + 1
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, y: torch.Tensor, recur: RecurParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced scoring with per-token adaptive depth: (nll [B, T] in nats, depth [B, T]).
+
+        Position 0 comes from a one-token prefill (its depth is the prefill depth); every later position is a
+        cached decode step that exits by the criterion, exactly as generation would.
+        """
+        crit, min_steps, max_steps, prefill_r = self._plan(recur)
+        B, T = x.shape
+        x, y = x.to(self.device), y.to(self.device)
+        cache = KVCache(self.cfg, recur.kv, B, self.cfg.seq_len, max(max_steps, prefill_r), self.device,
+                        self.autocast_dtype or torch.float32)
+        rows = torch.arange(B, device=self.device)
+        nll = torch.empty(B, T, device=self.device)
+        depth = torch.empty(B, T, dtype=torch.long, device=self.device)
+        with self._autocast():
+            logits, state = self._prefill(cache, x[:, :1], torch.ones(B, dtype=torch.long, device=self.device),
+                                          prefill_r, max(max_steps, prefill_r))
+            d = torch.full((B,), prefill_r if self.model.recur else 0, device=self.device)
+            for t in range(T):
+                if t > 0:
+                    pos = torch.full((B,), t, dtype=torch.long, device=self.device)
+                    warm = state if recur.warm_start else None
+                    logits, d, state = self._decode(cache, x[:, t], rows, pos, warm, crit, min_steps, max_steps)
+                nll[:, t] = torch.nn.functional.cross_entropy(logits.float(), y[:, t], reduction="none")
+                depth[:, t] = d
+        return nll, depth
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
                  recur: RecurParams | None = None) -> list[Generation]:

@@ -53,7 +53,7 @@ def require_level(task: Task, difficulty: int) -> None:
 
 
 def last_integer(text: str) -> str | None:
-    """The last integer in `text`, canonical ("1,234" → "1234", "-0" → "0", "007" → "7"); None if there is none."""
+    """The last integer in `text` in canonical form ("1,234" → "1234", "-0" → "0", "007" → "7"), else None."""
     matches = _INTEGER.findall(text)
     return str(int(matches[-1].replace(",", ""))) if matches else None
 

@@ -1,0 +1,117 @@
+"""Inference benchmark: KV-cached decode vs the naive sampler, fixed depth vs per-token early exit, in one run.
+
+    recurchat bench infer --ckpt runs/tiny [--exit kl:1e-3] [--json bench_infer.json]
+
+Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive), the naive recompute sampler at batch 1 (same
+continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per strategy, a threshold
+sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
+fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks cost).
+Without --ckpt a randomly initialised preset model is timed (exit behaviour is then meaningless).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from recurchat.config import get_preset
+from recurchat.data.corpus import prepare_data
+from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
+from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.kv_cache import bytes_per_token
+from recurchat.infer.naive import generate_naive
+from recurchat.model.flops import block_matrix_params, flops_per_token
+from recurchat.model.recurrent import RecurrentLM
+
+
+def head_flops(cfg) -> float:
+    """Forward FLOPs per token of one coda + lm_head pass (what a logit-based exit check costs)."""
+    return 2 * (cfg.n_coda * block_matrix_params(cfg) + cfg.d_model * cfg.vocab_size)
+
+
+def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, repeats: int = 3):
+    sp = SamplingParams(max_tokens=tokens, temperature=0.0)
+    times, gens = [], None
+    for _ in range(repeats):
+        engine.iterations = engine.extra_heads = 0
+        t0 = time.perf_counter()
+        gens = engine.generate(prompts, sp, recur)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), gens, engine.extra_heads
+
+
+def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:1e-3", tokens: int = 256,
+                eval_tokens: int = 4096, sweep: tuple[str, ...] = (), log=print) -> dict:
+    from recurchat.cli import load_model  # the same loading path as every command
+
+    if ckpt:
+        ck, model = load_model(ckpt)
+        tokenizer, data_path = ck.tokenizer, ck.train_cfg.data or None
+    else:
+        torch.manual_seed(0)
+        model = RecurrentLM(get_preset(preset).model).eval()
+        tokenizer, data_path = None, None
+    cfg = model.cfg
+    data = prepare_data(data_path, cfg.vocab_size, tokenizer=tokenizer, log=lambda *a, **k: None)
+    engine = Engine(model)
+    rbar, rmax = cfg.mean_recur, cfg.r_max
+    val = data.val
+    prompt_len = 16
+    prompts8 = [val[i * 300:i * 300 + prompt_len].astype("int64").tolist() for i in range(8)]
+    tokens = min(tokens, cfg.seq_len - prompt_len - 1)
+    fixed = RecurParams(num_recur=rbar)
+    adaptive = RecurParams(exit=exit_spec, max_recur=rmax)
+    log(f"bench infer: {'checkpoint ' + ckpt if ckpt else 'random ' + preset}, r̄={rbar}, r_max={rmax}, "
+        f"{tokens}-token continuations, exit {exit_spec}")
+
+    t_naive = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
+        t_naive.append(time.perf_counter() - t0)
+    naive_tok_s = tokens / statistics.median(t_naive)
+    t1, _, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
+    t8, g8_fixed, _ = timed_generate(engine, prompts8, tokens, fixed)
+    t1x, g1x, _ = timed_generate(engine, prompts8[:1], tokens, adaptive)
+    t8x, g8x, heads8 = timed_generate(engine, prompts8, tokens, adaptive)
+    n8 = sum(len(g.tokens) for g in g8x)
+    depths8 = [d for g in g8x for d in g.depths[1:]]  # the first token's depth is the prefill's
+    mean_rec = sum(depths8) / len(depths8)
+    f_fixed = sum(flops_per_token(cfg, rbar, backward=False) for g in g8_fixed for _ in g.depths[1:])
+    f_exit = sum(flops_per_token(cfg, d, backward=False) for d in depths8) + heads8 * head_flops(cfg)
+    predicted = f_fixed / f_exit
+    measured = t8 / t8x
+    rows = {"decode_tok_s_b1": tokens / t1, "decode_tok_s_b8": 8 * tokens / t8,
+            "decode_tok_s_b1_exit": len(g1x[0].tokens) / t1x, "decode_tok_s_b8_exit": n8 / t8x,
+            "naive_tok_s_b1": naive_tok_s}
+    for k, v in rows.items():
+        log(f"  {k:<24} {v:9.1f} tok/s")
+    log(f"  cached/naive at batch 1: {rows['decode_tok_s_b1'] / naive_tok_s:.1f}×")
+    log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
+        f"FLOPs-predicted {predicted:.2f}× → ratio {measured / predicted:.2f}")
+
+    bs = min(8, max(1, eval_tokens // cfg.seq_len))
+    tb = data.tokenizer.token_bytes()
+    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar)
+    bpb_exit, mean_exit = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, adaptive)
+    log(f"  val bpb fixed r̄ {bpb_fixed:.4f}; {exit_spec}: {bpb_exit:.4f} at {mean_exit:.2f} recursions/token "
+        f"(Δ {100 * (bpb_exit / bpb_fixed - 1):+.2f}%)")
+    pareto = []
+    for spec in sweep:
+        b, r = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, RecurParams(exit=spec, max_recur=rmax))
+        pareto.append({"exit": spec, "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
+        log(f"  sweep {spec:<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
+    for r in sorted({1, max(1, rbar // 2), rbar, 2 * rbar}):
+        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r)
+        pareto.append({"exit": f"fixed:{r}", "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
+        log(f"  sweep {'fixed:' + str(r):<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
+    kv = {s: bytes_per_token(cfg, s, rbar) for s in ("full", "last", "ring:2")}
+    log("  KV bytes/token at r̄ (bf16): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
+    return {**rows, "device": str(engine.device.type), "exit": exit_spec, "exit_mean_recursions": mean_rec,
+            "fixed_recursions": rbar, "exit_bpb_delta": bpb_exit / bpb_fixed - 1, "bpb_fixed": bpb_fixed,
+            "bpb_exit": bpb_exit, "exit_eval_mean_recursions": mean_exit,
+            "exit_speedup_measured": measured, "exit_speedup_predicted": predicted,
+            "exit_speedup_vs_predicted": measured / predicted, "cached_vs_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
+            "kv_bytes_per_token": kv, "pareto": pareto}
