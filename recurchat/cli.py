@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
-    b.add_argument("--exit", default="kl:1e-3", help="infer: the exit criterion to time")
+    b.add_argument("--exit", default="kl:3e-2", help="infer: the exit criterion to time")
     b.add_argument("--sweep", default="kl:1e-4,kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.02,latent:0.05",
                    help="infer: criteria for the Pareto sweep")
     b.add_argument("--tokens", type=int, default=256, help="infer: continuation length")

@@ -160,7 +160,7 @@ class Engine:
             else:
                 logits = logits[done]
             out_logits[ex] = logits.float()
-            out_state[ex] = s[done]
+            out_state[ex] = s[done].to(out_state.dtype)
             depth[ex] = step
             cache.fill_forward(rows_a[done], pos_a[done], step, max_steps)
             keep = ~done

@@ -1,0 +1,71 @@
+"""sample / chat / eval --exit / bench infer on a real (smoke-trained) checkpoint.
+
+Run: `pytest tests/infer/test_infer_cli.py`.
+"""
+
+import json
+
+import pytest
+
+from recurchat.cli import main
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, small_text):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(out),
+                 "--max-steps", "10"]) == 0
+    return out
+
+
+def test_sample_fixed_and_exit(ckpt, capsys):
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "The", "--max-tokens", "12", "--temperature", "0"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.startswith("The") and "mean recursion depth 2.00" in cap.err
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "The", "--max-tokens", "12", "--exit", "latent:1e9",
+                 "--max-recur", "6", "--kv", "last"]) == 0
+    assert "mean recursion depth" in capsys.readouterr().err
+
+
+def test_chat_one_shot_and_interactive(ckpt, capsys, monkeypatch):
+    assert main(["chat", "--ckpt", str(ckpt), "-p", "hello", "--max-tokens", "8", "--exit", "kl:0.5"]) == 0
+    assert "mean recursion depth" in capsys.readouterr().err
+    lines = iter(["hi there", "and again", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    assert main(["chat", "--ckpt", str(ckpt), "--max-tokens", "5", "--recur", "3", "--warm-start"]) == 0
+    assert capsys.readouterr().err.count("mean recursion depth 3.00") == 2
+
+
+def test_generation_bad_input(ckpt, capsys):
+    assert main(["sample", "--ckpt", str(ckpt), "--recur", "2", "--exit", "kl:1"]) == 2
+    assert main(["sample", "--ckpt", str(ckpt), "--exit", "kl"]) == 2
+    assert main(["sample", "--ckpt", str(ckpt), "--kv", "ring:x"]) == 2
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "word " * 100]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all(line.startswith("error:") for line in err)
+
+
+def test_eval_with_exit(ckpt, tmp_path):
+    out = tmp_path / "e.json"
+    assert main(["eval", "--ckpt", str(ckpt), "--recur", "1,2", "--exit", "fixed:4,kl:1e-9,latent:1e9", "--max-recur", "4",
+                 "--eval-tokens", "256", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["bpb"]) == {"1", "2"}
+    ex = res["exit"]
+    assert ex["latent:1e9"]["mean_recursions"] < ex["fixed:4"]["mean_recursions"] <= 4
+    assert ex["kl:1e-9"]["mean_recursions"] > ex["latent:1e9"]["mean_recursions"]
+    assert res["exit"]["latent:1e9"]["bpb"] > 0
+
+
+@pytest.mark.slow
+def test_bench_infer_json(ckpt, tmp_path):
+    out = tmp_path / "b.json"
+    assert main(["bench", "infer", "--ckpt", str(ckpt), "--preset", "cpu-smoke", "--tokens", "24",
+                 "--eval-tokens", "128", "--sweep", "kl:0.1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    for key in ("decode_tok_s_b1", "decode_tok_s_b8", "exit_mean_recursions", "fixed_recursions", "exit_bpb_delta",
+                "exit_speedup_vs_predicted", "kv_bytes_per_token"):
+        assert key in res, key
+    assert res["decode_tok_s_b8"] > 0 and 1 <= res["exit_mean_recursions"] <= 8
+    assert res["kv_bytes_per_token"]["last"] < res["kv_bytes_per_token"]["full"]
+    assert res["exit_speedup_vs_predicted"] > 0 and res["pareto"]
