@@ -1,6 +1,7 @@
 """The front door: `recurchat <command>` (same as `python -m recurchat <command>`). Thin: parse, call one function.
 
     recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
+    recurchat sft --ckpt runs/tiny --data builtin:hops,arith --out runs/tiny-sft
     recurchat eval --ckpt runs/tiny --tasks bpb --recur 1,2,4,8 --json bpb.json
     recurchat sample --ckpt runs/tiny -p "In the beginning"
     recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "Hello"
@@ -79,6 +80,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_cfg = apply_overrides(model_cfg, args)
     train_cfg = apply_overrides(train_cfg, args)
     result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if result:
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from recurchat.train import checkpoint
+    from recurchat.train.trainer import train
+
+    if args.resume:
+        ck = checkpoint.load(args.resume)
+        model_cfg, train_cfg = ck.model_cfg, ck.train_cfg
+    else:
+        if args.ckpt is None:
+            raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
+        if (Path(args.out) / "checkpoint").exists() and not args.overwrite:
+            raise UserError(f"{args.out} already holds a checkpoint: pass --resume {args.out} to continue it, "
+                            "or --overwrite to start over")
+        base = checkpoint.load(args.ckpt)
+        # SFT defaults: the base run's settings, a short schedule and no warmup (the model is already trained)
+        train_cfg = dataclasses.replace(base.train_cfg, max_steps=300, warmup_steps=0, eval_every=100,
+                                        stop_after=0, recur_dist="poisson-lognormal")
+        model_cfg = base.model_cfg
+    model_cfg = apply_overrides(model_cfg, args)
+    train_cfg = apply_overrides(train_cfg, args)
+    if not train_cfg.data:
+        raise UserError("sft needs --data FILE.jsonl or --data builtin:hops,arith,…")
+    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.quiet,
+                   init_from=None if args.resume else args.ckpt, sft_spec=train_cfg.data)
     if result:
         print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
     return 0
@@ -291,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(t, ModelConfig)
     add_config_flags(t, TrainConfig)
     t.set_defaults(func=cmd_train)
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)")
+    f.add_argument("--ckpt", default=None, help="base checkpoint (weights and tokenizer)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--resume", default=None, help="an SFT run directory to continue exactly")
+    f.add_argument("--overwrite", action="store_true")
+    f.add_argument("--quiet", action="store_true")
+    add_config_flags(f, TrainConfig)
+    f.set_defaults(func=cmd_sft)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
     e.add_argument("--ckpt", required=True)

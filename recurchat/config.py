@@ -98,7 +98,8 @@ class TrainConfig:
     log_every: int = 1
     compile: bool | None = None  # None = auto: on for CUDA (pays off), off for CPU (~30 s to compile, 1.1× faster)
     peak_flops: float = 0.0  # 0 = documented default for the device
-    data: str = ""  # empty = embedded corpus
+    data: str = ""  # empty = embedded corpus; for sft: FILE.jsonl or builtin:TASK[,TASK…]
+    sft_examples: int = 2000  # builtin SFT tasks: training conversations per task
     wandb: str = ""  # project name; empty = off
 
     def validate(self) -> "TrainConfig":

@@ -42,7 +42,7 @@ class TokenLoader:
         self.rank = rank
         self.world_size = world_size
         self.global_rows = world_size * batch_size
-        self.n_rows = max(0, (len(tokens) - 1) // seq_len)
+        self.n_rows = self._count_rows()
         if self.n_rows < self.global_rows:
             need = self.global_rows * seq_len + 1
             raise UserError(
@@ -53,6 +53,13 @@ class TokenLoader:
         self.row = 0  # offset into this epoch's permutation of the next global batch
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
+
+    def _count_rows(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def _fetch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        windows = _gather(self.tokens, rows * self.seq_len, self.seq_len + 1)
+        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def _permutation(self) -> np.ndarray:
         if self._perm_epoch != self.epoch:
@@ -70,8 +77,7 @@ class TokenLoader:
         start = self.row + self.rank * self.batch_size
         rows = self._permutation()[start : start + self.batch_size]
         self.row += self.global_rows
-        windows = _gather(self.tokens, rows * self.seq_len, self.seq_len + 1)
-        return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+        return self._fetch(rows)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -107,6 +113,25 @@ class TokenLoader:
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.row = int(state["row"])
+
+
+class RowLoader(TokenLoader):
+    """The same shuffling, rank sharding and exact resume over pre-built (x, y) rows (SFT conversations)."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.x, self.y = x, y
+        if x.size(0) < world_size * batch_size:
+            raise UserError(f"only {x.size(0)} training conversations; one step needs {world_size * batch_size} "
+                            f"({world_size} rank(s) x batch {batch_size})")
+        super().__init__(np.empty(0, dtype=np.uint16), batch_size, x.size(1), seed, rank, world_size)
+
+    def _count_rows(self) -> int:
+        return self.x.size(0)
+
+    def _fetch(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.from_numpy(rows)
+        return self.x[index], self.y[index]
 
 
 def eval_batches(

@@ -38,6 +38,28 @@ def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.
     return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("nan")
 
 
+@torch.no_grad()
+def evaluate_rows_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, token_bytes: torch.Tensor,
+                      batch_size: int, num_recur: int | None = None,
+                      autocast: contextlib.AbstractContextManager | None = None) -> float:
+    """bpb over the supervised targets (y != −1) of pre-built rows, e.g. the assistant turns of SFT data."""
+    device = next(model.parameters()).device
+    token_bytes = token_bytes.to(device)
+    nats = nbytes = 0.0
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for i in range(0, x.size(0), batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            with autocast or contextlib.nullcontext():
+                loss = model(xb, yb, num_recur=num_recur, loss_reduction="none")
+            b = token_bytes[yb.clamp_min(0)] * (yb >= 0)
+            nats += float((loss.double() * (b > 0)).sum())
+            nbytes += float(b.sum())
+    model.train(was_training)
+    return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
+
+
 def evaluate_bpb_exit(engine, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int, seq_len: int,
                       max_tokens: int, recur) -> tuple[float, float]:
     """(bpb, mean recursions per token) when every token picks its own depth by an exit criterion.

@@ -19,9 +19,9 @@ import torch
 
 from recurchat.config import ModelConfig, TrainConfig
 from recurchat.data.corpus import prepare_data
-from recurchat.data.loader import TokenLoader
+from recurchat.data.loader import RowLoader, TokenLoader
 from recurchat.errors import UserError
-from recurchat.eval.bpb import evaluate_bpb
+from recurchat.eval.bpb import evaluate_bpb, evaluate_rows_bpb
 from recurchat.model.depth import DepthSampler
 from recurchat.model.flops import default_peak_flops, flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
@@ -50,8 +50,13 @@ def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
 
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True) -> dict:
-    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics."""
+          progress: bool = True, init_from: str | Path | None = None, sft_spec: str = "") -> dict:
+    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics.
+
+    Pretraining reads a token stream (train_cfg.data or the embedded corpus). With `sft_spec` (a JSONL file or
+    builtin:TASKS) it trains on rendered conversations with loss on assistant tokens only; `init_from` starts from
+    another checkpoint's weights and tokenizer (the base model), without its optimizer state.
+    """
     model_cfg.validate()
     train_cfg.validate()
     out_dir = Path(out_dir)
@@ -65,14 +70,26 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         if not ckpt.has_state():
             raise UserError(f"--resume {resume}: checkpoint has no resumable state")
 
+    base = checkpoint.load(init_from) if (init_from is not None and ckpt is None) else None
+    if base is not None and base.model_cfg != model_cfg:
+        raise UserError(f"--ckpt {init_from}: model config differs from the requested one")
+
     dist_info = distributed.init()
     device = dist_info.device
     torch.manual_seed(train_cfg.seed)
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
-    data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
-                        tokenizer=ckpt.tokenizer if ckpt is not None else None, log=log)
-    tokenizer = data.tokenizer
+    known = ckpt or base
+    if sft_spec:
+        from recurchat.data.sft import build_sft_data
+
+        tokenizer = known.tokenizer
+        sft = build_sft_data(sft_spec, tokenizer, model_cfg.seq_len, train_cfg.sft_examples, train_cfg.seed)
+        log(f"sft data {sft.description}")
+    else:
+        data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
+                            tokenizer=known.tokenizer if known is not None else None, log=log)
+        tokenizer = data.tokenizer
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}")
@@ -87,8 +104,15 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     optimizers = build_optimizers(model, train_cfg)
     sampler = DepthSampler(train_cfg.recur_dist, model_cfg.mean_recur, model_cfg.r_max, train_cfg.recur_sigma,
                            train_cfg.seed, int(train_cfg.curriculum_frac * train_cfg.max_steps))
-    loader = TokenLoader(data.train, train_cfg.batch_size, model_cfg.seq_len, seed=train_cfg.seed,
-                         rank=dist_info.rank, world_size=dist_info.world_size)
+    if sft_spec:
+        loader = RowLoader(sft.train_x, sft.train_y, train_cfg.batch_size, seed=train_cfg.seed,
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    else:
+        loader = TokenLoader(data.train, train_cfg.batch_size, model_cfg.seq_len, seed=train_cfg.seed,
+                             rank=dist_info.rank, world_size=dist_info.world_size)
+    if base is not None:
+        checkpoint.load_model_weights(model, base)
+        log(f"initialised from {base.path}")
     start_step = 0
     if ckpt is not None:
         checkpoint.load_model_weights(model, ckpt)
@@ -116,9 +140,14 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         f"P/R/C = {model_cfg.n_prelude}/{model_cfg.n_recur}/{model_cfg.n_coda}, r̄ = {model_cfg.mean_recur}); "
         f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step; device {device}")
 
+    def val_bpb(r: int) -> float:
+        if sft_spec:
+            return evaluate_rows_bpb(model, sft.val_x, sft.val_y, token_bytes, train_cfg.batch_size, r, autocast)
+        return evaluate_bpb(model, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
+                            train_cfg.eval_tokens, num_recur=r, autocast=autocast)
+
     def run_eval(step: int) -> dict:
-        bpb = {str(r): evaluate_bpb(model, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
-                                    train_cfg.eval_tokens, num_recur=r, autocast=autocast) for r in depths}
+        bpb = {str(r): val_bpb(r) for r in depths}
         record = {"step": step, "val_bpb": bpb}
         telemetry.log(record)
         telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in bpb.items()))

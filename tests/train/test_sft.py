@@ -1,0 +1,58 @@
+"""`recurchat sft`: builtin tasks and JSONL conversations on the shared trainer; exact resume; bad input.
+
+Run: `pytest tests/train/test_sft.py`.
+"""
+
+import json
+
+import pytest
+
+from recurchat.cli import main
+from recurchat.train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, small_text):
+    out = tmp_path_factory.mktemp("runs") / "base"
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(out),
+                 "--max-steps", "4"]) == 0
+    return out
+
+
+def losses(run):
+    return {m["step"]: m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if "loss" in m}
+
+
+def test_sft_builtin_tasks_and_exact_resume(base, tmp_path):
+    common = ["sft", "--ckpt", str(base), "--quiet", "--data", "builtin:hops,arith", "--sft-examples", "64",
+              "--max-steps", "6", "--eval-every", "3", "--dtype", "fp32"]
+    straight, split = tmp_path / "a", tmp_path / "b"
+    assert main([*common, "--out", str(straight)]) == 0
+    assert main([*common, "--out", str(split), "--stop-after", "3"]) == 0
+    assert main(["sft", "--quiet", "--resume", str(split), "--out", str(split)]) == 0
+    assert losses(straight) == losses(split) and sorted(losses(split)) == list(range(1, 7))
+    ck = checkpoint.load(straight)
+    assert ck.train_cfg.data == "builtin:hops,arith"
+    assert ck.tokenizer.fingerprint() == checkpoint.load(base).tokenizer.fingerprint()
+
+
+def test_sft_jsonl(base, tmp_path):
+    data = tmp_path / "chat.jsonl"
+    convs = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}"}]}
+             for i in range(40)]
+    data.write_text("\n".join(json.dumps(c) for c in convs))
+    assert main(["sft", "--ckpt", str(base), "--quiet", "--data", str(data), "--out", str(tmp_path / "s"),
+                 "--max-steps", "2"]) == 0
+    assert (tmp_path / "s" / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_sft_bad_input(base, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    for data in (str(bad), "builtin:nope", str(tmp_path / "missing.jsonl")):
+        assert main(["sft", "--ckpt", str(base), "--quiet", "--data", data, "--out", str(tmp_path / "x")]) == 2
+    assert main(["sft", "--quiet", "--data", "builtin:hops", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and "bad.jsonl:1" in err[0] and "nope" in err[1] and "missing.jsonl" in err[2]
+    assert not (tmp_path / "x" / "checkpoint").exists()
