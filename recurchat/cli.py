@@ -377,10 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("what", help="train | infer")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
     b.add_argument("--exit", default="kl:3e-2", help="infer: the exit criterion to time")
-    b.add_argument("--sweep", default="kl:1e-4,kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.02,latent:0.05",
+    b.add_argument("--sweep", default="kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.05",
                    help="infer: criteria for the Pareto sweep")
     b.add_argument("--tokens", type=int, default=256, help="infer: continuation length")
-    b.add_argument("--eval-tokens", type=int, default=4096, help="infer: held-out tokens for bpb")
+    b.add_argument("--eval-tokens", type=int, default=2048, help="infer: held-out tokens for bpb")
     b.add_argument("--preset", default="cpu-tiny")
     b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")
     b.add_argument("--batch-size", type=int, default=8)

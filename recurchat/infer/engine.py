@@ -104,16 +104,17 @@ class Engine:
         B, T = idx.shape
         rows = torch.arange(B, device=self.device)
         cos, sin = m.rope(0, T)
-        x = m.run_prelude(idx, cos, sin, cache.prelude(rows, None))
+        view = cache.rows(rows, None)
+        x = m.run_prelude(idx, cos, sin, cache.prelude(view))
         state = None
         if m.recur:
             e, s = x, m.initial_state(x)
             for i in range(r):
-                s = m.iterate(e, s, cos, sin, cache.recur(i, rows, None))
+                s = m.iterate(e, s, cos, sin, cache.recur(i, view))
             self.iterations += r * B
             cache.fill_forward(rows, None, r, max_steps)
             x = state = s
-        logits = m.head(m.run_coda(x, cos, sin, cache.coda(rows, None)))
+        logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))
         last = lens - 1
         return logits[rows, last], (state[rows, last][:, None] if state is not None else None)
 
@@ -122,30 +123,31 @@ class Engine:
         """One token for each of `rows`; returns logits [n, V], depths [n], final states [n, 1, d]."""
         m = self.model
         cos, sin = m.cos[0, pos].unsqueeze(1), m.sin[0, pos].unsqueeze(1)  # [n, 1, 1, D/2]: a position per row
-        x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(rows, pos))
+        view = cache.rows(rows, pos)
+        x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
         n = rows.numel()
         if not m.recur:
-            logits = m.head(m.run_coda(x, cos, sin, cache.coda(rows, pos)))[:, -1]
+            logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1]
             return logits, torch.zeros(n, dtype=torch.long, device=self.device), None
         out_logits = torch.empty(n, self.cfg.vocab_size, device=self.device)
         out_state = torch.empty_like(x)
         depth = torch.zeros(n, dtype=torch.long, device=self.device)
         # compact views of the rows still iterating; `local` maps them back to positions in this call's batch
         local = torch.arange(n, device=self.device)
-        e, cos_a, sin_a, rows_a, pos_a = x, cos, sin, rows, pos
+        e, cos_a, sin_a, rows_a, pos_a, view_a = x, cos, sin, rows, pos, view
         s = m.initial_state(x) if warm is None else warm
         tracker = ExitTracker(crit, n, self.device)
         first_check = max(1, min_steps - 1)  # kl/entropy/latent/argmax compare with the previous iteration
         for i in range(max_steps):
             step = i + 1
-            s = m.iterate(e, s, cos_a, sin_a, cache.recur(i, rows_a, pos_a))
+            s = m.iterate(e, s, cos_a, sin_a, cache.recur(i, view_a))
             self.iterations += local.numel()
             logits = None
             if step >= max_steps:
                 done = torch.ones(local.numel(), dtype=torch.bool, device=self.device)
             elif step >= first_check and crit.kind != "fixed":
                 if crit.needs_logits:
-                    logits = m.head(m.run_coda(s, cos_a, sin_a, cache.coda(rows_a, pos_a)))[:, -1]
+                    logits = m.head(m.run_coda(s, cos_a, sin_a, cache.coda(view_a)))[:, -1]
                 done = tracker.update(step, s[:, -1], logits) & (step >= min_steps)
                 if crit.needs_logits:
                     self.extra_heads += int((~done).sum())
@@ -156,7 +158,7 @@ class Engine:
             ex = local[done]
             if logits is None:  # the coda has not run on this state yet (its K/V for this position too)
                 logits = m.head(m.run_coda(s[done], cos_a[done], sin_a[done],
-                                           cache.coda(rows_a[done], pos_a[done])))[:, -1]
+                                           cache.coda(cache.rows(rows_a[done], pos_a[done]))))[:, -1]
             else:
                 logits = logits[done]
             out_logits[ex] = logits.float()
@@ -168,6 +170,7 @@ class Engine:
                 break
             local, e, s = local[keep], e[keep], s[keep]
             cos_a, sin_a, rows_a, pos_a = cos_a[keep], sin_a[keep], rows_a[keep], pos_a[keep]
+            view_a = cache.rows(rows_a, pos_a)
             tracker.keep(keep)
         return out_logits, depth, out_state
 

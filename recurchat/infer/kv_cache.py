@@ -44,28 +44,45 @@ def bytes_per_token(cfg: ModelConfig, strategy: str, num_recur: int, dtype: torc
     return 2 * layers * cfg.n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+class Rows:
+    """Which cache rows a forward pass touches and, when decoding, each row's position; the attention length
+    and mask are computed once here and shared by every layer of the pass."""
+
+    __slots__ = ("index", "pos", "length", "mask", "contiguous")
+
+    def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int):
+        self.index, self.pos = index, pos
+        # All rows in order: read keys through a slice (a view) instead of a gather (a copy).
+        self.contiguous = index.numel() == batch_size and bool((index == torch.arange(
+            batch_size, device=index.device)).all())
+        if pos is not None:
+            self.length = int(pos.max()) + 1
+            self.mask = (torch.arange(self.length, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+
+
 class LayerView:
     """What Attention sees: `update(k, v)` stores this step's keys/values and returns everything to attend to."""
 
-    __slots__ = ("cache", "layer", "rows", "pos")
+    __slots__ = ("cache", "layer", "rows")
 
-    def __init__(self, cache: "KVCache", layer: int, rows: torch.Tensor, pos: torch.Tensor | None):
-        self.cache, self.layer, self.rows, self.pos = cache, layer, rows, pos
+    def __init__(self, cache: "KVCache", layer: int, rows: Rows):
+        self.cache, self.layer, self.rows = cache, layer, rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        K, V = self.cache.k[self.layer], self.cache.v[self.layer]
-        if self.pos is None:  # prefill: every row starts at 0; causal attention over the new block
+        K, V, rows = self.cache.k[self.layer], self.cache.v[self.layer], self.rows
+        if rows.pos is None:  # prefill: every row starts at 0; causal attention over the new block
             T = k.size(2)
-            K[self.rows, :, :T] = k.to(K.dtype)
-            V[self.rows, :, :T] = v.to(V.dtype)
+            K[rows.index, :, :T] = k.to(K.dtype)
+            V[rows.index, :, :T] = v.to(V.dtype)
             return k, v, None
         # decode: one new token per row at that row's own position
-        K[self.rows, :, self.pos] = k[:, :, 0].to(K.dtype)
-        V[self.rows, :, self.pos] = v[:, :, 0].to(V.dtype)
-        length = int(self.pos.max()) + 1
-        keys, values = K[self.rows, :, :length], V[self.rows, :, :length]
-        mask = torch.arange(length, device=k.device)[None, :] <= self.pos[:, None]
-        return keys.to(k.dtype), values.to(v.dtype), mask[:, None, None, :]
+        K[rows.index, :, rows.pos] = k[:, :, 0].to(K.dtype)
+        V[rows.index, :, rows.pos] = v[:, :, 0].to(V.dtype)
+        if rows.contiguous:
+            keys, values = K[:, :, :rows.length], V[:, :, :rows.length]
+        else:
+            keys, values = K[rows.index, :, :rows.length], V[rows.index, :, :rows.length]
+        return keys.to(k.dtype), values.to(v.dtype), rows.mask
 
 
 class KVCache:
@@ -87,14 +104,17 @@ class KVCache:
     def _recur_layer(self, j: int, iteration: int) -> int:
         return self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + iteration % self.slots
 
-    def prelude(self, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
-        return [LayerView(self, i, rows, pos) for i in range(self.cfg.n_prelude)]
+    def rows(self, index: torch.Tensor, pos: torch.Tensor | None) -> Rows:
+        return Rows(index, pos, self.k.size(1))
 
-    def coda(self, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
-        return [LayerView(self, self.cfg.n_prelude + i, rows, pos) for i in range(self.cfg.n_coda)]
+    def prelude(self, rows: Rows) -> list[LayerView]:
+        return [LayerView(self, i, rows) for i in range(self.cfg.n_prelude)]
 
-    def recur(self, iteration: int, rows: torch.Tensor, pos: torch.Tensor | None) -> list[LayerView]:
-        return [LayerView(self, self._recur_layer(j, iteration), rows, pos) for j in range(self.cfg.n_recur)]
+    def coda(self, rows: Rows) -> list[LayerView]:
+        return [LayerView(self, self.cfg.n_prelude + i, rows) for i in range(self.cfg.n_coda)]
+
+    def recur(self, iteration: int, rows: Rows) -> list[LayerView]:
+        return [LayerView(self, self._recur_layer(j, iteration), rows) for j in range(self.cfg.n_recur)]
 
     def fill_forward(self, rows: torch.Tensor, pos: torch.Tensor | None, done: int, upto: int) -> None:
         """Rows stopped after `done` iterations: make iterations done..upto−1 read iteration done−1's K/V.

@@ -1,0 +1,259 @@
+"""A sweep result (recurchat/eval/sweep.py) as a markdown report with matplotlib plots, optionally beside a
+standard model's result as the baseline.
+
+    recurchat eval --ckpt DIR --tasks bpb,hops --recur 1,2,4,8 --exit kl:0.03 --report out/
+
+Writes report.md plus acc_vs_r.png, bpb_vs_r.png, pareto.png and depth_vs_difficulty.png, each only when its data
+is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global is switched and
+no display is needed. Every file is written atomically. Exercised by `pytest tests/eval/test_eval_report.py`.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+from recurchat.data.atomic import atomic_write_bytes, atomic_write_text
+from recurchat.errors import UserError
+from recurchat.eval.sweep import exit_table, fixed_table
+
+
+def _num(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _depth_series(values: dict | None) -> list[tuple[int, float]]:
+    """(r, value) pairs sorted by r, skipping non-depth keys and missing or non-finite values."""
+    points = []
+    for k, v in (values or {}).items():
+        if str(k).isdigit() and _num(v) is not None:
+            points.append((int(k), float(v)))
+    return sorted(points)
+
+
+def _baseline_value(baseline: dict | None, task: str) -> float | None:
+    """A standard model's number for `task`: its r = 1 entry (the only one it has), else its first finite one."""
+    values = ((baseline or {}).get("tasks") or {}).get(task) or {}
+    if _num(values.get("1")) is not None:
+        return float(values["1"])
+    return next((float(v) for v in values.values() if _num(v) is not None), None)
+
+
+def _baseline_centered(baseline: dict | None) -> float | None:
+    centred = (baseline or {}).get("centered_mean") or {}
+    return _num(centred.get("1")) if "1" in centred else next((_num(v) for v in centred.values()), None)
+
+
+def _figure(n_panels: int = 1):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(n_panels, 3)
+    rows = math.ceil(n_panels / cols)
+    fig = Figure(figsize=(4.6 * cols, 3.6 * rows))
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(rows, cols, i + 1) for i in range(n_panels)]
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _acc_tasks(result: dict) -> list[str]:
+    return [name for name in (result.get("tasks") or {}) if name != "bpb"]
+
+
+# ---- plots --------------------------------------------------------------------------------------------------
+def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
+    tasks = result.get("tasks") or {}
+    series = {name: _depth_series(tasks[name]) for name in _acc_tasks(result)}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return False
+    fig, (ax,) = _figure()
+    for i, (name, points) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        ax.plot(*zip(*points), marker="o", color=color, label=name)
+        base = _baseline_value(baseline, name)
+        if base is not None:
+            ax.axhline(base, color=color, linestyle="--", linewidth=1, label=f"{name} (standard)")
+    centred = _depth_series(result.get("centered_mean"))
+    if len(series) > 1 and centred:
+        ax.plot(*zip(*centred), marker="s", color="black", linewidth=2, label="centered mean")
+    ax.set(xlabel="recursions r", ylabel="accuracy", title="accuracy vs r")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def _plot_bpb_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
+    points = _depth_series((result.get("tasks") or {}).get("bpb"))
+    if not points:
+        return False
+    fig, (ax,) = _figure()
+    ax.plot(*zip(*points), marker="o", color="C0", label="fixed r")
+    for i, (spec, entry) in enumerate((result.get("exit") or {}).items()):
+        x, y = _num((entry or {}).get("mean_recursions")), _num((entry or {}).get("bpb"))
+        if x is not None and y is not None:
+            ax.scatter([x], [y], marker="*", s=140, color=f"C{(i + 1) % 10}", zorder=3, label=f"exit {spec}")
+    base = _baseline_value(baseline, "bpb")
+    if base is not None:
+        ax.axhline(base, color="gray", linestyle="--", label="standard model")
+    ax.set(xlabel="recursions per token", ylabel="bits per byte", title="held-out bpb vs r")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def _plot_pareto(result: dict, baseline: dict | None, path: Path) -> bool:
+    """One panel per task (and one for the centred mean): accuracy against recursions spent per token."""
+    tasks = result.get("tasks") or {}
+    exits = result.get("exit") or {}
+    panels = []  # (title, fixed points, exit points [(spec, x, y)], baseline)
+    for name in _acc_tasks(result):
+        exit_points = []
+        for spec, entry in exits.items():
+            entry = entry or {}
+            x = _num((entry.get("mean_recursions_by_task") or {}).get(name))
+            x = x if x is not None else _num(entry.get("mean_recursions"))
+            y = _num((entry.get("acc") or {}).get(name))
+            if x is not None and y is not None:
+                exit_points.append((spec, x, y))
+        panels.append((name, _depth_series(tasks.get(name)), exit_points, _baseline_value(baseline, name)))
+    centred = result.get("centered_mean") or {}
+    if len(panels) > 1:
+        exit_points = []
+        for spec, entry in exits.items():
+            by_task = [_num(v) for v in ((entry or {}).get("mean_recursions_by_task") or {}).values()]
+            by_task = [v for v in by_task if v is not None]
+            y = _num(centred.get(spec))
+            if by_task and y is not None:
+                exit_points.append((spec, sum(by_task) / len(by_task), y))
+        panels.append(("centered mean", _depth_series(centred), exit_points, _baseline_centered(baseline)))
+    panels = [p for p in panels if p[1] or p[2]]
+    if not panels:
+        return False
+    fig, axes = _figure(len(panels))
+    for ax, (title, fixed, exit_points, base) in zip(axes, panels):
+        if fixed:
+            ax.plot(*zip(*fixed), marker="o", color="C0", label="fixed r")
+        for i, (spec, x, y) in enumerate(exit_points):
+            ax.scatter([x], [y], marker="*", s=140, color=f"C{(i + 1) % 10}", zorder=3, label=f"exit {spec}")
+        if base is not None:
+            ax.axhline(base, color="gray", linestyle="--", label="standard model")
+        ax.set(xlabel="mean recursions per token", ylabel="accuracy" if title != "centered mean" else "centred acc",
+               title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -> bool:
+    by_diff = result.get("by_difficulty") or {}
+    series = {}
+    for name, levels in by_diff.items():
+        points = [(int(d), _num((v or {}).get("mean_recursions")), _num((v or {}).get("acc")))
+                  for d, v in (levels or {}).items() if str(d).lstrip("-").isdigit()]
+        if points:
+            series[name] = sorted(points)
+    if not series:
+        return False
+    fig, (ax_r, ax_acc) = _figure(2)
+    for i, (name, points) in enumerate(series.items()):
+        color = f"C{i % 10}"
+        depth = [(d, r) for d, r, _ in points if r is not None]
+        acc = [(d, a) for d, _, a in points if a is not None]
+        if depth:
+            ax_r.plot(*zip(*depth), marker="o", color=color, label=name)
+        if acc:
+            ax_acc.plot(*zip(*acc), marker="o", color=color, label=name)
+        base_levels = ((baseline or {}).get("by_difficulty") or {}).get(name) or {}
+        base = sorted((int(d), float(v["acc"])) for d, v in base_levels.items()
+                      if str(d).lstrip("-").isdigit() and _num((v or {}).get("acc")) is not None)
+        if base:
+            ax_acc.plot(*zip(*base), linestyle="--", color=color, label=f"{name} (standard)")
+    where = (result.get("settings") or {}).get("by_difficulty_at")
+    ax_r.set(xlabel="difficulty", ylabel="mean recursions per token",
+             title=f"recursions used vs difficulty{f' ({where})' if where else ''}")
+    ax_acc.set(xlabel="difficulty", ylabel="accuracy", title="accuracy vs difficulty")
+    for ax in (ax_r, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+    return True
+
+
+PLOTS = (("acc_vs_r.png", "Accuracy vs recursions", _plot_acc_vs_r),
+         ("bpb_vs_r.png", "Held-out bits per byte vs recursions", _plot_bpb_vs_r),
+         ("pareto.png", "Accuracy vs compute (fixed r and exit criteria)", _plot_pareto),
+         ("depth_vs_difficulty.png", "Recursions used vs difficulty", _plot_depth_vs_difficulty))
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells) -> str:
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+    return "\n".join([line(header), line(["---"] + ["---:"] * (len(header) - 1)), *(line(r) for r in rows)])
+
+
+def _difficulty_table(result: dict) -> str | None:
+    rows = []
+    for name, levels in (result.get("by_difficulty") or {}).items():
+        for d, v in (levels or {}).items():
+            acc, r = _num((v or {}).get("acc")), _num((v or {}).get("mean_recursions"))
+            rows.append([name, str(d), "-" if acc is None else f"{acc:.3f}", "-" if r is None else f"{r:.2f}"])
+    return _markdown(["task", "difficulty", "acc", "mean r"], rows) if rows else None
+
+
+def _sections(result: dict, heading: str) -> list[str]:
+    parts = []
+    header, rows = fixed_table(result)
+    if rows:
+        parts += [f"### {heading}: fixed recursion depth", "", _markdown(header, rows), ""]
+    header, rows = exit_table(result)
+    if rows:
+        parts += [f"### {heading}: exit criteria", "", _markdown(header, rows), ""]
+    table = _difficulty_table(result)
+    if table:
+        at = (result.get("settings") or {}).get("by_difficulty_at")
+        parts += [f"### {heading}: by difficulty{f' (at {at})' if at else ''}", "", table, ""]
+    return parts
+
+
+def write_report(result: dict, out_dir: str | Path, title: str = "recurchat eval",
+                 baseline: dict | None = None) -> Path:
+    """Write report.md and the plots into `out_dir`; returns the path of report.md. `baseline` (a standard
+    model's sweep result) is drawn as dashed lines and tabulated after the main result."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("plots need matplotlib: pip install matplotlib") from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# {title}", ""]
+    if _num(result.get("params")) is not None:
+        lines += [f"Parameters: {int(result['params']):,}", ""]
+    settings = result.get("settings") or {}
+    if settings.get("n_examples"):
+        counts = ", ".join(f"{k} {v}" for k, v in settings["n_examples"].items())
+        lines += [f"Examples per task: {counts}", ""]
+    lines += [f"> note: {n}" for n in result.get("notes") or []]
+    if result.get("notes"):
+        lines.append("")
+    lines += _sections(result, "Results")
+    if baseline:
+        lines += _sections(baseline, "Standard model (baseline)")
+    for filename, caption, plot in PLOTS:
+        if plot(result, baseline, out / filename):
+            lines += [f"## {caption}", "", f"![{caption}]({filename})", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path
