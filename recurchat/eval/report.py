@@ -64,6 +64,22 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _legend(ax) -> None:
+    if ax.get_legend_handles_labels()[0]:  # an empty legend only draws a warning
+        ax.legend(fontsize=7)
+
+
+def _setting_label(setting) -> str:
+    return f"r={setting}" if str(setting).isdigit() else str(setting)
+
+
+def _depth_ticks(ax, points) -> None:
+    """Ticks at the measured depths only: r is an integer, and 1, 2, 4, 8 sweeps read badly on a 0.5 grid."""
+    ticks = sorted({x for x, _ in points})
+    if ticks:
+        ax.set_xticks(ticks)
+
+
 def _acc_tasks(result: dict) -> list[str]:
     return [name for name in (result.get("tasks") or {}) if name != "bpb"]
 
@@ -85,9 +101,10 @@ def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
     centred = _depth_series(result.get("centered_mean"))
     if len(series) > 1 and centred:
         ax.plot(*zip(*centred), marker="s", color="black", linewidth=2, label="centered mean")
+    _depth_ticks(ax, [p for points in series.values() for p in points])
     ax.set(xlabel="recursions r", ylabel="accuracy", title="accuracy vs r")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     _save(fig, path)
     return True
 
@@ -107,7 +124,7 @@ def _plot_bpb_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
         ax.axhline(base, color="gray", linestyle="--", label="standard model")
     ax.set(xlabel="recursions per token", ylabel="bits per byte", title="held-out bpb vs r")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax)
     _save(fig, path)
     return True
 
@@ -151,7 +168,7 @@ def _plot_pareto(result: dict, baseline: dict | None, path: Path) -> bool:
         ax.set(xlabel="mean recursions per token", ylabel="accuracy" if title != "centered mean" else "centred acc",
                title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax)
     _save(fig, path)
     return True
 
@@ -182,11 +199,11 @@ def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -
             ax_acc.plot(*zip(*base), linestyle="--", color=color, label=f"{name} (standard)")
     where = (result.get("settings") or {}).get("by_difficulty_at")
     ax_r.set(xlabel="difficulty", ylabel="mean recursions per token",
-             title=f"recursions used vs difficulty{f' ({where})' if where else ''}")
+             title=f"recursions used vs difficulty{f' ({_setting_label(where)})' if where else ''}")
     ax_acc.set(xlabel="difficulty", ylabel="accuracy", title="accuracy vs difficulty")
     for ax in (ax_r, ax_acc):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _legend(ax)
     _save(fig, path)
     return True
 
@@ -224,7 +241,7 @@ def _sections(result: dict, heading: str) -> list[str]:
     table = _difficulty_table(result)
     if table:
         at = (result.get("settings") or {}).get("by_difficulty_at")
-        parts += [f"### {heading}: by difficulty{f' (at {at})' if at else ''}", "", table, ""]
+        parts += [f"### {heading}: by difficulty{f' (at {_setting_label(at)})' if at else ''}", "", table, ""]
     return parts
 
 

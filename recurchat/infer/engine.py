@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -177,42 +177,59 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def stream(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
-               recur: RecurParams | None = None) -> Iterator[list[Event]]:
-        """Yield, step by step, the list of tokens decided at that step (one Event per still-running row)."""
-        sampling, recur = sampling or SamplingParams(), recur or RecurParams()
+    def stream(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
+               recur: RecurParams | None = None,
+               cancelled: Callable[[int], bool] | None = None) -> Iterator[list[Event]]:
+        """Yield, step by step, the list of tokens decided at that step (one Event per still-running row).
+
+        `sampling` may be one SamplingParams for all rows or one per row (the server batches requests that each
+        bring their own temperature, max_tokens, stop tokens and seed). `cancelled(row)` is polled every step; a
+        row for which it is true leaves the batch at once (finish_reason "cancelled"), so its compute stops.
+        """
+        recur = recur or RecurParams()
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         ctx = self.cfg.seq_len
         too_long = [len(p) for p in prompts if len(p) >= ctx]
         if too_long:
             raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {ctx}")
-        crit, min_steps, max_steps, prefill_r = self._plan(recur)
         B = len(prompts)
+        params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * B
+        if len(params) != B:
+            raise ValueError(f"{len(params)} sampling params for {B} prompts")
+        crit, min_steps, max_steps, prefill_r = self._plan(recur)
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
         cache_dtype = self.autocast_dtype or torch.float32
         cache = KVCache(self.cfg, recur.kv, B, ctx, max(max_steps, prefill_r), self.device, cache_dtype)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else torch.seed())
+                for p in params]
         with self._autocast():
             logits, state = self._prefill(cache, idx, lens, prefill_r, max(max_steps, prefill_r))
         depth = torch.full((B,), prefill_r if self.model.recur else 0, dtype=torch.long, device=self.device)
         rows = torch.arange(B, device=self.device)
         pos = lens.clone()
-        produced = 0
-        stop = set(sampling.stop_ids)
-        while rows.numel() and produced < sampling.max_tokens:
-            tok = sample_next(logits, sampling.temperature, sampling.top_k, gen, sampling.top_p)
-            produced += 1
+        produced = [0] * B
+        uniform = all(p == params[0] for p in params)
+        while rows.numel():
+            row_list = rows.tolist()
+            if uniform:
+                p = params[0]
+                tok = sample_next(logits, p.temperature, p.top_k, gens[0], p.top_p)
+            else:
+                tok = torch.cat([sample_next(logits[j:j + 1], params[r].temperature, params[r].top_k, gens[r],
+                                             params[r].top_p) for j, r in enumerate(row_list)])
             events, keep = [], []
-            for j, (row, t, d) in enumerate(zip(rows.tolist(), tok.tolist(), depth.tolist())):
-                reason = None
-                if t in stop:
+            for j, (row, t, d) in enumerate(zip(row_list, tok.tolist(), depth.tolist())):
+                produced[row] += 1
+                p, reason = params[row], None
+                if cancelled is not None and cancelled(row):
+                    reason = "cancelled"
+                elif t in p.stop_ids:
                     reason = "stop"
-                elif produced >= sampling.max_tokens or int(pos[j]) >= ctx:
+                elif produced[row] >= p.max_tokens or int(pos[j]) >= ctx:
                     reason = "length"
                 events.append(Event(row, t, d, reason))
                 keep.append(reason is None)
@@ -261,8 +278,8 @@ class Engine:
         for events in self.stream(prompts, sampling, recur):
             for ev in events:
                 g = out[ev.row]
-                if ev.finish_reason == "stop":
-                    g.finish_reason = "stop"
+                if ev.finish_reason in ("stop", "cancelled"):
+                    g.finish_reason = ev.finish_reason
                     continue
                 g.tokens.append(ev.token)
                 g.depths.append(ev.depth)

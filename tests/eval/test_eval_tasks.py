@@ -28,6 +28,15 @@ CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1
                   mean_recur=2, r_max=4, seq_len=128)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and two threads on a shared 2-core box spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     texts = [topics[k] for k in sorted(topics)[:8]]

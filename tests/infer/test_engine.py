@@ -164,3 +164,27 @@ def test_bytes_per_token_matches_allocation(tiny_cfg):
     full, last = bytes_per_token(cfg, "full", 4), bytes_per_token(cfg, "last", 4)
     P, R, C = cfg.n_prelude, cfg.n_recur, cfg.n_coda
     assert last / full == pytest.approx((P + R + C) / (P + 4 * R + C))
+
+
+def test_per_row_sampling_params_and_cancel(tiny_cfg):
+    m = random_model(tiny_cfg)
+    engine = Engine(m)
+    prompts = [[1, 2], [3, 4, 5], [6]]
+    params = [SamplingParams(max_tokens=3, temperature=0), SamplingParams(max_tokens=6, temperature=0),
+              SamplingParams(max_tokens=6, temperature=1.0, seed=7)]
+    gens = engine.generate(prompts, params)
+    assert [len(g.tokens) for g in gens] == [3, 6, 6]
+    # greedy rows match their single-row runs even when batched with a sampled row
+    assert gens[1].tokens == engine.generate([prompts[1]], params[1])[0].tokens
+    # cancelling row 1 after its second token stops it; the others go on
+    seen = {0: 0, 1: 0, 2: 0}
+
+    def cancelled(row):
+        return row == 1 and seen[1] >= 2
+
+    for events in engine.stream(prompts, params, cancelled=cancelled):
+        for ev in events:
+            seen[ev.row] += 1
+            if ev.row == 1 and ev.finish_reason:
+                assert ev.finish_reason == "cancelled"
+    assert seen == {0: 3, 1: 3, 2: 6}
