@@ -49,10 +49,17 @@ def conversations_for(spec: str, n_per_task: int, seed: int) -> tuple[list, list
     return convs[:-n_val], convs[-n_val:]
 
 
+def trim(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop trailing columns that are padding in every row: short chats then train at a fraction of the cost."""
+    used = (y >= 0).any(dim=0).nonzero()
+    width = int(used.max()) + 1 if used.numel() else 1
+    return x[:, :width].contiguous(), y[:, :width].contiguous()
+
+
 def build_sft_data(spec: str, tokenizer: Tokenizer, seq_len: int, n_per_task: int = 2000, seed: int = 0) -> SFTData:
     if not spec:
         raise UserError("sft needs --data FILE.jsonl or --data builtin:NAME[,NAME…]")
     train, val = conversations_for(spec, n_per_task, seed)
-    train_x, train_y = sft_rows(tokenizer, train, seq_len)
-    val_x, val_y = sft_rows(tokenizer, val, seq_len)
+    train_x, train_y = trim(*sft_rows(tokenizer, train, seq_len))
+    val_x, val_y = trim(*sft_rows(tokenizer, val, seq_len))
     return SFTData(train_x, train_y, val_x, val_y, f"{spec}: {len(train_x)} train / {len(val_x)} val conversations")

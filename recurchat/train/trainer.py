@@ -167,6 +167,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         rs = sampler.sample(step, grad_accum)
         loss_sum = torch.zeros((), device=device)
         flops = 0.0
+        n_tokens = 0
         for r in rs:
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -174,7 +175,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
                 loss = model(x, y, num_recur=r, bptt_k=train_cfg.bptt_k)
             (loss / grad_accum).backward()
             loss_sum += loss.detach()
-            flops += flops_per_token(model_cfg, r, train_cfg.bptt_k) * x.numel()
+            flops += flops_per_token(model_cfg, r, train_cfg.bptt_k, seq_len=x.size(1)) * x.numel()
+            n_tokens += x.numel()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
         for opt in optimizers:
             opt.step()
@@ -183,7 +185,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         if not math.isfinite(loss_val):
             raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
         dt = time.perf_counter() - t0
-        tokens = grad_accum * train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size
+        tokens = n_tokens * dist_info.world_size
         tok_s = tokens / dt
         flops *= dist_info.world_size
         last = {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
