@@ -101,7 +101,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
         base = checkpoint.load(args.ckpt)
         # SFT defaults: the base run's settings, a short schedule and no warmup (the model is already trained)
         train_cfg = dataclasses.replace(base.train_cfg, max_steps=300, warmup_steps=0, eval_every=100,
-                                        stop_after=0, recur_dist="poisson-lognormal")
+                                        stop_after=0, recur_dist="poisson-lognormal", stage="sft")
         model_cfg = base.model_cfg
     model_cfg = apply_overrides(model_cfg, args)
     train_cfg = apply_overrides(train_cfg, args)
@@ -130,50 +130,51 @@ def load_model(ckpt_path: str, device: str = "auto"):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from recurchat.data.corpus import prepare_data
-    from recurchat.eval.bpb import evaluate_bpb
-    from recurchat.train.trainer import autocast_context
+    from recurchat.eval.report import write_report
+    from recurchat.eval.sweep import print_table, run_sweep
+    from recurchat.eval.tasks import parse_task_specs
+    from recurchat.infer.exit import ExitCriterion
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    unknown = [t for t in tasks if t != "bpb"]
-    if unknown:
-        raise UserError(f"unknown task(s) {', '.join(unknown)} (available: bpb)")
+    specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    parsed = parse_task_specs(specs)  # bad names fail before the model loads
     depths = parse_depths(args.recur)
+    exits = [e.strip() for e in (args.exit or "").split(",") if e.strip()]
+    for spec in exits:
+        ExitCriterion.parse(spec)
     ckpt, model = load_model(args.ckpt, args.device)
-    cfg = ckpt.model_cfg
-    if not cfg.recursive:
-        depths = [1]
+    cfg, tok = ckpt.model_cfg, ckpt.tokenizer
     too_deep = [r for r in depths if r > cfg.r_max]
-    if too_deep:
+    if too_deep and cfg.recursive:
         print(f"note: r = {too_deep} exceed the trained r_max = {cfg.r_max}; evaluating anyway", file=sys.stderr)
-    data_path = args.data if args.data is not None else (ckpt.train_cfg.data or None)
-    data = prepare_data(data_path, cfg.vocab_size, tokenizer=ckpt.tokenizer,
-                        log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-    device = next(model.parameters()).device
-    autocast = autocast_context(device, args.dtype)
+    val = None
+    if any(s.kind == "bpb" for s in parsed):
+        # an SFT checkpoint's data is conversations; its held-out text is the embedded corpus unless --data says
+        own = ckpt.train_cfg.data if ckpt.train_cfg.stage == "pretrain" else ""
+        own = "" if own.startswith("builtin:") else own
+        data_path = args.data if args.data is not None else (own or None)
+        val = prepare_data(data_path, cfg.vocab_size, tokenizer=tok,
+                           log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val
     eval_tokens = args.eval_tokens or ckpt.train_cfg.eval_tokens
-    bpb = {}
-    for r in depths:
-        bpb[str(r)] = evaluate_bpb(model, data.val, ckpt.tokenizer.token_bytes(), args.batch_size, cfg.seq_len,
-                                   eval_tokens, num_recur=r, autocast=autocast)
-    print(f"{'r':>12}  {'val bpb':>8}")
-    for r, v in bpb.items():
-        print(f"{r:>12}  {v:8.4f}")
-    result = {"bpb": bpb, "params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
-              "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)}
-    if args.exit:
-        from recurchat.eval.bpb import evaluate_bpb_exit
-        from recurchat.infer.engine import Engine, RecurParams
-
-        engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
-        result["exit"] = {}
-        for spec in args.exit.split(","):
-            recur = RecurParams(exit=spec, max_recur=args.max_recur or cfg.r_max, kv=args.kv)
-            v, mean_r = evaluate_bpb_exit(engine, data.val, ckpt.tokenizer.token_bytes(), args.batch_size,
-                                          cfg.seq_len, eval_tokens, recur)
-            result["exit"][spec] = {"bpb": v, "mean_recursions": mean_r}
-            print(f"{spec:>12}  {v:8.4f}  (mean recursions per token {mean_r:.2f})")
+    result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=args.limit, seed=args.seed,
+                       max_recur=args.max_recur, progress=not args.quiet, batch_size=args.batch_size,
+                       bpb_tokens=eval_tokens, kv=args.kv, autocast_dtype=torch_dtype(args.dtype),
+                       max_tokens=args.max_tokens)
+    if "bpb" in result.get("tasks", {}):
+        result["bpb"] = result["tasks"]["bpb"]
+    result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
+                   "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)})
+    print(print_table(result))
     if args.json:
         write_json(args.json, result)
+    if args.report:
+        baseline = None
+        if args.baseline:
+            try:
+                baseline = json.loads(Path(args.baseline).read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise UserError(f"--baseline {args.baseline}: cannot read JSON ({e})") from None
+        path = write_report(result, args.report, title=f"recurchat eval: {ckpt.path}", baseline=baseline)
+        print(f"report: {path}", file=sys.stderr)
     return 0
 
 
@@ -333,12 +334,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
     e.add_argument("--ckpt", required=True)
-    e.add_argument("--tasks", default="bpb")
+    e.add_argument("--tasks", default="bpb",
+                   help="comma list: bpb, hops, arith, parity, arc-easy:PATH, arc-challenge:PATH, mmlu:PATH, "
+                        "hellaswag:PATH, gsm8k:PATH")
     e.add_argument("--recur", default="1,2,4,8")
+    e.add_argument("--limit", type=int, default=200, help="examples per task")
+    e.add_argument("--seed", type=int, default=0, help="seed of the built-in tasks' test streams")
+    e.add_argument("--max-tokens", type=int, default=16, help="generation budget for generative tasks")
+    e.add_argument("--report", default=None, help="write report.md and PNG plots to this directory")
+    e.add_argument("--baseline", default=None, help="a --json result of another model (e.g. the standard twin)")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.add_argument("--json", default=None, help="write results to this file")
     e.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's training data)")
     e.add_argument("--eval-tokens", type=int, default=0, help="tokens of held-out text (default: the checkpoint's)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
     e.add_argument("--device", default="auto")
     e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05")

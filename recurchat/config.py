@@ -12,6 +12,7 @@ from recurchat.errors import UserError
 
 ADAPTERS = ("concat", "add")
 STATE_INITS = ("e", "zeros", "noise")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -100,7 +101,9 @@ class TrainConfig:
     peak_flops: float = 0.0  # 0 = documented default for the device
     data: str = ""  # empty = embedded corpus; for sft: FILE.jsonl or builtin:TASK[,TASK…]
     sft_examples: int = 2000  # builtin SFT tasks: training conversations per task
+    stage: str = "pretrain"  # pretrain | sft (set by `recurchat sft`)
     wandb: str = ""  # project name; empty = off
+    parallel: str = "ddp"  # under torchrun: ddp (replicas) | fsdp (FSDP2, sharded weights and optimizer state)
 
     def validate(self) -> "TrainConfig":
         if self.bptt_k < 1:
@@ -111,6 +114,8 @@ class TrainConfig:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
         if self.dtype not in ("bf16", "fp32"):
             raise UserError(f"unknown dtype {self.dtype!r} (bf16 | fp32)")
+        if self.parallel not in PARALLEL_MODES:
+            raise UserError(f"unknown parallel mode {self.parallel!r} ({' | '.join(PARALLEL_MODES)})")
         return self
 
 

@@ -31,12 +31,14 @@ from tqdm import tqdm
 
 from recurchat.data.tasks import get_task, stream
 from recurchat.data.tasks.benchmarks import load_benchmark
+from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
 from recurchat.eval.tasks import (TaskSpec, centered, eval_generative, mc_chance, parse_task_specs,
                                   score_mc)
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
+from recurchat.model.recurrent import RecurrentLM
 
 # A worked GSM8K solution runs far past the few tokens a procedural answer needs; 16 would cut nearly all of them.
 GSM8K_MAX_TOKENS = 128
@@ -71,7 +73,7 @@ def _by_difficulty(results: list[dict]) -> dict[str, dict[str, float]]:
             for d, rs in sorted(groups.items())}
 
 
-def run_sweep(model, tokenizer, val_tokens: np.ndarray | None, token_bytes: torch.Tensor | None,
+def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray | None, token_bytes: torch.Tensor | None,
               specs: Sequence[str], depths: Sequence[int], exits: Sequence[str], limit: int, seed: int = 0,
               max_recur: int | None = None, progress: bool = True, *, batch_size: int = 16,
               bpb_tokens: int | None = None, mc_mode: str = "loglik", max_tokens: int = 16, kv: str = "full",
@@ -85,10 +87,10 @@ def run_sweep(model, tokenizer, val_tokens: np.ndarray | None, token_bytes: torc
     parsed = parse_task_specs(specs)
     if limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}")
-    depths = [int(r) for r in depths]
+    depths = list(dict.fromkeys(int(r) for r in depths))  # a repeated depth would be evaluated twice
     if not depths or any(r < 1 for r in depths):
         raise UserError(f"recursion depths must be >= 1, got {depths}")
-    exits = [e for e in exits if e]
+    exits = list(dict.fromkeys(e.strip() for e in exits if e.strip()))
     for spec in exits:
         ExitCriterion.parse(spec)  # a typo fails before minutes of evaluation, not after
     notes: list[str] = []
@@ -133,7 +135,7 @@ def run_sweep(model, tokenizer, val_tokens: np.ndarray | None, token_bytes: torc
                            engine=engine if adaptive else None, recur=recur if adaptive else None,
                            autocast_dtype=autocast_dtype)
         else:
-            n_tokens = GSM8K_MAX_TOKENS if spec.kind == "gen" else max_tokens
+            n_tokens = max(GSM8K_MAX_TOKENS, max_tokens) if spec.kind == "gen" else max_tokens
             out = eval_generative(engine, tokenizer, data[spec.name][0], recur, n_tokens, batch_size)
         cache[key] = out
         return out

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +27,10 @@ from recurchat.data.tasks import get_task
 from recurchat.data.tasks.base import Example
 from recurchat.data.tasks.benchmarks import BENCHMARKS, LETTERS, GenQuestion, MCQuestion, mc_prompt
 from recurchat.data.tasks.registry import REGISTRY
+from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.model.recurrent import RecurrentLM
 
 GENERATIVE_BENCHMARKS = ("gsm8k",)
 MC_MODES = ("loglik", "letter")
@@ -114,25 +116,27 @@ def number_matches(text: str, answer: str) -> bool:
         return False
 
 
-def prompt_and_check(example: Example | GenQuestion):
+def prompt_and_check(example: Example | GenQuestion) -> tuple[str, Callable[[str], bool], int | None]:
+    """(user message, correctness check on the model's output text, difficulty or None) for one example."""
     if isinstance(example, GenQuestion):
         return example.question, lambda text: number_matches(text, example.answer), None
     task = get_task(example.task)
     return example.prompt, lambda text: bool(task.check(text, example)), example.difficulty
 
 
-def eval_generative(engine: Engine, tokenizer, examples: Sequence[Example | GenQuestion], recur: RecurParams,
+def eval_generative(engine: Engine, tokenizer: Tokenizer, examples: Sequence[Example | GenQuestion], recur: RecurParams,
                     max_tokens: int = 16, batch_size: int = 16) -> list[dict]:
     """Greedy answers in the SFT chat format, one dict per example (in input order):
     {"correct", "difficulty" (None for GSM8K), "mean_depth", "depths", "output"}.
 
     `depths` holds the recursion depth of every decided token, the closing <|assistant_end|> included (its
-    compute was spent); the first token's depth is the prefill depth. Prompts longer than the context are cropped
-    from the left, keeping the question's end and <|assistant_start|>.
+    compute was spent); the first token's depth is the prefill depth. A prompt that would leave fewer than
+    `max_tokens` positions (or half the context, whichever is less) for the answer is cropped from the left,
+    keeping the question's end and <|assistant_start|>.
     """
     stop_ids = (tokenizer.special_id("assistant_end"), tokenizer.bos_id)
     sampling = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_ids=stop_ids, seed=0)
-    room = max(1, engine.cfg.seq_len - max_tokens)
+    room = min(engine.cfg.seq_len - 1, max(engine.cfg.seq_len // 2, engine.cfg.seq_len - max_tokens))
     prepared = []
     for ex in examples:
         text, check, difficulty = prompt_and_check(ex)
@@ -184,7 +188,7 @@ class _Row:
     n_scored: int  # how many trailing tokens are the continuation
 
 
-def _rows(tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[_Row]:
+def _rows(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[_Row]:
     # Context and continuation are encoded separately, so the continuation's tokens are the same whatever
     # precedes them; BOS first because pretraining documents start with it.
     contexts = tokenizer.encode_batch([c for c, _ in pairs])
@@ -212,8 +216,9 @@ def _batches(rows: list[_Row], batch_size: int, pad_id: int):
         yield chunk, x, y
 
 
-def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], num_recur: int | None = None,
-                          batch_size: int = 32, engine: Engine | None = None, recur: RecurParams | None = None,
+def continuation_logprobs(model: RecurrentLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
+                          num_recur: int | None = None, batch_size: int = 32, engine: Engine | None = None,
+                          recur: RecurParams | None = None,
                           autocast_dtype: torch.dtype | None = None) -> list[tuple[float, float]]:
     """For each (context, continuation): (summed log-prob of the continuation's tokens, mean depth over them).
 
@@ -245,7 +250,8 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], nu
     return out
 
 
-def _letter_logprobs(model, tokenizer, questions: Sequence[MCQuestion], num_recur: int | None, batch_size: int,
+def _letter_logprobs(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQuestion],
+                     num_recur: int | None, batch_size: int,
                      autocast_dtype: torch.dtype | None) -> list[list[float]] | None:
     """One forward per question, log-probs of the " A"/" B"/… tokens at the last position; None when a letter is
     not a single token in this vocabulary (the caller then scores " A" etc. as ordinary continuations)."""
@@ -278,8 +284,8 @@ def _letter_logprobs(model, tokenizer, questions: Sequence[MCQuestion], num_recu
     return out
 
 
-def score_mc(model, tokenizer, questions: Sequence[MCQuestion], num_recur: int | None, mode: str = "loglik",
-             batch_size: int = 32, engine: Engine | None = None, recur: RecurParams | None = None,
+def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQuestion], num_recur: int | None,
+             mode: str = "loglik", batch_size: int = 32, engine: Engine | None = None, recur: RecurParams | None = None,
              autocast_dtype: torch.dtype | None = None) -> list[dict]:
     """One dict per question: {"correct", "correct_norm", "pred", "pred_norm", "label", "logprobs",
     "mean_depth", "subject"}; see the module docstring for the two modes. Pass `engine` and `recur` (with an exit

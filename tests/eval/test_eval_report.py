@@ -99,7 +99,8 @@ def test_sweep_json_layout(sweep):
     assert sweep["chance"] == {"hops": 0.0, "arc-easy": pytest.approx(ARC_CHANCE)}
     assert list(sweep["centered_mean"]) == ["1", "2", "latent:1e9"]
     for setting, value in sweep["centered_mean"].items():
-        accs = entry["acc"] if setting == "latent:1e9" else {n: sweep["tasks"][n][setting] for n in ("hops", "arc-easy")}
+        accs = (entry["acc"] if setting == "latent:1e9" else
+                {n: sweep["tasks"][n][setting] for n in ("hops", "arc-easy")})
         assert value == pytest.approx(sum(centered(a, sweep["chance"][n]) for n, a in accs.items()) / 2)
     assert set(sweep["acc_norm"]) == {"arc-easy"} and list(sweep["acc_norm"]["arc-easy"]) == ["1", "2", "latent:1e9"]
     assert sweep["params"] == random_model(CFG).num_params()["total"]

@@ -158,7 +158,7 @@ def test_letter_mode_matches_scoring_the_letters_as_continuations(model, tokeniz
     for q, r in zip(questions, results):
         expected = continuation_logprobs(model, tokenizer, [(mc_prompt(q), f" {c}") for c in "ABCD"], num_recur=2)
         assert r["logprobs"] == pytest.approx([lp for lp, _ in expected], abs=1e-4)
-        assert r["pred"] == r["pred_norm"]  # every letter is one byte-length apart from nothing: same pick
+        assert r["pred"] == r["pred_norm"]  # " A", " B", … are equally long, so normalising changes nothing
     with pytest.raises(UserError, match="unknown multiple-choice mode"):
         score_mc(model, tokenizer, questions, 2, mode="guess")
 
