@@ -12,12 +12,12 @@ becomes a special token. Exercised by `pytest tests/data/test_chat.py`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from recurchat.data.readers import jsonl_records
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 
@@ -89,19 +89,8 @@ def load_conversations(path: str | Path, require_assistant: bool = True) -> list
     path = Path(path).expanduser()
     if not path.is_file():
         raise UserError(f"conversation file not found: {path}")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text (bad byte at offset {e.start})") from e
     conversations = []
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from e
+    for lineno, record in jsonl_records(path):
         if not isinstance(record, dict) or "messages" not in record:
             raise UserError(f"{path}:{lineno}: missing field 'messages'")
         try:

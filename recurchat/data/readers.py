@@ -7,6 +7,7 @@ Exercised by `pytest tests/data/test_corpus.py`.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from recurchat.errors import UserError
@@ -20,21 +21,26 @@ def data_files(path: str | Path) -> list[Path]:
     if not path.exists():
         raise UserError(f"data path not found: {path}")
     if path.is_dir():
-        # Hidden files/dirs are editor and VCS droppings (.git, .DS_Store), never shards.
-        files = sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix.lower() in SUPPORTED_EXTENSIONS
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        )
-        if not files:
-            raise UserError(f"no {'/'.join(SUPPORTED_EXTENSIONS)} files under directory {path}")
-        return files
+        return shard_files(path, SUPPORTED_EXTENSIONS)
     if path.suffix.lower() not in SUPPORTED_EXTENSIONS:
         raise UserError(f"unsupported data file extension {path.suffix or '(none)'!r}: {path} "
                         f"(expected {', '.join(SUPPORTED_EXTENSIONS)} or a directory of them)")
     return [path]
+
+
+def shard_files(directory: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Every file under `directory` (recursive, sorted) with one of `suffixes`; UserError if there is none."""
+    # Hidden files/dirs are editor and VCS droppings (.git, .DS_Store), never shards.
+    files = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in suffixes
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )
+    if not files:
+        raise UserError(f"no {'/'.join(suffixes)} files under directory {directory}")
+    return files
 
 
 def data_identity(path: str | Path) -> dict:
@@ -77,8 +83,8 @@ def _read_text(file: Path) -> str:
         raise UserError(f"{file}: not UTF-8 text (bad byte at offset {e.start})") from e
 
 
-def _read_jsonl(file: Path) -> list[str]:
-    docs = []
+def jsonl_records(file: Path) -> Iterator[tuple[int, object]]:
+    """(line number, JSON value) for each non-blank line of a UTF-8 JSONL file; UserError names file:line."""
     # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut.
     for lineno, line in enumerate(_read_text(file).split("\n"), start=1):
         if not line.strip():
@@ -87,6 +93,12 @@ def _read_jsonl(file: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{file}:{lineno}: malformed JSON line ({e.msg})") from e
+        yield lineno, record
+
+
+def _read_jsonl(file: Path) -> list[str]:
+    docs = []
+    for lineno, record in jsonl_records(file):
         if not isinstance(record, dict) or "text" not in record:
             raise UserError(f"{file}:{lineno}: missing field 'text'")
         text = record["text"]

@@ -14,6 +14,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from recurchat.data.readers import jsonl_records, shard_files
 from recurchat.errors import UserError
 
 FILE_SUFFIXES = (".jsonl", ".parquet", ".arrow")
@@ -52,19 +53,8 @@ def _read_file(file: Path) -> list[Record]:
 
 
 def _read_jsonl(file: Path) -> list[Record]:
-    try:
-        text = file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{file}: not UTF-8 text (bad byte at offset {e.start})") from e
     records = []
-    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() would cut.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{file}:{lineno}: malformed JSON line ({e.msg})") from e
+    for lineno, record in jsonl_records(file):
         if not isinstance(record, dict):
             raise UserError(f"{file}:{lineno}: expected a JSON object, got {type(record).__name__}")
         records.append((f"{file}:{lineno}", record))
@@ -144,16 +134,7 @@ def _pick_split_dir(directory: Path, prefer: Sequence[str]) -> Path:
 
 
 def _shards(directory: Path, prefer: Sequence[str]) -> list[Path]:
-    # Hidden files/dirs are editor and VCS droppings (.git, .cache), never shards.
-    files = sorted(
-        p
-        for p in directory.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FILE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
-    )
-    if not files:
-        raise UserError(f"no {'/'.join(FILE_SUFFIXES)} files under directory {directory}")
+    files = shard_files(directory, FILE_SUFFIXES)
     # Hub snapshots name shards by split ("test-00000-of-00001.parquet", "validation.jsonl"); mixing splits
     # would leak training rows into an evaluation, so read one split when names say which is which.
     by_split: dict[str, list[Path]] = {}
