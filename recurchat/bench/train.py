@@ -12,7 +12,6 @@ Medians over the timed steps; the machine may be noisy, so compare ratios, not a
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 
