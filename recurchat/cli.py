@@ -6,6 +6,7 @@
     recurchat sample --ckpt runs/tiny -p "In the beginning"
     recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "Hello"
     recurchat tokenizer train --data corpus.txt --vocab-size 4096 --out tok.json
+    recurchat serve --ckpt runs/tiny-sft --port 8000
     recurchat bench train --json bench.json
 
 A UserError (bad input) prints one line `error: ...` and exits 2; nothing is overwritten.
@@ -285,6 +286,14 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recurchat.infer.server import serve_main
+
+    serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+               queue_size=args.queue_size, device=args.device)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     get_preset(args.preset)
     if args.what == "train":
@@ -381,6 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-p", "--prompt", default=None, help="one-shot: answer this and exit")
     c.add_argument("--system", default="", help="system message")
     c.set_defaults(func=cmd_chat)
+
+    v = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat (binds 127.0.0.1 by default)")
+    v.add_argument("--ckpt", required=True)
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    v.add_argument("--max-batch", type=int, default=8, help="requests merged into one decode batch")
+    v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
+    v.add_argument("--device", default="auto")
+    v.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")

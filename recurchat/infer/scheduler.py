@@ -1,0 +1,187 @@
+"""One worker thread owns the Engine; HTTP handlers submit jobs and read their tokens from asyncio queues.
+
+    pytest tests/infer/test_server.py      (the server drives this; `recurchat serve --ckpt DIR` in production)
+
+- torch modules and the engine's KV cache are not safe to drive from several threads at once, so exactly one
+  thread calls `Engine.stream`; the event loop never blocks on the model.
+- Waiting jobs sit in a bounded list (full → `QueueFull`, which the server turns into HTTP 429). The worker takes
+  the oldest job plus every waiting job with the same batch key (recursion params + KV strategy: one
+  `Engine.stream` call runs one depth plan and one cache layout), up to `max_batch` rows, each row keeping its
+  own SamplingParams.
+- Events go back to the job's asyncio queue through `loop.call_soon_threadsafe` (asyncio queues are not
+  thread-safe). A job marked cancelled (client gone, or a stop string matched) makes the engine's
+  `cancelled(row)` true at the next step, so its row leaves the batch and its compute stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from recurchat.infer.engine import Engine, Event, RecurParams, SamplingParams
+
+
+class QueueFull(Exception):
+    """Too many jobs are already waiting for the engine."""
+
+
+class SchedulerClosed(Exception):
+    """The scheduler was shut down before this job could finish."""
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Job:
+    """One request's generation: its prompt and parameters in, an asyncio queue of Events (or an error) out."""
+
+    prompt: list[int]
+    sampling: SamplingParams
+    recur: RecurParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    id: int = field(default_factory=lambda: next(_ids))
+    cancel_reason: str | None = None  # set from the event loop, read by the worker: a plain attribute is enough
+    done: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return dataclasses.astuple(self.recur)
+
+    def cancel(self, reason: str) -> None:
+        """Ask the worker to drop this job (first reason wins); a finished job ignores it."""
+        if not self.done and self.cancel_reason is None:
+            self.cancel_reason = reason
+
+    def _post(self, item: Event | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the loop is closed: the server is shutting down and nobody is listening
+            pass
+
+
+class Scheduler:
+    """Bounded queue + one engine thread that batches compatible jobs; `stats()` backs GET /health."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, queue_size: int = 64, batch_window_s: float = 0.005):
+        if max_batch < 1 or queue_size < 1:
+            raise ValueError("max_batch and queue_size must be >= 1")
+        self.engine = engine
+        self.max_batch, self.queue_size, self.batch_window_s = max_batch, queue_size, batch_window_s
+        self._pending: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._running: list[Job] = []
+        self._thread: threading.Thread | None = None
+        self._stats = dict(submitted=0, rejected=0, completed=0, cancelled=0, stopped=0, failed=0, batches=0,
+                           tokens=0, busy_s=0.0)
+
+    # -- event-loop side ------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="recurchat-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: list[int], sampling: SamplingParams, recur: RecurParams) -> Job:
+        """Queue a job; call from the event loop (its queue belongs to that loop). Raises QueueFull."""
+        job = Job(prompt, sampling, recur, asyncio.get_running_loop())
+        with self._cond:
+            if self._closed:
+                raise SchedulerClosed("the server is shutting down")
+            if len(self._pending) >= self.queue_size:
+                self._stats["rejected"] += 1
+                raise QueueFull(f"{len(self._pending)} requests are already waiting (queue size {self.queue_size})")
+            self._pending.append(job)
+            self._stats["submitted"] += 1
+            self._cond.notify()
+        return job
+
+    def stats(self) -> dict:
+        with self._cond:
+            return dict(self._stats, queued=len(self._pending), running=len(self._running),
+                        max_batch=self.max_batch, queue_size=self.queue_size)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop taking jobs, cut the running batch short, fail the waiting jobs, join the worker."""
+        with self._cond:
+            self._closed = True
+            waiting = list(self._pending)
+            self._pending.clear()
+            for job in self._running:
+                job.cancel("shutdown")
+            self._cond.notify_all()
+        for job in waiting:
+            job._post(SchedulerClosed("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- worker side ----------------------------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[Job] | None:
+        with self._cond:
+            while not self._pending and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+        if self.batch_window_s > 0:  # requests fired together arrive a few ms apart: let them share a batch
+            time.sleep(self.batch_window_s)
+        with self._cond:
+            if self._closed or not self._pending:  # close() emptied the queue while we waited
+                return None if self._closed else []
+            first = self._pending.popleft()
+            batch, rest = [first], deque()
+            while self._pending:
+                job = self._pending.popleft()
+                (batch if len(batch) < self.max_batch and job.key == first.key else rest).append(job)
+            self._pending = rest
+            live = [j for j in batch if j.cancel_reason is None]
+            self._stats["cancelled"] += len(batch) - len(live)  # gone before they started: never cost a step
+            self._running = live
+        for job in batch:
+            if job.cancel_reason is not None and job not in live:
+                job.done = True
+                job._post(Event(0, -1, 0, "cancelled"))  # whoever still awaits the job learns it is over
+        return live
+
+    def _work(self) -> None:
+        while (batch := self._next_batch()) is not None:
+            if batch:
+                self._run(batch)
+
+    def _run(self, batch: list[Job]) -> None:
+        t0 = time.perf_counter()
+        open_rows = set(range(len(batch)))
+        tokens = 0
+        try:
+            stream = self.engine.stream([j.prompt for j in batch], [j.sampling for j in batch], batch[0].recur,
+                                        cancelled=lambda row: batch[row].cancel_reason is not None)
+            for events in stream:
+                for ev in events:
+                    job = batch[ev.row]
+                    tokens += 1
+                    if ev.finish_reason is not None:
+                        open_rows.discard(ev.row)
+                        job.done = True
+                        key = {"cancelled": "stopped" if job.cancel_reason == "stop" else "cancelled"}.get(
+                            ev.finish_reason, "completed")
+                        with self._cond:
+                            self._stats[key] += 1
+                    job._post(ev)
+        except Exception as e:  # a bug or a bad input the server did not catch: fail these jobs, keep serving
+            for row in open_rows:
+                batch[row].done = True
+                batch[row]._post(e)
+            with self._cond:
+                self._stats["failed"] += len(open_rows)
+        finally:
+            with self._cond:
+                self._running = []
+                self._stats["batches"] += 1
+                self._stats["tokens"] += tokens
+                self._stats["busy_s"] += time.perf_counter() - t0

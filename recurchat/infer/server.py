@@ -1,0 +1,620 @@
+"""OpenAI-compatible HTTP API for a recursive checkpoint, plus the static chat page under infer/web/.
+
+    recurchat serve --ckpt runs/tiny-sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    pytest tests/infer/test_server.py tests/infer/test_web.py
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON or SSE with `"stream": true`), GET /v1/models,
+GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields a request may carry
+`recursion` ({"num_recur": 4} or {"exit": "kl:1e-3", "max_recur": 16}), `kv_strategy` ("full" | "last" | "ring:K"),
+`top_k` and `return_depths`; `usage` always adds `mean_depth` and `max_depth`.
+
+Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
+is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import pydantic
+import torch
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from recurchat.data.chat import render_prompt
+from recurchat.errors import UserError
+from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.exit import ExitCriterion
+from recurchat.infer.kv_cache import iteration_slots
+from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+from recurchat.model.recurrent import RecurrentLM
+from recurchat.train.checkpoint import Checkpoint
+
+WEB_DIR = Path(__file__).parent / "web"
+ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
+
+# -- errors ---------------------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An HTTP error with OpenAI's body; raised anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+    async def __call__(self, scope, receive, send) -> None:  # also a tiny ASGI app, for middleware to answer with
+        await self.response()(scope, receive, send)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names union members in error locations ("prompt.list[int].0"); clients know only field names
+    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
+
+
+def _param(loc: tuple | list) -> str | None:
+    return ".".join(str(p) for p in loc if p != "body" and not _is_union_tag(p)) or None
+
+
+def _validation_error(errors: list[dict]) -> ApiError:
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
+                        code="invalid_json")
+    loc = tuple(p for p in e.get("loc", ()) if p != "body")
+    tag = next((i for i, p in enumerate(loc) if _is_union_tag(p)), None)
+    if tag is None:
+        group = [e]
+    else:  # a value that fits no member of a union fails once per member: say every way it could be right
+        group = [x for x in errors if tuple(p for p in x.get("loc", ()) if p != "body")[:tag] == loc[:tag]]
+    where = _param(loc if tag is None else loc[:tag])
+    msgs = dict.fromkeys(f"{_param(x.get('loc', ())) or 'body'}: {x.get('msg')}" for x in group)
+    return ApiError(400, "; or ".join(msgs), param=where, code="invalid_value" if where else "invalid_request")
+
+
+# -- request bodies -------------------------------------------------------------------------------------------------
+
+# strict: "0.5" is not a temperature and true is not an n; unknown OpenAI fields (user, logprobs…) are ignored.
+STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+StopString = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Recursion(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # our own field: typos are loud
+
+    num_recur: int | None = Field(None, ge=1)
+    exit: str | None = Field(None, min_length=1, max_length=64)
+    max_recur: int | None = Field(None, ge=1)
+    min_recur: int | None = Field(None, ge=1)
+    warm_start: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class Common(BaseModel):
+    model_config = STRICT
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    recursion: Recursion | None = None
+    kv_strategy: str | None = Field(None, min_length=1, max_length=32)
+    return_depths: bool | None = False
+
+
+class ChatRequest(Common):
+    messages: list[Message] = Field(min_length=1, max_length=1024)
+
+
+class CompletionRequest(Common):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
+
+
+async def _parse(request: Request, cls: type[BaseModel]) -> Any:
+    """JSON whatever the Content-Type (curl -d sends form-urlencoded), then strict pydantic validation."""
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"the body must be a JSON object, not {type(data).__name__}", code="invalid_json")
+    try:
+        return cls.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise _validation_error(e.errors(include_url=False)) from None
+
+
+# -- detokenizing with stop strings -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TextStream:
+    """Token ids → text increments for one reply: whole UTF-8 characters only, cut before the first stop string.
+
+    Text that could still grow into a stop string is held back, so a streamed reply never shows part of one.
+    """
+
+    decode: Callable[[list[int]], str]
+    stops: list[str]
+    text: str = ""  # committed text (tokens whose bytes formed whole characters)
+    tail: list[int] = field(default_factory=list)  # tokens that may end mid-character
+    sent: int = 0  # characters of `text` handed out
+    depths: list[int] = field(default_factory=list)  # every token taken, for usage
+    unsent_depths: list[int] = field(default_factory=list)
+    stopped: bool = False
+
+    def push(self, token: int, depth: int) -> tuple[str, list[int]]:
+        self.depths.append(depth)
+        self.unsent_depths.append(depth)
+        self.tail.append(token)
+        piece = self.decode(self.tail)
+        if not piece.endswith("\ufffd") or len(self.tail) >= 4:  # 4 bytes is the longest UTF-8 character
+            self.text, self.tail = self.text + piece, []
+        cut = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.tail, self.stopped = self.text[:cut], [], True
+            return self._emit(cut, force=True)
+        safe = len(self.text)
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
+                if self.text.endswith(s[:k]):
+                    safe = min(safe, len(self.text) - k)
+                    break
+        return self._emit(safe)
+
+    def flush(self) -> tuple[str, list[int]]:
+        if self.tail:
+            self.text, self.tail = self.text + self.decode(self.tail), []
+        return self._emit(len(self.text), force=True)
+
+    def _emit(self, upto: int, force: bool = False) -> tuple[str, list[int]]:
+        if upto <= self.sent and not force:
+            return "", []
+        out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
+        depths, self.unsent_depths = self.unsent_depths, []
+        return out, depths
+
+    def usage(self, prompt_tokens: int) -> dict:
+        d = self.depths
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": len(d), "total_tokens": prompt_tokens + len(d),
+                "mean_depth": round(sum(d) / len(d), 4) if d else 0.0, "max_depth": max(d, default=0)}
+
+
+async def _pieces(job: Job, ts: TextStream) -> AsyncIterator[tuple[str, list[int], str | None]]:
+    """(text, depths of its tokens, finish_reason) from a job's events; the last one has a finish_reason."""
+    while True:
+        ev = await job.events.get()
+        if isinstance(ev, BaseException):
+            raise ev
+        if ev.finish_reason == "cancelled":  # the server is shutting down (a gone client reads nothing)
+            raise SchedulerClosed(f"generation was cancelled ({job.cancel_reason})")
+        text, depths = ("", []) if ev.finish_reason == "stop" else ts.push(ev.token, ev.depth)
+        if ts.stopped:
+            job.cancel("stop")  # the stop string matched: free the engine row now
+            yield text, depths, "stop"
+            return
+        if ev.finish_reason is None:
+            if text:
+                yield text, depths, None
+            continue
+        rest, more = ts.flush()
+        yield text + rest, depths + more, ev.finish_reason
+        return
+
+
+# -- the service ------------------------------------------------------------------------------------------------------
+
+
+class Service:
+    """Everything a request needs: tokenizer, limits, scheduler; turns request bodies into engine jobs."""
+
+    def __init__(self, ckpt: Checkpoint, model: RecurrentLM, name: str, max_batch: int, queue_size: int,
+                 max_recur_limit: int | None):
+        self.tok = ckpt.tokenizer
+        self.cfg = model.cfg
+        self.name = name
+        self.ctx = self.cfg.seq_len
+        self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
+        device = next(model.parameters()).device
+        self.engine = Engine(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size)
+        self.created = int(time.time())
+        self.chat_stops = (self.tok.special_id("assistant_end"), self.tok.bos_id)
+
+    def model_card(self) -> dict:
+        c = self.cfg
+        return {"id": self.name, "object": "model", "created": self.created, "owned_by": "recurchat",
+                "context_length": self.ctx,
+                "recursion": {"recursive": c.recursive, "mean_recur": c.mean_recur, "r_max": c.r_max,
+                              "max_recur_limit": self.recur_limit}}
+
+    def check_model(self, name: str) -> None:
+        if name not in (self.name, ALIAS):
+            raise ApiError(404, f"the model {name!r} does not exist (this server serves {self.name!r})",
+                           param="model", code="model_not_found")
+
+    def chat_prompt(self, body: ChatRequest) -> list[int]:
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.content if isinstance(m.content, str) else "\n".join(p.text for p in m.content)}
+                    for m in body.messages]
+        try:
+            return render_prompt(self.tok, messages)
+        except UserError as e:
+            raise ApiError(400, str(e), param="messages") from None
+
+    def completion_prompt(self, body: CompletionRequest) -> list[int]:
+        p = body.prompt
+        if isinstance(p, list) and isinstance(p[0], int):
+            if not all(0 <= t < self.cfg.vocab_size for t in p):
+                raise ApiError(400, f"prompt token ids must be in [0, {self.cfg.vocab_size})", param="prompt")
+            return list(p)
+        return [self.tok.bos_id] + self.tok.encode(p if isinstance(p, str) else p[0])
+
+    def params(self, body: Common, prompt: list[int], stop_ids: tuple[int, ...]) -> tuple[SamplingParams, RecurParams]:
+        if body.n not in (None, 1):
+            raise ApiError(400, f"n={body.n} is not supported: only n=1", param="n")
+        if len(prompt) >= self.ctx:
+            raise ApiError(400, f"the prompt is {len(prompt)} tokens; this model's context is {self.ctx} tokens",
+                           param="messages" if isinstance(body, ChatRequest) else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        if max_tokens is not None and max_tokens > self.ctx:
+            raise ApiError(400, f"{param}={max_tokens} exceeds the context length {self.ctx}", param=param)
+        sampling = SamplingParams(max_tokens=max_tokens or self.ctx - len(prompt),
+                                  temperature=1.0 if body.temperature is None else body.temperature,
+                                  top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
+                                  seed=body.seed, stop_ids=stop_ids)
+        return sampling, self.recur_params(body.recursion or Recursion(), body.kv_strategy or "full")
+
+    def recur_params(self, r: Recursion, kv: str) -> RecurParams:
+        limit = self.recur_limit
+        if r.num_recur is not None and r.exit:
+            raise ApiError(400, "give recursion.num_recur (fixed depth) or recursion.exit (adaptive), not both",
+                           param="recursion")
+        for name in ("num_recur", "max_recur", "min_recur"):
+            v = getattr(r, name)
+            if v is not None and v > limit:
+                raise ApiError(400, f"recursion.{name}={v} exceeds this server's limit of {limit}",
+                               param=f"recursion.{name}")
+        if r.exit:
+            try:
+                crit = ExitCriterion.parse(r.exit)
+            except UserError as e:
+                raise ApiError(400, str(e), param="recursion.exit") from None
+            if crit.kind == "fixed" and crit.value > limit:
+                raise ApiError(400, f"recursion.exit {r.exit!r} exceeds this server's limit of {limit}",
+                               param="recursion.exit")
+        if r.min_recur is not None and r.min_recur > (r.max_recur or r.num_recur or self.cfg.r_max):
+            raise ApiError(400, "recursion.min_recur exceeds the maximum depth", param="recursion.min_recur")
+        recur = RecurParams(num_recur=r.num_recur, exit=r.exit, min_recur=r.min_recur or 1, max_recur=r.max_recur,
+                            warm_start=r.warm_start, kv=kv)
+        try:
+            iteration_slots(kv, limit)
+        except UserError as e:
+            raise ApiError(400, str(e), param="kv_strategy") from None
+        return recur
+
+    def submit(self, prompt: list[int], sampling: SamplingParams, recur: RecurParams) -> Job:
+        try:
+            return self.scheduler.submit(prompt, sampling, recur)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy: {e}; retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except SchedulerClosed as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+
+
+# -- responses --------------------------------------------------------------------------------------------------------
+
+
+class JobStream(StreamingResponse):
+    """SSE response that cancels its job however it ends (finished, client gone, task cancelled)."""
+
+    def __init__(self, content: AsyncIterator[str], job: Job):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel("disconnect")  # a no-op when the job already finished
+
+
+def _sse(obj: dict | str) -> str:
+    return f"data: {obj if isinstance(obj, str) else json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _watch_disconnect(request: Request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel("disconnect")
+
+
+async def generate(service: Service, request: Request, body: Common, prompt: list[int], stop_ids: tuple[int, ...],
+                   chat: bool) -> JSONResponse | StreamingResponse:
+    """Queue the job, then either stream SSE chunks or wait for the whole reply; `chat` picks the wire shapes."""
+    sampling, recur = service.params(body, prompt, stop_ids)
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    ts = TextStream(service.tok.decode, stops)
+    job = service.submit(prompt, sampling, recur)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": service.name}
+
+    def choice(text: str | None, depths: list[int], finish: str | None, first: bool = False) -> dict:
+        if chat:
+            delta = {} if text is None else ({"role": "assistant", "content": text} if first else {"content": text})
+            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        else:
+            c = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        if body.return_depths:
+            c["depths"] = depths
+        return c
+
+    if body.stream:
+        async def events() -> AsyncIterator[str]:
+            try:
+                if chat:
+                    yield _sse({**head, "choices": [choice("", [], None, first=True)]})
+                async for text, depths, finish in _pieces(job, ts):
+                    if text or depths:  # a token cut away by a stop string still reports its depth
+                        yield _sse({**head, "choices": [choice(text, depths, None)]})
+                    if finish:
+                        yield _sse({**head, "choices": [choice(None, [], finish)], "usage": ts.usage(len(prompt))})
+                if body.stream_options and body.stream_options.include_usage:
+                    yield _sse({**head, "choices": [], "usage": ts.usage(len(prompt))})
+            except Exception as e:  # the headers are sent: report in-band, as OpenAI does
+                err = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {e}", type="server_error")
+                yield _sse(err.body())
+            yield _sse("[DONE]")
+        return JobStream(events(), job)
+
+    watcher = asyncio.create_task(_watch_disconnect(request, job))
+    try:
+        text, finish = "", "length"
+        async for t, _, f in _pieces(job, ts):
+            text, finish = text + t, f or finish
+    except SchedulerClosed as e:
+        raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+    finally:
+        watcher.cancel()
+        job.cancel("disconnect")
+    c = choice(text, ts.depths, finish)
+    if chat:
+        c.pop("delta")
+        c = {"index": 0, "message": {"role": "assistant", "content": text}, **c}
+    return JSONResponse({**head, "object": "chat.completion" if chat else "text_completion", "choices": [c],
+                         "usage": ts.usage(len(prompt))})
+
+
+# -- the app ----------------------------------------------------------------------------------------------------------
+
+
+class Gate:
+    """ASGI middleware: API-key check on /v1/*, then a body-size cap (413) enforced while reading, not after."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.api_key and scope["path"].startswith("/v1/"):
+            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
+                await _drain(receive, 16 * self.max_body)
+                return await ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
+                                      code="invalid_api_key")(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return
+            chunks.append(msg.get("body", b""))
+            size += len(chunks[-1])
+            more = msg.get("more_body", False)
+            if size > self.max_body:
+                if more:  # read the rest so the client sees the 413 instead of a reset mid-upload
+                    await _drain(receive, 16 * self.max_body)
+                return await ApiError(413, f"request body exceeds {self.max_body} bytes",
+                                      code="request_too_large")(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # afterwards: the real channel, so disconnects still arrive
+
+        await self.app(scope, replay, send)
+
+
+async def _drain(receive, limit: int) -> None:
+    seen = 0
+    while seen <= limit:
+        msg = await receive()
+        seen += len(msg.get("body", b""))
+        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
+            return
+
+
+def _bundle_name(path: Path) -> str:
+    path = path.resolve()
+    return path.parent.name if path.name == "checkpoint" else path.name
+
+
+def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
+               queue_size: int = 64, device: str = "auto", model_name: str | None = None,
+               max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None) -> FastAPI:
+    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.cli.load_model`."""
+    from recurchat.cli import load_model
+
+    if isinstance(ckpt_path_or_model_bundle, tuple):
+        ckpt, model = ckpt_path_or_model_bundle
+    else:
+        ckpt, model = load_model(str(ckpt_path_or_model_bundle), device)
+    service = Service(ckpt, model, model_name or _bundle_name(Path(ckpt.path)), max_batch, queue_size,
+                      max_recur_limit)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        service.scheduler.start()
+        yield
+        service.scheduler.close()
+
+    app = FastAPI(title="recurchat", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.service = service
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, e: RequestValidationError):
+        return _validation_error(list(e.errors())).response()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def on_json(request: Request, e: json.JSONDecodeError):
+        return ApiError(400, f"malformed JSON body: {e}", code="invalid_json").response()
+
+    @app.exception_handler(UserError)
+    @app.exception_handler(ValueError)
+    async def on_user_error(request: Request, e: Exception):
+        return ApiError(400, str(e)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        body = await _parse(request, ChatRequest)
+        service.check_model(body.model)
+        return await generate(service, request, body, service.chat_prompt(body), service.chat_stops, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _parse(request, CompletionRequest)
+        service.check_model(body.model)
+        return await generate(service, request, body, service.completion_prompt(body), (service.tok.bos_id,),
+                              chat=False)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [service.model_card()]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str):
+        service.check_model(name)
+        return service.model_card()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.name, "scheduler": service.scheduler.stats()}
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
+    # as middleware (not a wrapper) so the result is still a FastAPI app whose .state embedders can reach
+    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    return app
+
+
+# -- running it -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ServerThread:
+    """A uvicorn server on a background thread (tests, notebooks); `stop()` shuts it down."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 15.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> ServerThread:
+    """Serve `app` on a background thread; port 0 picks a free port (read it from `.port`)."""
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, name="recurchat-uvicorn", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    return ServerThread(server, thread, host, bound)
+
+
+def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+               max_batch: int = 8, queue_size: int = 64, device: str = "auto") -> None:
+    """`recurchat serve`: load the checkpoint, serve the API and the chat page until Ctrl-C."""
+    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device)
+    name = app.state.service.name
+    print(f"serving {name!r} on http://{host}:{port}  (chat page at /, API at /v1, health at /health)", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
