@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
     # The seed's setting: (P,R,C) = (2,4,2), r̄ = 4, r_max = 16, k = 4, d = 1280; iso-FLOP twin has 20 layers.
     "gpu-d20": _preset("8×H100-class, hours", dict(vocab_size=65536, d_model=1280, n_head=10, n_kv_head=10,
                        n_prelude=2, n_recur=4, n_coda=2, mean_recur=4, r_max=16, seq_len=2048),
-                       dict(max_steps=20000, batch_size=32, total_batch_tokens=524288, bptt_k=4, warmup_steps=200,
+                       dict(max_steps=20000, batch_size=16, total_batch_tokens=524288, bptt_k=4, warmup_steps=200,
                             eval_every=500, eval_tokens=10 * 524288, lr_embed=0.2, compile=True)),
 }
 

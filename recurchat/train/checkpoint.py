@@ -54,10 +54,9 @@ def resolve(path: str | Path) -> Path:
     raise UserError(f"{path} is not a recurchat checkpoint (no config.json in it or in {path / 'checkpoint'})")
 
 
-def _flatten_optimizers(optimizers) -> tuple[dict[str, torch.Tensor], list[dict]]:
+def _flatten_optimizers(optimizers, states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors, meta = {}, []
-    for i, opt in enumerate(optimizers):
-        sd = opt.state_dict()
+    for i, (opt, sd) in enumerate(zip(optimizers, states)):
         state_meta = {}
         for pid, pstate in sd["state"].items():
             scalars = {}
@@ -72,35 +71,51 @@ def _flatten_optimizers(optimizers) -> tuple[dict[str, torch.Tensor], list[dict]
     return tensors, meta
 
 
-def _unflatten_optimizers(optimizers, tensors: dict[str, torch.Tensor], meta: list[dict]) -> None:
+def _unflatten_optimizers(optimizers, tensors: dict[str, torch.Tensor], meta: list[dict]) -> list[dict]:
     if len(meta) != len(optimizers) or any(m["type"] != type(o).__name__ for m, o in zip(meta, optimizers)):
         raise UserError("checkpoint optimizer state does not match this run's optimizers")
-    for i, (opt, m) in enumerate(zip(optimizers, meta)):
+    states = []
+    for i, m in enumerate(meta):
         state = {}
         for pid, entry in m["state"].items():
             s = dict(entry["scalars"])
             for key in entry["tensors"]:
                 s[key] = tensors[f"{i}.{pid}.{key}"]
             state[int(pid)] = s
-        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+        states.append({"state": state, "param_groups": m["param_groups"]})
+    return states
+
+
+def _load_directly(optimizers, states: list[dict]) -> None:
+    for opt, sd in zip(optimizers, states):
+        opt.load_state_dict(sd)
 
 
 def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
-         tokenizer: Tokenizer, optimizers=None, trainer_state: dict | None = None) -> Path:
-    """Write a checkpoint atomically (temp dir, then rename); returns its path."""
+         tokenizer: Tokenizer, optimizers=None, trainer_state: dict | None = None, *,
+         weights: dict[str, torch.Tensor] | None = None, optimizer_states: list[dict] | None = None) -> Path:
+    """Write a checkpoint atomically (temp dir, then rename); returns its path.
+
+    `weights` / `optimizer_states` replace model.state_dict() / opt.state_dict() when the caller already gathered
+    full tensors (FSDP2 shards both; see train/distributed.py), so the files look the same for any world size.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "state").mkdir(parents=True)
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if weights is None:
+        weights = model.state_dict()
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
     save_file(weights, str(tmp / "model.safetensors"))
     config = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model_cfg),
               "train": dataclasses.asdict(train_cfg)}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(tmp / "tokenizer.json")
     if optimizers is not None and trainer_state is not None:
-        tensors, meta = _flatten_optimizers(optimizers)
+        if optimizer_states is None:
+            optimizer_states = [opt.state_dict() for opt in optimizers]
+        tensors, meta = _flatten_optimizers(optimizers, optimizer_states)
         rng = {"torch_cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["torch_cuda"] = torch.cuda.get_rng_state()
@@ -147,8 +162,12 @@ def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
                         f"unexpected {unexpected[:3]})")
 
 
-def load_train_state(ckpt: Checkpoint, optimizers) -> dict:
-    """Restore optimizer tensors and RNG; return the trainer JSON (step, loader position, ...)."""
+def load_train_state(ckpt: Checkpoint, optimizers, load_optimizers=_load_directly) -> dict:
+    """Restore optimizer tensors and RNG; return the trainer JSON (step, loader position, ...).
+
+    `load_optimizers(optimizers, states)` installs the per-optimizer state dicts (full tensors); the trainer
+    passes one that re-shards them under FSDP2.
+    """
     if not ckpt.has_state():
         raise UserError(f"checkpoint {ckpt.path} has no resumable state (state/trainer.json)")
     try:
@@ -156,7 +175,7 @@ def load_train_state(ckpt: Checkpoint, optimizers) -> dict:
         tensors = load_file(str(ckpt.path / "state" / "optimizer.safetensors"))
     except (json.JSONDecodeError, SafetensorError, OSError, ValueError) as e:
         raise UserError(f"resumable state in {ckpt.path / 'state'} is corrupt ({e})") from None
-    _unflatten_optimizers(optimizers, tensors, state.pop("optimizers"))
+    load_optimizers(optimizers, _unflatten_optimizers(optimizers, tensors, state.pop("optimizers")))
     torch.set_rng_state(tensors["rng.torch_cpu"])
     if "rng.torch_cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.torch_cuda"])

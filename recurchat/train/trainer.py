@@ -4,13 +4,21 @@ Each micro-step draws its recursion depth r from the DepthSampler (seeded by (se
 resumed run repeats), runs truncated BPTT with k = bptt_k, and logs r, loss, lr, tokens/s, FLOPs/token for that r
 and MFU (model/flops.py — the same accounting `recurchat bench` uses).
 
+Under torchrun every rank runs this same loop on its shard of each global batch (train/distributed.py wraps the
+model in DDP or FSDP2): accumulation shrinks with the world size so a step still sees total_batch_tokens, the
+loss is averaged over ranks before logging, every step checks that all ranks drew the same depths and records
+them in out/ranks/rank{N}.jsonl, and rank 0 alone writes metrics and checkpoints.
+
     recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
+    torchrun --standalone --nproc_per_node=2 -m recurchat train --preset cpu-tiny --batch-size 4 --out runs/tiny2 \
+        [--parallel fsdp]
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -36,6 +44,21 @@ def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractCon
     return contextlib.nullcontext()
 
 
+def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
+    """The checkpoint's data position, re-expressed for this run's split of a step into ranks × micro-batches.
+
+    The position is a global row offset, so only the rows per optimizer step must agree. A run that kept
+    --batch-size and changed its world size (accumulation adapting) splits the same rows differently; the loader
+    itself only accepts an unchanged world_size × batch_size, so relabel the split here and let it check the rest
+    (seq_len, data). Beyond the next epoch end the two splits may skip a different handful of leftover rows.
+    """
+    saved = dict(state["loader"])
+    rows_per_step_then = saved.get("global_batch_rows", 0) * int(state.get("grad_accum", 0))
+    if saved.get("global_batch_rows") != global_rows and rows_per_step_then == global_rows * grad_accum:
+        saved["global_batch_rows"] = global_rows
+    return saved
+
+
 def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
     if not model_cfg.recursive:
         return [1]
@@ -51,7 +74,8 @@ def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
 
 def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
           progress: bool = True, init_from: str | Path | None = None, sft_spec: str = "") -> dict:
-    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics.
+    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics
+    (on rank 0; other ranks of a torchrun job return {} so only one copy is printed).
 
     Pretraining reads a token stream (train_cfg.data or the embedded corpus). With `sft_spec` (a JSONL file or
     builtin:TASKS) it trains on rendered conversations with loss on assistant tokens only; `init_from` starts from
@@ -80,16 +104,18 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
     known = ckpt or base
-    if sft_spec:
-        from recurchat.data.sft import build_sft_data
+    # Rank 0 trains the tokenizer and writes the token cache; the others then find both and only read them.
+    with distributed.main_first(dist_info):
+        if sft_spec:
+            from recurchat.data.sft import build_sft_data
 
-        tokenizer = known.tokenizer
-        sft = build_sft_data(sft_spec, tokenizer, model_cfg.seq_len, train_cfg.sft_examples, train_cfg.seed)
-        log(f"sft data {sft.description}")
-    else:
-        data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
-                            tokenizer=known.tokenizer if known is not None else None, log=log)
-        tokenizer = data.tokenizer
+            tokenizer = known.tokenizer
+            sft = build_sft_data(sft_spec, tokenizer, model_cfg.seq_len, train_cfg.sft_examples, train_cfg.seed)
+            log(f"sft data {sft.description}")
+        else:
+            data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
+                                tokenizer=known.tokenizer if known is not None else None, log=log)
+            tokenizer = data.tokenizer
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{model_cfg.vocab_size}")
@@ -97,11 +123,21 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     rows_per_step = train_cfg.total_batch_tokens / (train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size)
     if rows_per_step < 1 or rows_per_step != int(rows_per_step):
         raise UserError(f"total_batch_tokens={train_cfg.total_batch_tokens} is not a multiple of batch_size × seq_len"
-                        f" × world_size = {train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size}")
+                        f" × world_size = {train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size}"
+                        + (f"; with {dist_info.world_size} ranks, lower --batch-size"
+                           if dist_info.distributed and rows_per_step < 1 else ""))
     grad_accum = int(rows_per_step)
 
-    model = RecurrentLM(model_cfg).to(device)
-    optimizers = build_optimizers(model, train_cfg)
+    net = RecurrentLM(model_cfg).to(device)  # the bare model: eval, parameter counts, compile
+    # Weights go in before wrapping (FSDP2 shards whatever the module holds); optimizers are built after it, on
+    # the parameters the wrapper updates (FSDP2 replaces them with sharded DTensors).
+    if base is not None:
+        checkpoint.load_model_weights(net, base)
+        log(f"initialised from {base.path}")
+    if ckpt is not None:
+        checkpoint.load_model_weights(net, ckpt)
+    model = distributed.wrap(net, dist_info, train_cfg.parallel)
+    optimizers = build_optimizers(net, train_cfg)  # parameter names without DDP's "module." prefix
     sampler = DepthSampler(train_cfg.recur_dist, model_cfg.mean_recur, model_cfg.r_max, train_cfg.recur_sigma,
                            train_cfg.seed, int(train_cfg.curriculum_frac * train_cfg.max_steps))
     if sft_spec:
@@ -110,19 +146,16 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     else:
         loader = TokenLoader(data.train, train_cfg.batch_size, model_cfg.seq_len, seed=train_cfg.seed,
                              rank=dist_info.rank, world_size=dist_info.world_size)
-    if base is not None:
-        checkpoint.load_model_weights(model, base)
-        log(f"initialised from {base.path}")
     start_step = 0
     if ckpt is not None:
-        checkpoint.load_model_weights(model, ckpt)
-        state = checkpoint.load_train_state(ckpt, optimizers)
-        loader.load_state_dict(state["loader"])
+        state = checkpoint.load_train_state(
+            ckpt, optimizers, lambda opts, states: distributed.load_optimizer_states(model, opts, states))
+        loader.load_state_dict(resumable_loader_state(state, loader.global_rows, grad_accum))
         start_step = int(state["step"])
         log(f"resumed from {ckpt.path} at step {start_step}")
 
     if train_cfg.compile if train_cfg.compile is not None else device.type == "cuda":
-        model.compile_stages()
+        net.compile_stages()
     autocast = autocast_context(device, train_cfg.dtype)
     peak = train_cfg.peak_flops or default_peak_flops(device, train_cfg.dtype)
     token_bytes = tokenizer.token_bytes()
@@ -130,33 +163,50 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     end_step = train_cfg.max_steps
     if train_cfg.stop_after > 0:
         end_step = min(end_step, start_step + train_cfg.stop_after)
-    params = model.num_params()
+    params = net.num_params()
     if ckpt is None and dist_info.is_main:
         (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (--overwrite) starts a fresh log
+    rank_log = None
+    if dist_info.distributed:
+        # Every rank records its own depths (and local loss): cheap, and the evidence that ranks agree.
+        rank_path = out_dir / "ranks" / f"rank{dist_info.rank}.jsonl"
+        rank_path.parent.mkdir(parents=True, exist_ok=True)
+        rank_log = open(rank_path, "w" if ckpt is None else "a", encoding="utf-8")
     telemetry = Telemetry(out_dir, train_cfg.max_steps, start_step, enabled=dist_info.is_main,
                           wandb_project=train_cfg.wandb, progress=progress,
                           config={"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)})
     log(f"model: {params['total']:,} parameters ({'recursive' if model_cfg.recursive else 'standard'}, "
         f"P/R/C = {model_cfg.n_prelude}/{model_cfg.n_recur}/{model_cfg.n_coda}, r̄ = {model_cfg.mean_recur}); "
-        f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step; device {device}")
+        f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step"
+        + (f" on each of {dist_info.world_size} ranks ({train_cfg.parallel})" if dist_info.distributed else "")
+        + f"; device {device}")
 
     def val_bpb(r: int) -> float:
         if sft_spec:
-            return evaluate_rows_bpb(model, sft.val_x, sft.val_y, token_bytes, train_cfg.batch_size, r, autocast)
-        return evaluate_bpb(model, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
+            return evaluate_rows_bpb(net, sft.val_x, sft.val_y, token_bytes, train_cfg.batch_size, r, autocast)
+        return evaluate_bpb(net, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
                             train_cfg.eval_tokens, num_recur=r, autocast=autocast)
 
     def run_eval(step: int) -> dict:
+        if not distributed.evaluates(model, dist_info):
+            return {"step": step, "val_bpb": {}}
         bpb = {str(r): val_bpb(r) for r in depths}
+        distributed.reset_shards(model)
         record = {"step": step, "val_bpb": bpb}
         telemetry.log(record)
         telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in bpb.items()))
         return record
 
     def save(step: int) -> None:
+        # Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the barrier means no
+        # rank moves on (or exits) before the checkpoint is in place.
+        weights = distributed.model_state(model)
+        opt_states = distributed.optimizer_states(model, optimizers)
         if dist_info.is_main:
-            checkpoint.save(out_dir / "checkpoint", model, model_cfg, train_cfg, tokenizer, optimizers,
-                            {"step": step, "loader": loader.state_dict(), "grad_accum": grad_accum})
+            checkpoint.save(out_dir / "checkpoint", net, model_cfg, train_cfg, tokenizer, optimizers,
+                            {"step": step, "loader": loader.state_dict(), "grad_accum": grad_accum},
+                            weights=weights, optimizer_states=opt_states)
+        distributed.barrier(dist_info)
 
     last: dict = {}
     model.train()
@@ -168,20 +218,28 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         loss_sum = torch.zeros((), device=device)
         flops = 0.0
         n_tokens = 0
-        for r in rs:
+        for i, r in enumerate(rs):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                loss = model(x, y, num_recur=r, bptt_k=train_cfg.bptt_k)
-            (loss / grad_accum).backward()
+            # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
+            # averages over micro-steps, so the update is that of one process seeing the whole global batch.
+            with distributed.gradient_sync(model, enabled=i == len(rs) - 1):
+                with autocast:
+                    loss = model(x, y, num_recur=r, bptt_k=train_cfg.bptt_k)
+                (loss / grad_accum).backward()
             loss_sum += loss.detach()
             flops += flops_per_token(model_cfg, r, train_cfg.bptt_k, seq_len=x.size(1)) * x.numel()
             n_tokens += x.numel()
+        # Gradients are already reduced: identical replicas under DDP, DTensors whose norm is global under FSDP2,
+        # so this is the single-process clip.
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        loss_val = float(loss_sum) / grad_accum
+        loss_val = distributed.mean_loss_checking_depths(loss_sum.double() / grad_accum, rs, dist_info, step + 1)
+        if rank_log is not None:
+            rank_log.write(json.dumps({"step": step + 1, "r": rs, "loss": float(loss_sum) / grad_accum}) + "\n")
+            rank_log.flush()
         if not math.isfinite(loss_val):
             raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
         dt = time.perf_counter() - t0
@@ -189,7 +247,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         tok_s = tokens / dt
         flops *= dist_info.world_size
         last = {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
-                "grad_norm": float(grad_norm), "tok_s": tok_s, "flops_per_token": flops / tokens,
+                "grad_norm": distributed.as_float(grad_norm), "tok_s": tok_s, "flops_per_token": flops / tokens,
                 "mfu": mfu(flops / tokens, tok_s, peak * dist_info.world_size), "dt": dt}
         if (step + 1) % train_cfg.log_every == 0 or step + 1 == end_step:
             telemetry.log(last)
@@ -204,5 +262,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         last["val_bpb"] = run_eval(end_step)["val_bpb"]
         save(end_step)
     telemetry.close()
+    if rank_log is not None:
+        rank_log.close()
     distributed.shutdown()
-    return last
+    return last if dist_info.is_main else {}

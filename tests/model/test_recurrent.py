@@ -8,7 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-from recurchat.config import ModelConfig
 from recurchat.model.layers import norm
 from recurchat.model.recurrent import RecurrentLM
 
