@@ -9,7 +9,8 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 `top_k` and `return_depths`; `usage` always adds `mean_depth` and `max_depth`.
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
-is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py).
+is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
+are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py.
 """
 
 from __future__ import annotations
@@ -21,23 +22,23 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
 
-import pydantic
 import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
+from recurchat.infer.api_schema import (ApiError, ChatRequest, Common, CompletionRequest, Recursion, parse_body,
+                                        validation_error)
+from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.infer.exit import ExitCriterion
 from recurchat.infer.kv_cache import iteration_slots
@@ -47,206 +48,6 @@ from recurchat.train.checkpoint import Checkpoint
 
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
-
-# -- errors ---------------------------------------------------------------------------------------------------------
-
-
-class ApiError(Exception):
-    """An HTTP error with OpenAI's body; raised anywhere in a handler."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-    async def __call__(self, scope, receive, send) -> None:  # also a tiny ASGI app, for middleware to answer with
-        await self.response()(scope, receive, send)
-
-
-def _is_union_tag(part: object) -> bool:
-    # pydantic names union members in error locations ("prompt.list[int].0"); clients know only field names
-    return isinstance(part, str) and ("[" in part or "-" in part or part in ("str", "int", "float", "bool"))
-
-
-def _param(loc: tuple | list) -> str | None:
-    return ".".join(str(p) for p in loc if p != "body" and not _is_union_tag(p)) or None
-
-
-def _validation_error(errors: list[dict]) -> ApiError:
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return ApiError(400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}",
-                        code="invalid_json")
-    loc = tuple(p for p in e.get("loc", ()) if p != "body")
-    tag = next((i for i, p in enumerate(loc) if _is_union_tag(p)), None)
-    if tag is None:
-        group = [e]
-    else:  # a value that fits no member of a union fails once per member: say every way it could be right
-        group = [x for x in errors if tuple(p for p in x.get("loc", ()) if p != "body")[:tag] == loc[:tag]]
-    where = _param(loc if tag is None else loc[:tag])
-    msgs = dict.fromkeys(f"{_param(x.get('loc', ())) or 'body'}: {x.get('msg')}" for x in group)
-    return ApiError(400, "; or ".join(msgs), param=where, code="invalid_value" if where else "invalid_request")
-
-
-# -- request bodies -------------------------------------------------------------------------------------------------
-
-# strict: "0.5" is not a temperature and true is not an n; unknown OpenAI fields (user, logprobs…) are ignored.
-STRICT = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
-StopString = Annotated[str, Field(min_length=1, max_length=256)]
-
-
-class Recursion(BaseModel):
-    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)  # our own field: typos are loud
-
-    num_recur: int | None = Field(None, ge=1)
-    exit: str | None = Field(None, min_length=1, max_length=64)
-    max_recur: int | None = Field(None, ge=1)
-    min_recur: int | None = Field(None, ge=1)
-    warm_start: bool = False
-
-
-class TextPart(BaseModel):
-    model_config = STRICT
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class StreamOptions(BaseModel):
-    model_config = STRICT
-    include_usage: bool = False
-
-
-class Common(BaseModel):
-    model_config = STRICT
-    model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: StopString | Annotated[list[StopString], Field(max_length=4)] | None = None
-    n: int | None = None
-    stream: bool | None = False
-    stream_options: StreamOptions | None = None
-    recursion: Recursion | None = None
-    kv_strategy: str | None = Field(None, min_length=1, max_length=32)
-    return_depths: bool | None = False
-
-
-class ChatRequest(Common):
-    messages: list[Message] = Field(min_length=1, max_length=1024)
-
-
-class CompletionRequest(Common):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | Annotated[list[int], Field(min_length=1)]
-
-
-async def _parse(request: Request, cls: type[BaseModel]) -> Any:
-    """JSON whatever the Content-Type (curl -d sends form-urlencoded), then strict pydantic validation."""
-    raw = await request.body()
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ApiError(400, f"malformed JSON body: {e}", code="invalid_json") from None
-    if not isinstance(data, dict):
-        raise ApiError(400, f"the body must be a JSON object, not {type(data).__name__}", code="invalid_json")
-    try:
-        return cls.model_validate(data)
-    except pydantic.ValidationError as e:
-        raise _validation_error(e.errors(include_url=False)) from None
-
-
-# -- detokenizing with stop strings -----------------------------------------------------------------------------------
-
-
-@dataclass
-class TextStream:
-    """Token ids → text increments for one reply: whole UTF-8 characters only, cut before the first stop string.
-
-    Text that could still grow into a stop string is held back, so a streamed reply never shows part of one.
-    """
-
-    decode: Callable[[list[int]], str]
-    stops: list[str]
-    text: str = ""  # committed text (tokens whose bytes formed whole characters)
-    tail: list[int] = field(default_factory=list)  # tokens that may end mid-character
-    sent: int = 0  # characters of `text` handed out
-    depths: list[int] = field(default_factory=list)  # every token taken, for usage
-    unsent_depths: list[int] = field(default_factory=list)
-    stopped: bool = False
-
-    def push(self, token: int, depth: int) -> tuple[str, list[int]]:
-        self.depths.append(depth)
-        self.unsent_depths.append(depth)
-        self.tail.append(token)
-        piece = self.decode(self.tail)
-        if not piece.endswith("\ufffd") or len(self.tail) >= 4:  # 4 bytes is the longest UTF-8 character
-            self.text, self.tail = self.text + piece, []
-        cut = min((i for s in self.stops if (i := self.text.find(s, self.sent)) >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.tail, self.stopped = self.text[:cut], [], True
-            return self._emit(cut, force=True)
-        safe = len(self.text)
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(self.text) - self.sent), 0, -1):
-                if self.text.endswith(s[:k]):
-                    safe = min(safe, len(self.text) - k)
-                    break
-        return self._emit(safe)
-
-    def flush(self) -> tuple[str, list[int]]:
-        if self.tail:
-            self.text, self.tail = self.text + self.decode(self.tail), []
-        return self._emit(len(self.text), force=True)
-
-    def _emit(self, upto: int, force: bool = False) -> tuple[str, list[int]]:
-        if upto <= self.sent and not force:
-            return "", []
-        out, self.sent = self.text[self.sent:upto], max(self.sent, upto)
-        depths, self.unsent_depths = self.unsent_depths, []
-        return out, depths
-
-    def usage(self, prompt_tokens: int) -> dict:
-        d = self.depths
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": len(d), "total_tokens": prompt_tokens + len(d),
-                "mean_depth": round(sum(d) / len(d), 4) if d else 0.0, "max_depth": max(d, default=0)}
-
-
-async def _pieces(job: Job, ts: TextStream) -> AsyncIterator[tuple[str, list[int], str | None]]:
-    """(text, depths of its tokens, finish_reason) from a job's events; the last one has a finish_reason."""
-    while True:
-        ev = await job.events.get()
-        if isinstance(ev, BaseException):
-            raise ev
-        if ev.finish_reason == "cancelled":  # the server is shutting down (a gone client reads nothing)
-            raise SchedulerClosed(f"generation was cancelled ({job.cancel_reason})")
-        text, depths = ("", []) if ev.finish_reason == "stop" else ts.push(ev.token, ev.depth)
-        if ts.stopped:
-            job.cancel("stop")  # the stop string matched: free the engine row now
-            yield text, depths, "stop"
-            return
-        if ev.finish_reason is None:
-            if text:
-                yield text, depths, None
-            continue
-        rest, more = ts.flush()
-        yield text + rest, depths + more, ev.finish_reason
-        return
-
 
 # -- the service ------------------------------------------------------------------------------------------------------
 
@@ -405,7 +206,7 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
             try:
                 if chat:
                     yield _sse({**head, "choices": [choice("", [], None, first=True)]})
-                async for text, depths, finish in _pieces(job, ts):
+                async for text, depths, finish in text_pieces(job, ts):
                     if text or depths:  # a token cut away by a stop string still reports its depth
                         yield _sse({**head, "choices": [choice(text, depths, None)]})
                     if finish:
@@ -421,7 +222,7 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
     watcher = asyncio.create_task(_watch_disconnect(request, job))
     try:
         text, finish = "", "length"
-        async for t, _, f in _pieces(job, ts):
+        async for t, _, f in text_pieces(job, ts):
             text, finish = text + t, f or finish
     except SchedulerClosed as e:
         raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
@@ -523,7 +324,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
 
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, e: RequestValidationError):
-        return _validation_error(list(e.errors())).response()
+        return validation_error(list(e.errors())).response()
 
     @app.exception_handler(json.JSONDecodeError)
     async def on_json(request: Request, e: json.JSONDecodeError):
@@ -541,13 +342,13 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        body = await _parse(request, ChatRequest)
+        body = await parse_body(request, ChatRequest)
         service.check_model(body.model)
         return await generate(service, request, body, service.chat_prompt(body), service.chat_stops, chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _parse(request, CompletionRequest)
+        body = await parse_body(request, CompletionRequest)
         service.check_model(body.model)
         return await generate(service, request, body, service.completion_prompt(body), (service.tok.bos_id,),
                               chat=False)
