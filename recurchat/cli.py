@@ -115,26 +115,14 @@ def cmd_sft(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_model(ckpt_path: str, device: str = "auto"):
-    import torch
-
-    from recurchat.model.recurrent import RecurrentLM
-    from recurchat.train import checkpoint
-
-    ckpt = checkpoint.load(ckpt_path)
-    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if device == "auto" else device))
-    model = RecurrentLM(ckpt.model_cfg)
-    checkpoint.load_model_weights(model, ckpt)
-    return ckpt, model.to(dev).eval()
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from recurchat.data.corpus import prepare_data
     from recurchat.eval.report import write_report
     from recurchat.eval.sweep import print_table, run_sweep
     from recurchat.eval.tasks import parse_task_specs
+    from recurchat.infer.engine import autocast_dtype
     from recurchat.infer.exit import ExitCriterion
+    from recurchat.train import checkpoint
 
     specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
     parsed = parse_task_specs(specs)  # bad names fail before the model loads
@@ -142,7 +130,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     exits = [e.strip() for e in (args.exit or "").split(",") if e.strip()]
     for spec in exits:
         ExitCriterion.parse(spec)
-    ckpt, model = load_model(args.ckpt, args.device)
+    ckpt, model = checkpoint.load_model(args.ckpt, args.device)
     cfg, tok = ckpt.model_cfg, ckpt.tokenizer
     too_deep = [r for r in depths if r > cfg.r_max]
     if too_deep and cfg.recursive:
@@ -158,7 +146,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_tokens = args.eval_tokens or ckpt.train_cfg.eval_tokens
     result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=args.limit, seed=args.seed,
                        max_recur=args.max_recur, progress=not args.quiet, batch_size=args.batch_size,
-                       bpb_tokens=eval_tokens, kv=args.kv, autocast_dtype=torch_dtype(args.dtype),
+                       bpb_tokens=eval_tokens, kv=args.kv, autocast_dtype=autocast_dtype(args.dtype),
                        max_tokens=args.max_tokens)
     if "bpb" in result.get("tasks", {}):
         result["bpb"] = result["tasks"]["bpb"]
@@ -179,12 +167,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return torch.bfloat16 if name == "bf16" else None
-
-
 def write_json(path: str, obj: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,85 +175,16 @@ def write_json(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
-def recur_params(args: argparse.Namespace):
-    from recurchat.infer.engine import RecurParams
-
-    if args.recur is not None and args.exit:
-        raise UserError("give either --recur (fixed depth) or --exit (adaptive depth), not both")
-    return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
-                       warm_start=args.warm_start)
-
-
-def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...], seed: int):
-    from recurchat.infer.engine import SamplingParams
-
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, seed=seed, stop_ids=stop_ids)
-
-
 def cmd_sample(args: argparse.Namespace) -> int:
-    from recurchat.infer.engine import Engine
+    from recurchat.infer.commands import cmd_sample as run
 
-    ckpt, model = load_model(args.ckpt, args.device)
-    tok = ckpt.tokenizer
-    prompt = [tok.bos_id] + tok.encode(args.prompt)
-    engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
-    prompts = [prompt] * args.num_samples
-    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur_params(args))
-    for g in gens:
-        print(args.prompt + tok.decode(g.tokens))
-        print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
-    return 0
+    return run(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from recurchat.data.chat import render_prompt
-    from recurchat.infer.engine import Engine
+    from recurchat.infer.commands import cmd_chat as run
 
-    ckpt, model = load_model(args.ckpt, args.device)
-    tok = ckpt.tokenizer
-    engine = Engine(model, autocast_dtype=torch_dtype(args.dtype))
-    recur = recur_params(args)
-    stop = (tok.special_id("assistant_end"), tok.bos_id)
-    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
-
-    def reply(text: str, turn: int) -> None:
-        messages.append({"role": "user", "content": text})
-        ids = render_prompt(tok, messages)
-        if len(ids) >= model.cfg.seq_len:
-            raise UserError(f"the conversation is {len(ids)} tokens; the context is {model.cfg.seq_len}")
-        out, depths = [], []
-        printed = ""
-        for events in engine.stream([ids], sampling_params(args, stop, args.seed + turn), recur):
-            ev = events[0]
-            if ev.finish_reason == "stop":
-                break
-            out.append(ev.token)
-            depths.append(ev.depth)
-            text_so_far = tok.decode(out)
-            print(text_so_far[len(printed):], end="", flush=True)
-            printed = text_so_far
-        print()
-        mean = sum(depths) / len(depths) if depths else 0.0
-        print(f"[{len(out)} tokens, mean recursion depth {mean:.2f}]", file=sys.stderr)
-        messages.append({"role": "assistant", "content": printed})
-
-    if args.prompt is not None:
-        reply(args.prompt, 0)
-        return 0
-    print("recurchat chat — empty line or Ctrl-D to quit", file=sys.stderr)
-    turn = 0
-    while True:
-        try:
-            line = input("you> ")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        print("bot> ", end="", flush=True)
-        reply(line, turn)
-        turn += 1
-    return 0
+    return run(args)
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, rep
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print) -> dict:
-    from recurchat.cli import load_model  # the same loading path as every command
+    from recurchat.train.checkpoint import load_model  # the loading path every command uses
 
     if ckpt:
         ck, model = load_model(ckpt)

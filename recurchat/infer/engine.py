@@ -28,6 +28,11 @@ from recurchat.infer.naive import sample_next
 from recurchat.model.recurrent import RecurrentLM
 
 
+def autocast_dtype(name: str) -> torch.dtype | None:
+    """--dtype bf16 → run the engine under bf16 autocast; fp32 → plain fp32."""
+    return torch.bfloat16 if name == "bf16" else None
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 64

@@ -299,8 +299,8 @@ def _bundle_name(path: Path) -> str:
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
                max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None) -> FastAPI:
-    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.cli.load_model`."""
-    from recurchat.cli import load_model
+    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.train.checkpoint.load_model`."""
+    from recurchat.train.checkpoint import load_model
 
     if isinstance(ckpt_path_or_model_bundle, tuple):
         ckpt, model = ckpt_path_or_model_bundle

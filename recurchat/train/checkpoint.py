@@ -162,6 +162,18 @@ def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
                         f"unexpected {unexpected[:3]})")
 
 
+def load_model(path: str | Path, device: str = "auto"):
+    """(Checkpoint, RecurrentLM in eval mode on `device`): the one loading path every command uses."""
+    from recurchat.model.recurrent import RecurrentLM
+
+    ckpt = load(path)
+    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
+                       ("cpu" if device == "auto" else device))
+    model = RecurrentLM(ckpt.model_cfg)
+    load_model_weights(model, ckpt)
+    return ckpt, model.to(dev).eval()
+
+
 def load_train_state(ckpt: Checkpoint, optimizers, load_optimizers=_load_directly) -> dict:
     """Restore optimizer tensors and RNG; return the trainer JSON (step, loader position, ...).
 

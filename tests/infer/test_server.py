@@ -13,7 +13,8 @@ import httpx
 import openai
 import pytest
 
-from recurchat.cli import load_model, main
+from recurchat.cli import main
+from recurchat.train.checkpoint import load_model
 from recurchat.infer.server import create_app, start_in_thread
 
 KEY = "test-key"

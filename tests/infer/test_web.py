@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recurchat.cli import load_model, main
+from recurchat.cli import main
+from recurchat.train.checkpoint import load_model
 from recurchat.infer.server import create_app, start_in_thread
 
 CHROMIUM = "/usr/bin/chromium"

@@ -1,0 +1,89 @@
+"""`recurchat sample` and `recurchat chat`: text generation through the KV-cached engine from the command line.
+
+    recurchat sample --ckpt runs/tiny -p "In the beginning" --exit kl:3e-2
+    recurchat chat --ckpt runs/tiny-sft            # interactive; -p "..." for one shot
+
+Exercised by `pytest tests/infer/test_infer_cli.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recurchat.errors import UserError
+from recurchat.infer.engine import Engine, RecurParams, SamplingParams, autocast_dtype
+from recurchat.train.checkpoint import load_model
+
+
+def recur_params(args: argparse.Namespace):
+    if args.recur is not None and args.exit:
+        raise UserError("give either --recur (fixed depth) or --exit (adaptive depth), not both")
+    return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
+                       warm_start=args.warm_start)
+
+
+def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...], seed: int):
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=seed, stop_ids=stop_ids)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    ckpt, model = load_model(args.ckpt, args.device)
+    tok = ckpt.tokenizer
+    prompt = [tok.bos_id] + tok.encode(args.prompt)
+    engine = Engine(model, autocast_dtype=autocast_dtype(args.dtype))
+    prompts = [prompt] * args.num_samples
+    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur_params(args))
+    for g in gens:
+        print(args.prompt + tok.decode(g.tokens))
+        print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from recurchat.data.chat import render_prompt
+    ckpt, model = load_model(args.ckpt, args.device)
+    tok = ckpt.tokenizer
+    engine = Engine(model, autocast_dtype=autocast_dtype(args.dtype))
+    recur = recur_params(args)
+    stop = (tok.special_id("assistant_end"), tok.bos_id)
+    messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+
+    def reply(text: str, turn: int) -> None:
+        messages.append({"role": "user", "content": text})
+        ids = render_prompt(tok, messages)
+        if len(ids) >= model.cfg.seq_len:
+            raise UserError(f"the conversation is {len(ids)} tokens; the context is {model.cfg.seq_len}")
+        out, depths = [], []
+        printed = ""
+        for events in engine.stream([ids], sampling_params(args, stop, args.seed + turn), recur):
+            ev = events[0]
+            if ev.finish_reason == "stop":
+                break
+            out.append(ev.token)
+            depths.append(ev.depth)
+            text_so_far = tok.decode(out)
+            print(text_so_far[len(printed):], end="", flush=True)
+            printed = text_so_far
+        print()
+        mean = sum(depths) / len(depths) if depths else 0.0
+        print(f"[{len(out)} tokens, mean recursion depth {mean:.2f}]", file=sys.stderr)
+        messages.append({"role": "assistant", "content": printed})
+
+    if args.prompt is not None:
+        reply(args.prompt, 0)
+        return 0
+    print("recurchat chat — empty line or Ctrl-D to quit", file=sys.stderr)
+    turn = 0
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        if not line.strip():
+            break
+        print("bot> ", end="", flush=True)
+        reply(line, turn)
+        turn += 1
+    return 0
