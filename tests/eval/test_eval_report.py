@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from pydoc_data.topics import topics
 
 from recurchat.config import ModelConfig
@@ -22,7 +21,7 @@ from recurchat.errors import UserError
 from recurchat.eval.report import write_report
 from recurchat.eval.sweep import print_table, run_sweep
 from recurchat.eval.tasks import centered
-from recurchat.model.recurrent import RecurrentLM
+from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 ARC = Path(__file__).parents[1] / "fixtures" / "benchmarks" / "arc_easy.jsonl"
 ARC_CHANCE = (1 / 4 + 1 / 4 + 1 / 3 + 1 / 5) / 4  # the fixture has 4-, 4-, 3- and 5-choice questions
@@ -32,33 +31,11 @@ SPECS = ["bpb", "hops", f"arc-easy:{ARC}"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, and two threads on a shared 2-core box spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> Tokenizer:
     texts = [topics[k] for k in sorted(topics)[:8]]
     texts += [e.prompt + " " + e.answer for e in stream(get_task("hops"), "train", 0, 200)]
     return Tokenizer.train(texts, 300)
-
-
-def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
-    """Random weights with non-zero output projections, so depth changes the logits (the init makes r a no-op)."""
-    torch.manual_seed(seed)
-    model = RecurrentLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "adapter" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if "lm_head" in name:
-                p.normal_(0, 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -21,20 +21,12 @@ from recurchat.eval.tasks import (centered, continuation_logprobs, eval_generati
                                   parse_task_spec, parse_task_specs, pick_choice, prompt_and_check, score_mc)
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.model.recurrent import RecurrentLM
+from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "benchmarks"
 MC_FIXTURES = [("arc-easy", "arc_easy.jsonl"), ("mmlu", "mmlu.parquet"), ("hellaswag", "hellaswag.jsonl")]
 CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_recur=1, n_coda=1,
                   mean_recur=2, r_max=4, seq_len=128)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small gain nothing from a second thread, and two threads on a shared 2-core box spin-wait."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -46,22 +38,9 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.train(texts, 300)
 
 
-def random_model(cfg: ModelConfig = CFG, seed: int = 0) -> RecurrentLM:
-    """Random weights with non-zero output projections, so depth changes the logits (the init makes r a no-op)."""
-    torch.manual_seed(seed)
-    model = RecurrentLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "adapter" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if "lm_head" in name:
-                p.normal_(0, 0.3)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model() -> RecurrentLM:
-    return random_model()
+    return random_model(CFG)
 
 
 # ---- specs --------------------------------------------------------------------------------------------------

@@ -10,19 +10,7 @@ import torch
 
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.infer.kv_cache import KVCache, bytes_per_token
-from recurchat.model.recurrent import RecurrentLM
-
-
-def random_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    m = RecurrentLM(cfg)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "c_proj" in name or "adapter" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if "lm_head" in name:
-                p.normal_(0, 0.3)
-    return m.eval()
+from support import random_model
 
 
 def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):

@@ -1,0 +1,32 @@
+"""Helpers shared by test modules (importable because tests/conftest.py puts tests/ on sys.path).
+
+Used by `pytest tests/infer tests/eval`.
+"""
+
+import pytest
+import torch
+
+from recurchat.config import ModelConfig
+from recurchat.model.recurrent import RecurrentLM
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
+    """Random weights with non-zero output projections, so depth changes the logits (the init makes r a no-op)."""
+    torch.manual_seed(seed)
+    model = RecurrentLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "c_proj" in name or "adapter" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+            if "lm_head" in name:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Models this small gain nothing from a second thread, and two threads on a shared 2-core box spin-wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
