@@ -207,6 +207,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from recurchat.speedrun import speedrun
+
+    speedrun(args.preset, args.out, args.data)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     get_preset(args.preset)
     if args.what == "train":
@@ -313,6 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
     v.add_argument("--device", default="auto")
     v.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("speedrun", help="tokenizer → pretrain recursive + standard twin → SFT → eval → report.md")
+    r.add_argument("--preset", default="cpu", help="cpu-smoke | cpu | gpu-d20")
+    r.add_argument("--out", required=True)
+    r.add_argument("--data", default=None, help="pretraining text (default: the embedded corpus)")
+    r.set_defaults(func=cmd_speedrun)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")

@@ -1,0 +1,173 @@
+"""One command from nothing to a report card: the recursive model against its iso-FLOP standard twin.
+
+    recurchat speedrun --preset cpu-smoke --out runs/speedrun-smoke     # tiny, about a minute (runs in CI)
+    recurchat speedrun --preset cpu --out runs/speedrun                 # cpu-tiny models, the CPU report card
+
+Stages: pretrain the recursive model → pretrain the standard twin (P + r̄·R + C blocks, same width, same tokens and
+schedule) → SFT both on the built-in tasks → evaluate both (bpb and tasks over r, adaptive exit, by difficulty) →
+DIR/report.md. Every stage goes through the same commands a user would type. A finished stage is recorded in
+DIR/stages.json and skipped on the next run; an interrupted training stage resumes from its checkpoint.
+Exercised by `pytest tests/test_speedrun.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recurchat.config import get_preset
+from recurchat.data.atomic import atomic_write_text
+from recurchat.errors import UserError
+from recurchat.model.flops import flops_per_token
+
+
+@dataclass(frozen=True)
+class SpeedrunPreset:
+    model_preset: str
+    pretrain_steps: int
+    sft_steps: int
+    sft_examples: int
+    sft_batch_size: int
+    limit: int
+    eval_tokens: int
+    depths: str = "1,2,4,8,16"
+    exits: str = "kl:3e-2,kl:1e-1"
+    tasks: str = "bpb,hops,arith"
+    sft_data: str = "builtin:hops,arith"
+
+
+SPEEDRUNS = {
+    "cpu-smoke": SpeedrunPreset("cpu-smoke", pretrain_steps=30, sft_steps=20, sft_examples=200, sft_batch_size=8,
+                                limit=8, eval_tokens=2048),
+    "cpu": SpeedrunPreset("cpu-tiny", pretrain_steps=400, sft_steps=300, sft_examples=5000, sft_batch_size=32,
+                          limit=48, eval_tokens=8192),
+    "gpu-d20": SpeedrunPreset("gpu-d20", pretrain_steps=20000, sft_steps=1000, sft_examples=20000, sft_batch_size=32,
+                              limit=500, eval_tokens=10 * 524288),
+}
+
+
+def run_stage(out: Path, name: str, fn) -> None:
+    """Run `fn` unless stages.json says `name` finished; record its wall time."""
+    path = out / "stages.json"
+    stages = json.loads(path.read_text()) if path.exists() else {}
+    if name in stages:
+        print(f"[speedrun] {name}: done earlier ({stages[name]:.0f} s), skipping", flush=True)
+        return
+    print(f"[speedrun] {name} ...", flush=True)
+    t0 = time.perf_counter()
+    fn()
+    stages[name] = time.perf_counter() - t0
+    atomic_write_text(path, json.dumps(stages, indent=2))
+
+
+def run_command(argv: list[str]) -> None:
+    from recurchat.cli import main
+
+    code = main(argv)
+    if code != 0:
+        raise UserError(f"speedrun stage failed: recurchat {' '.join(argv)}")
+
+
+def train_argv(run: Path, argv: list[str]) -> list[str]:
+    """Resume an interrupted training stage from its checkpoint instead of starting over."""
+    if (run / "checkpoint" / "config.json").exists():
+        return [argv[0], "--resume", str(run), "--out", str(run), "--quiet"]
+    return argv
+
+
+def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
+    """Train loss of each run and its val bpb (at the given r) on one chart."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, (run, r) in runs.items():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        train = [m for m in rows if "loss" in m]
+        ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=f"{label}: train loss", alpha=0.7)
+        evals = [m for m in rows if r in m.get("val_bpb", {})]
+        ax.plot([m["step"] for m in evals], [m["val_bpb"][r] for m in evals], "o--", label=f"{label}: val bpb (r={r})")
+    ax.set_xlabel("step")
+    ax.set_title("pretraining: train loss (nats/token) and val bpb")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def report_card(out: Path, preset_name: str, sp: SpeedrunPreset) -> Path:
+    from recurchat.eval.report import write_report
+
+    rec = json.loads((out / "eval-recursive.json").read_text())
+    std = json.loads((out / "eval-standard.json").read_text())
+    write_report(rec, out / "eval", title="recursive model (standard twin as baseline)", baseline=std)
+    p = get_preset(sp.model_preset)
+    loss_curves({"recursive": (out / "recursive", str(p.model.mean_recur)), "standard": (out / "standard", "1")},
+                out / "loss_curves.png")
+    cfg, twin, k = p.model, p.model.standard_twin(), p.train.bptt_k
+    stages = json.loads((out / "stages.json").read_text())
+    lines = [
+        f"# recurchat speedrun: {preset_name}", "",
+        f"`recurchat speedrun --preset {preset_name} --out {out}`", "",
+        "## Models", "",
+        "| model | blocks (P/R/C) | params | train FLOPs/token at r̄ | inference FLOPs/token at r̄ |",
+        "|---|---|---|---|---|",
+        f"| recursive | {cfg.n_prelude}/{cfg.n_recur}/{cfg.n_coda}, r̄={cfg.mean_recur} | {rec['params']:,} | "
+        f"{flops_per_token(cfg, cfg.mean_recur, k):.3g} | {flops_per_token(cfg, backward=False):.3g} |",
+        f"| standard twin | {twin.n_prelude}/0/{twin.n_coda} | {std['params']:,} | {flops_per_token(twin):.3g} | "
+        f"{flops_per_token(twin, backward=False):.3g} |", "",
+        f"Both pretrained for {sp.pretrain_steps} steps on the same tokens, then SFT for {sp.sft_steps} steps on "
+        f"`{sp.sft_data}`.", "",
+        "## Loss curves", "", "![loss curves](loss_curves.png)", "",
+        "## Wall time per stage", "", "| stage | seconds |", "|---|---|",
+        *[f"| {name} | {sec:.0f} |" for name, sec in stages.items()], "",
+        "## Machine", "",
+        f"{platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}; "
+        f"{os.cpu_count()} CPUs" + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), "",
+        "## Evaluation", "",
+    ]
+    evaluation = (out / "eval" / "report.md").read_text().split("\n")
+    evaluation = [line.replace("](", "](eval/") if line.startswith("![") else line for line in evaluation[1:]]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines + evaluation))
+    return path
+
+
+def speedrun(preset_name: str, out: str | Path, data: str | None = None) -> Path:
+    if preset_name not in SPEEDRUNS:
+        raise UserError(f"unknown speedrun preset {preset_name!r} (choose from {', '.join(SPEEDRUNS)})")
+    sp = SPEEDRUNS[preset_name]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = ["--data", data] if data else []
+    common = ["--preset", sp.model_preset, "--max-steps", str(sp.pretrain_steps), "--quiet", *extra]
+    rec, std = out / "recursive", out / "standard"
+    run_stage(out, "pretrain recursive",
+              lambda: run_command(train_argv(rec, ["train", *common, "--out", str(rec), "--overwrite"])))
+    run_stage(out, "pretrain standard",
+              lambda: run_command(train_argv(std, ["train", *common, "--standard", "--out", str(std),
+                                                   "--overwrite"])))
+    rows = get_preset(sp.model_preset).model.seq_len * sp.sft_batch_size
+    for name, base in (("recursive", rec), ("standard", std)):
+        sft = out / f"{name}-sft"
+        argv = ["sft", "--ckpt", str(base), "--data", sp.sft_data, "--out", str(sft), "--overwrite", "--quiet",
+                "--max-steps", str(sp.sft_steps), "--batch-size", str(sp.sft_batch_size),
+                "--total-batch-tokens", str(rows), "--sft-examples", str(sp.sft_examples)]
+        run_stage(out, f"sft {name}", lambda argv=argv, sft=sft: run_command(train_argv(sft, argv)))
+    for name in ("recursive", "standard"):
+        argv = ["eval", "--ckpt", str(out / f"{name}-sft"), "--tasks", sp.tasks, "--recur", sp.depths,
+                "--exit", sp.exits, "--limit", str(sp.limit), "--eval-tokens", str(sp.eval_tokens), "--quiet",
+                "--json", str(out / f"eval-{name}.json"), *extra]
+        run_stage(out, f"eval {name}", lambda argv=argv: run_command(argv))
+    path = report_card(out, preset_name, sp)
+    print(f"[speedrun] report card: {path}", flush=True)
+    return path
+

@@ -1,0 +1,42 @@
+"""`recurchat speedrun --preset cpu-smoke`: every stage, the report card, and resuming by skipping finished stages.
+
+Run: `pytest tests/test_speedrun.py`.
+"""
+
+import json
+
+import pytest
+
+from recurchat.cli import main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "sr"
+    assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
+    stages = json.loads((out / "stages.json").read_text())
+    assert list(stages) == ["pretrain recursive", "pretrain standard", "sft recursive", "sft standard",
+                            "eval recursive", "eval standard"]
+    report = (out / "report.md").read_text()
+    for section in ("## Models", "## Loss curves", "## Wall time per stage", "## Machine", "## Evaluation",
+                    "Standard model (baseline)"):
+        assert section in report, section
+    for png in ("loss_curves.png", "eval/acc_vs_r.png", "eval/bpb_vs_r.png", "eval/pareto.png",
+                "eval/depth_vs_difficulty.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
+        assert f"]({png})" in report, png
+    rec, std = (json.loads((out / f"eval-{m}.json").read_text()) for m in ("recursive", "standard"))
+    assert set(rec["tasks"]["bpb"]) == {"1", "2", "4", "8", "16"} and set(std["tasks"]["bpb"]) == {"1"}
+    assert rec["params"] < std["params"]  # the recursive model shares its recurrent block's weights
+    capsys.readouterr()
+    # a second run finds every stage done and only redraws the report
+    assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("skipping") == 6
+    assert json.loads((out / "stages.json").read_text()) == stages
+
+
+def test_speedrun_unknown_preset(tmp_path, capsys):
+    assert main(["speedrun", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown speedrun preset" in capsys.readouterr().err
