@@ -10,14 +10,13 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
 is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
-are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py.
+are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in infer/gate.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import json
 import threading
 import time
@@ -41,6 +40,7 @@ from recurchat.infer.api_schema import (ApiError, ChatRequest, Common, Completio
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.infer.exit import ExitCriterion
+from recurchat.infer.gate import Gate
 from recurchat.infer.kv_cache import iteration_slots
 from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
@@ -238,57 +238,6 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
 
 
 # -- the app ----------------------------------------------------------------------------------------------------------
-
-
-class Gate:
-    """ASGI middleware: API-key check on /v1/*, then a body-size cap (413) enforced while reading, not after."""
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1/"):
-            auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                await _drain(receive, 16 * self.max_body)
-                return await ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                      code="invalid_api_key")(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                return
-            chunks.append(msg.get("body", b""))
-            size += len(chunks[-1])
-            more = msg.get("more_body", False)
-            if size > self.max_body:
-                if more:  # read the rest so the client sees the 413 instead of a reset mid-upload
-                    await _drain(receive, 16 * self.max_body)
-                return await ApiError(413, f"request body exceeds {self.max_body} bytes",
-                                      code="request_too_large")(scope, receive, send)
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # afterwards: the real channel, so disconnects still arrive
-
-        await self.app(scope, replay, send)
-
-
-async def _drain(receive, limit: int) -> None:
-    seen = 0
-    while seen <= limit:
-        msg = await receive()
-        seen += len(msg.get("body", b""))
-        if msg["type"] == "http.disconnect" or not msg.get("more_body", False):
-            return
 
 
 def _bundle_name(path: Path) -> str:
