@@ -10,7 +10,8 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
 is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
-are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in infer/gate.py.
+are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in
+infer/gate.py.
 """
 
 from __future__ import annotations
