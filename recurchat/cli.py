@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from recurchat.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from recurchat.config import DTYPES, PRESETS, ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
 
 
@@ -49,6 +49,15 @@ def apply_overrides(cfg, args: argparse.Namespace):
     changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
                if getattr(args, f.name, None) is not None}
     return dataclasses.replace(cfg, **changes)
+
+
+def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
+    """--threads everywhere torch computes; --dtype where it is not already a TrainConfig field."""
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op threads (default 0: what torch sees)")
+    if dtype:
+        parser.add_argument("--dtype", default="auto", choices=DTYPES,
+                            help="auto: bf16 where the device runs it natively, else fp32")
 
 
 def parse_depths(text: str) -> list[int]:
@@ -100,9 +109,10 @@ def cmd_sft(args: argparse.Namespace) -> int:
             raise UserError(f"{args.out} already holds a checkpoint: pass --resume {args.out} to continue it, "
                             "or --overwrite to start over")
         base = checkpoint.load(args.ckpt)
-        # SFT defaults: the base run's settings, a short schedule and no warmup (the model is already trained)
+        # SFT defaults: the base run's settings, a short schedule and no warmup (the model is already trained);
+        # the dtype is chosen afresh for this machine
         train_cfg = dataclasses.replace(base.train_cfg, max_steps=300, warmup_steps=0, eval_every=100,
-                                        stop_after=0, recur_dist="poisson-lognormal", stage="sft")
+                                        stop_after=0, recur_dist="poisson-lognormal", stage="sft", dtype="auto")
         model_cfg = base.model_cfg
     model_cfg = apply_overrides(model_cfg, args)
     train_cfg = apply_overrides(train_cfg, args)
@@ -120,8 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from recurchat.eval.report import write_report
     from recurchat.eval.sweep import print_table, run_sweep
     from recurchat.eval.tasks import parse_task_specs
-    from recurchat.infer.engine import autocast_dtype
     from recurchat.infer.exit import ExitCriterion
+    from recurchat.model import hardware
     from recurchat.train import checkpoint
 
     specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -132,6 +142,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ExitCriterion.parse(spec)
     ckpt, model = checkpoint.load_model(args.ckpt, args.device)
     cfg, tok = ckpt.model_cfg, ckpt.tokenizer
+    device = next(model.parameters()).device
+    dtype = hardware.choose_dtype(args.dtype, device)
+    print(hardware.inference_banner(device, dtype, cfg), file=sys.stderr)
     too_deep = [r for r in depths if r > cfg.r_max]
     if too_deep and cfg.recursive:
         print(f"note: r = {too_deep} exceed the trained r_max = {cfg.r_max}; evaluating anyway", file=sys.stderr)
@@ -146,8 +159,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_tokens = args.eval_tokens or ckpt.train_cfg.eval_tokens
     result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=args.limit, seed=args.seed,
                        max_recur=args.max_recur, progress=not args.quiet, batch_size=args.batch_size,
-                       bpb_tokens=eval_tokens, kv=args.kv, autocast_dtype=autocast_dtype(args.dtype),
-                       max_tokens=args.max_tokens)
+                       bpb_tokens=eval_tokens, kv=args.kv, dtype=dtype.name, max_tokens=args.max_tokens)
     if "bpb" in result.get("tasks", {}):
         result["bpb"] = result["tasks"]["bpb"]
     result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
@@ -203,14 +215,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recurchat.infer.server import serve_main
 
     serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-               queue_size=args.queue_size, device=args.device)
+               queue_size=args.queue_size, device=args.device, dtype=args.dtype)
     return 0
 
 
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from recurchat.speedrun import speedrun
 
-    speedrun(args.preset, args.out, args.data)
+    speedrun(args.preset, args.out, args.data, dtype=args.dtype, threads=args.threads)
     return 0
 
 
@@ -219,7 +231,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "train":
         from recurchat.bench.train import bench_train
 
-        result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device)
+        result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device,
+                             dtype=args.dtype)
     elif args.what == "infer":
         from recurchat.bench.infer import bench_infer
         from recurchat.infer.exit import ExitCriterion
@@ -227,7 +240,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         sweep = tuple(s for s in args.sweep.split(",") if s)
         for spec in (args.exit, *sweep):
             ExitCriterion.parse(spec)
-        result = bench_infer(args.ckpt, args.preset, args.exit, args.tokens, args.eval_tokens, sweep)
+        result = bench_infer(args.ckpt, args.preset, args.exit, args.tokens, args.eval_tokens, sweep,
+                             dtype=args.dtype)
     else:
         raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
@@ -250,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     add_config_flags(t, ModelConfig)
     add_config_flags(t, TrainConfig)
+    add_runtime_flags(t, dtype=False)
     t.set_defaults(func=cmd_train)
 
     f = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)")
@@ -259,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--quiet", action="store_true")
     add_config_flags(f, TrainConfig)
+    add_runtime_flags(f, dtype=False)
     f.set_defaults(func=cmd_sft)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
@@ -277,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's training data)")
     e.add_argument("--eval-tokens", type=int, default=0, help="tokens of held-out text (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    add_runtime_flags(e)
     e.add_argument("--device", default="auto")
     e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05")
     e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
@@ -296,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--top-k", type=int, default=50)
         sp.add_argument("--top-p", type=float, default=1.0)
         sp.add_argument("--seed", type=int, default=0)
-        sp.add_argument("--dtype", default="fp32", choices=("bf16", "fp32"))
+        add_runtime_flags(sp)
         sp.add_argument("--device", default="auto")
 
     s = sub.add_parser("sample", help="sample text from a checkpoint (KV-cached engine)")
@@ -319,12 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=8, help="requests merged into one decode batch")
     v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
     v.add_argument("--device", default="auto")
+    add_runtime_flags(v)
     v.set_defaults(func=cmd_serve)
 
     r = sub.add_parser("speedrun", help="tokenizer → pretrain recursive + standard twin → SFT → eval → report.md")
     r.add_argument("--preset", default="cpu", help="cpu-smoke | cpu | gpu-d20")
     r.add_argument("--out", required=True)
     r.add_argument("--data", default=None, help="pretraining text (default: the embedded corpus)")
+    add_runtime_flags(r)
     r.set_defaults(func=cmd_speedrun)
 
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
@@ -340,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=8)
     b.add_argument("--device", default="auto")
     b.add_argument("--json", default=None)
+    add_runtime_flags(b)
     b.set_defaults(func=cmd_bench)
 
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -355,6 +374,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", 0):
+            from recurchat.model.hardware import set_threads
+
+            set_threads(args.threads)
         return args.func(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from recurchat.errors import UserError
 ADAPTERS = ("concat", "add")
 STATE_INITS = ("e", "zeros", "noise")
 PARALLEL_MODES = ("ddp", "fsdp")
+DTYPES = ("auto", "bf16", "fp32")  # resolved per device by model/hardware.py
 
 
 @dataclass
@@ -91,14 +92,14 @@ class TrainConfig:
     recur_sigma: float = 0.5
     curriculum_frac: float = 0.0  # ramp r̄ from 1 over this fraction of max_steps
     bptt_k: int = 4  # gradient flows through the last k iterations only
-    dtype: str = "bf16"  # bf16 (autocast, fp32 master weights) | fp32
+    dtype: str = "auto"  # auto (bf16 where the device runs it natively, else fp32) | bf16 (autocast) | fp32
     eval_every: int = 50
     eval_tokens: int = 32768
     eval_recur: str = ""  # comma list; empty = 1, r̄, 2·r̄
     save_every: int = 0  # 0 = only at the end
     log_every: int = 1
     compile: bool | None = None  # None = auto: on for CUDA (pays off), off for CPU (~30 s to compile, 1.1× faster)
-    peak_flops: float = 0.0  # 0 = documented default for the device
+    peak_flops: float = 0.0  # MFU denominator; 0 = measured on the model's matmuls (model/hardware.py)
     data: str = ""  # empty = embedded corpus; for sft: FILE.jsonl or builtin:TASK[,TASK…]
     sft_examples: int = 2000  # builtin SFT tasks: training conversations per task
     stage: str = "pretrain"  # pretrain | sft (set by `recurchat sft`)
@@ -112,8 +113,8 @@ class TrainConfig:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.total_batch_tokens < 1:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
-        if self.dtype not in ("bf16", "fp32"):
-            raise UserError(f"unknown dtype {self.dtype!r} (bf16 | fp32)")
+        if self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r} ({' | '.join(DTYPES)})")
         if self.parallel not in PARALLEL_MODES:
             raise UserError(f"unknown parallel mode {self.parallel!r} ({' | '.join(PARALLEL_MODES)})")
         return self

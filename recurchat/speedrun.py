@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,9 +23,10 @@ from pathlib import Path
 import torch
 
 from recurchat.config import get_preset
-from recurchat.data.atomic import atomic_write_text
 from recurchat.errors import UserError
+from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
+from recurchat.model.hardware import set_threads
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,20 @@ def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def training_speed(run: Path) -> str:
+    """One table row: the run's machine facts (its first `run` record) and median s/step and MFU."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    machine = next((m["run"] for m in rows if "run" in m), None)
+    steps = [m for m in rows if "dt" in m]
+    if machine is None or not steps:
+        return f"| {run.name} | (no timing recorded) | | | | |"
+    dt = statistics.median(m["dt"] for m in steps)
+    mfu = statistics.median(m["mfu"] for m in steps)
+    return (f"| {run.name} | {machine['device']} | {machine['dtype']} ({machine['dtype_reason']}) | "
+            f"{machine['threads']} | {machine['peak_flops'] / 1e9:,.0f} GFLOP/s ({machine['peak_flops_source']}) | "
+            f"{dt:.2f} s, MFU {100 * mfu:.1f}% |")
+
+
 def report_card(out: Path, preset_name: str, sp: SpeedrunPreset) -> Path:
     from recurchat.eval.report import write_report
 
@@ -132,6 +148,10 @@ def report_card(out: Path, preset_name: str, sp: SpeedrunPreset) -> Path:
         "## Machine", "",
         f"{platform.platform()}; Python {platform.python_version()}; torch {torch.__version__}; "
         f"{os.cpu_count()} CPUs" + (f"; {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""), "",
+        "MFU is against the peak FLOP/s of the model's own matmuls, measured on this machine in the run's dtype "
+        "(or given by --peak-flops), as each run recorded it:", "",
+        "| run | device | dtype (why) | threads | peak | median step |", "|---|---|---|---|---|---|",
+        *[training_speed(out / name) for name in ("recursive", "standard", "recursive-sft", "standard-sft")], "",
         "## Evaluation", "",
     ]
     evaluation = (out / "eval" / "report.md").read_text().split("\n")
@@ -141,14 +161,17 @@ def report_card(out: Path, preset_name: str, sp: SpeedrunPreset) -> Path:
     return path
 
 
-def speedrun(preset_name: str, out: str | Path, data: str | None = None) -> Path:
+def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: str = "auto",
+             threads: int = 0) -> Path:
+    """Every stage, then the report card; `dtype` goes to every stage, `threads` (0 = torch's default) to torch."""
+    set_threads(threads)
     if preset_name not in SPEEDRUNS:
         raise UserError(f"unknown speedrun preset {preset_name!r} (choose from {', '.join(SPEEDRUNS)})")
     sp = SPEEDRUNS[preset_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     extra = ["--data", data] if data else []
-    common = ["--preset", sp.model_preset, "--max-steps", str(sp.pretrain_steps), "--quiet", *extra]
+    common = ["--preset", sp.model_preset, "--max-steps", str(sp.pretrain_steps), "--quiet", "--dtype", dtype, *extra]
     rec, std = out / "recursive", out / "standard"
     run_stage(out, "pretrain recursive",
               lambda: run_command(train_argv(rec, ["train", *common, "--out", str(rec), "--overwrite"])))
@@ -160,12 +183,12 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None) -> Path
         sft = out / f"{name}-sft"
         argv = ["sft", "--ckpt", str(base), "--data", sp.sft_data, "--out", str(sft), "--overwrite", "--quiet",
                 "--max-steps", str(sp.sft_steps), "--batch-size", str(sp.sft_batch_size),
-                "--total-batch-tokens", str(rows), "--sft-examples", str(sp.sft_examples)]
+                "--total-batch-tokens", str(rows), "--sft-examples", str(sp.sft_examples), "--dtype", dtype]
         run_stage(out, f"sft {name}", lambda argv=argv, sft=sft: run_command(train_argv(sft, argv)))
     for name in ("recursive", "standard"):
         argv = ["eval", "--ckpt", str(out / f"{name}-sft"), "--tasks", sp.tasks, "--recur", sp.depths,
                 "--exit", sp.exits, "--limit", str(sp.limit), "--eval-tokens", str(sp.eval_tokens), "--quiet",
-                "--json", str(out / f"eval-{name}.json"), *extra]
+                "--json", str(out / f"eval-{name}.json"), "--dtype", dtype, *extra]
         run_stage(out, f"eval {name}", lambda argv=argv: run_command(argv))
     path = report_card(out, preset_name, sp)
     print(f"[speedrun] report card: {path}", flush=True)

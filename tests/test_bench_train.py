@@ -9,7 +9,8 @@ import pytest
 from recurchat.cli import main
 
 KEYS = ("recursive_vs_unrolled_flops_ratio", "compiled_vs_eager_speedup", "mfu_recursive_compiled",
-        "peak_flops_measured", "recompiles_after_warmup", "bptt_memory_ratio", "device")
+        "peak_flops", "peak_flops_source", "recompiles_after_warmup", "bptt_memory_ratio", "device", "dtype_chosen",
+        "bf16_over_fp32_matmul", "optimizer_step_fraction")
 
 
 @pytest.mark.slow
@@ -21,7 +22,10 @@ def test_bench_train_json(tmp_path):
     for key in KEYS:
         assert key in res, key
     assert res["device"] == "cpu"
-    assert res["peak_flops_measured"] > 1e9
+    assert res["peak_flops"] > 1e9 and res["peak_flops_source"] == "measured"
+    # auto picks bf16 exactly where the probe measured it fast enough
+    assert res["dtype_chosen"] == ("bf16" if res["bf16_over_fp32_matmul"] >= 1.2 else "fp32")
+    assert 0 < res["optimizer_step_fraction"] < 1
     assert 0 < res["mfu_recursive_compiled"] < 1
     assert 0.1 < res["recursive_vs_unrolled_flops_ratio"] < 10
     assert res["compiled_vs_eager_speedup"] > 0

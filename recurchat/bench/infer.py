@@ -43,7 +43,7 @@ def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, rep
 
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
-                eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print) -> dict:
+                eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto") -> dict:
     from recurchat.train.checkpoint import load_model  # the loading path every command uses
 
     if ckpt:
@@ -55,7 +55,8 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         tokenizer, data_path = None, None
     cfg = model.cfg
     data = prepare_data(data_path, cfg.vocab_size, tokenizer=tokenizer, log=lambda *a, **k: None)
-    engine = Engine(model)
+    engine = Engine(model, dtype=dtype)
+    log(engine.describe())
     rbar, rmax = cfg.mean_recur, cfg.r_max
     val = data.val
     prompt_len = 16
@@ -67,10 +68,12 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     log(f"bench infer: {'checkpoint ' + ckpt if ckpt else 'random ' + preset}, r̄={rbar}, r_max={rmax}, "
         f"{tokens}-token continuations, exit {exit_spec}")
 
+    autocast = engine.dtype.autocast(engine.device)  # the naive baseline and bpb run in the engine's dtype
     t_naive = []
     for _ in range(2):
         t0 = time.perf_counter()
-        generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
+        with autocast:
+            generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
         t_naive.append(time.perf_counter() - t0)
     naive_tok_s = tokens / statistics.median(t_naive)
     t1, _, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
@@ -95,7 +98,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
 
     bs = min(8, max(1, eval_tokens // cfg.seq_len))
     tb = data.tokenizer.token_bytes()
-    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar)
+    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar, autocast=autocast)
     bpb_exit, mean_exit = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, adaptive)
     log(f"  val bpb fixed r̄ {bpb_fixed:.4f}; {exit_spec}: {bpb_exit:.4f} at {mean_exit:.2f} recursions/token "
         f"(Δ {100 * (bpb_exit / bpb_fixed - 1):+.2f}%)")
@@ -105,12 +108,13 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         pareto.append({"exit": spec, "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
         log(f"  sweep {spec:<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
     for r in sorted({1, max(1, rbar // 2), rbar, 2 * rbar}):
-        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r)
+        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r, autocast=autocast)
         pareto.append({"exit": f"fixed:{r}", "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
         log(f"  sweep {'fixed:' + str(r):<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
-    kv = {s: bytes_per_token(cfg, s, rbar) for s in ("full", "last", "ring:2")}
-    log("  KV bytes/token at r̄ (bf16): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
-    return {**rows, "device": str(engine.device.type), "exit": exit_spec, "exit_mean_recursions": mean_rec,
+    kv = {s: bytes_per_token(cfg, s, rbar, engine.dtype.torch_dtype) for s in ("full", "last", "ring:2")}
+    log(f"  KV bytes/token at r̄ ({engine.dtype.name}): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
+    return {**rows, "device": str(engine.device.type), "dtype": engine.dtype.name, "exit": exit_spec,
+            "exit_mean_recursions": mean_rec,
             "fixed_recursions": rbar, "exit_bpb_delta": bpb_exit / bpb_fixed - 1, "bpb_fixed": bpb_fixed,
             "bpb_exit": bpb_exit, "exit_eval_mean_recursions": mean_exit,
             "exit_speedup_measured": measured, "exit_speedup_predicted": predicted,

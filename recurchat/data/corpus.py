@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from recurchat.data.split import split_documents
 from recurchat.data.token_cache import CACHE_FORMAT, build_token_cache, load_token_cache
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.files import recurchat_home
 
 __all__ = [
     "EMBEDDED_DESCRIPTION",
@@ -39,11 +39,6 @@ __all__ = [
 
 # Part of every cache key: bump when the split or the tokenizer recipe changes so stale caches are not reused.
 RECIPE = {"split": "every-k/tail-v1", "val_fraction": 0.02, "tokenizer": "bytelevel-bpe-v1"}
-
-
-def recurchat_home() -> Path:
-    """Where recurchat keeps caches and runs: $RECURCHAT_HOME, else ~/.cache/recurchat."""
-    return Path(os.environ.get("RECURCHAT_HOME") or Path.home() / ".cache" / "recurchat").expanduser()
 
 
 @dataclass

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from recurchat.data.atomic import atomic_open, atomic_write_text
 from recurchat.data.tokenizer import Tokenizer
+from recurchat.files import atomic_open, atomic_write_text
 
 CACHE_FORMAT = 1
 SPLITS = ("train", "val")

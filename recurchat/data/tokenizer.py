@@ -15,8 +15,8 @@ import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from recurchat.data.atomic import atomic_write_text
 from recurchat.errors import UserError
+from recurchat.files import atomic_write_text
 
 SPECIAL_TOKENS: list[str] = [
     "<|bos|>",

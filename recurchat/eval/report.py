@@ -14,9 +14,9 @@ import io
 import math
 from pathlib import Path
 
-from recurchat.data.atomic import atomic_write_bytes, atomic_write_text
 from recurchat.errors import UserError
 from recurchat.eval.sweep import exit_table, fixed_table
+from recurchat.files import atomic_write_bytes, atomic_write_text
 
 
 def _num(value) -> float | None:

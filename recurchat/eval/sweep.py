@@ -34,8 +34,7 @@ from recurchat.data.tasks.benchmarks import load_benchmark
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
-from recurchat.eval.tasks import (TaskSpec, centered, eval_generative, mc_chance, parse_task_specs,
-                                  score_mc)
+from recurchat.eval.tasks import TaskSpec, centered, eval_generative, mc_chance, parse_task_specs, score_mc
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
 from recurchat.model.recurrent import RecurrentLM
@@ -77,7 +76,7 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
               specs: Sequence[str], depths: Sequence[int], exits: Sequence[str], limit: int, seed: int = 0,
               max_recur: int | None = None, progress: bool = True, *, batch_size: int = 16,
               bpb_tokens: int | None = None, mc_mode: str = "loglik", max_tokens: int = 16, kv: str = "full",
-              autocast_dtype: torch.dtype | None = None) -> dict:
+              dtype: str = "auto") -> dict:
     """Evaluate every task at every fixed depth and every exit criterion; see the module docstring for the dict.
 
     `limit` caps examples per task (builtin tasks: a seeded test stream of uniform difficulty; benchmarks: the
@@ -105,9 +104,9 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
 
     data: dict[str, tuple[list, float]] = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
     was_training = model.training
-    engine = Engine(model, autocast_dtype=autocast_dtype)  # puts the model in eval mode
-    device = next(model.parameters()).device
-    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else None
+    engine = Engine(model, dtype=dtype)  # puts the model in eval mode; resolves `auto` for the device
+    autocast = engine.dtype.autocast(engine.device)
+    autocast_dtype = engine.dtype.autocast_dtype
     exit_cap = max_recur or cfg.r_max
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
     diff_setting = exits[0] if exits else str(1 if cfg.n_recur == 0 else cfg.mean_recur)

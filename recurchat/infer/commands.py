@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from recurchat.errors import UserError
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams, autocast_dtype
+from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.train.checkpoint import load_model
 
 
@@ -32,9 +32,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    engine = Engine(model, autocast_dtype=autocast_dtype(args.dtype))
+    engine = Engine(model, dtype=args.dtype)
     prompts = [prompt] * args.num_samples
-    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur_params(args))
+    recur = recur_params(args)
+    engine.check(prompts, recur)
+    print(engine.describe(), file=sys.stderr)
+    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur)
     for g in gens:
         print(args.prompt + tok.decode(g.tokens))
         print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
@@ -45,8 +48,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from recurchat.data.chat import render_prompt
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
-    engine = Engine(model, autocast_dtype=autocast_dtype(args.dtype))
+    engine = Engine(model, dtype=args.dtype)
     recur = recur_params(args)
+    engine.check([[tok.bos_id]], recur)
+    print(engine.describe(), file=sys.stderr)
     stop = (tok.special_id("assistant_end"), tok.bos_id)
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 

@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -23,14 +22,10 @@ import torch
 
 from recurchat.errors import UserError
 from recurchat.infer.exit import ExitCriterion, ExitTracker
-from recurchat.infer.kv_cache import KVCache
+from recurchat.infer.kv_cache import KVCache, iteration_slots
 from recurchat.infer.naive import sample_next
+from recurchat.model.hardware import choose_dtype, inference_banner
 from recurchat.model.recurrent import RecurrentLM
-
-
-def autocast_dtype(name: str) -> torch.dtype | None:
-    """--dtype bf16 → run the engine under bf16 autocast; fp32 → plain fp32."""
-    return torch.bfloat16 if name == "bf16" else None
 
 
 @dataclass
@@ -74,18 +69,22 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, model: RecurrentLM, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: RecurrentLM, dtype: str = "auto"):
+        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast)."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
-        self.autocast_dtype = autocast_dtype
+        self.dtype = choose_dtype(dtype, self.device)
+        self.autocast_dtype = self.dtype.autocast_dtype
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
 
     def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+        return self.dtype.autocast(self.device)
+
+    def describe(self) -> str:
+        """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""
+        return inference_banner(self.device, self.dtype, self.cfg)
 
     def _plan(self, recur: RecurParams) -> tuple[ExitCriterion, int, int, int]:
         cfg = self.cfg
@@ -181,6 +180,16 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------------------------
 
+    def check(self, prompts: list[list[int]], recur: RecurParams) -> None:
+        """Raise UserError for prompts or recursion settings this engine cannot run, before any compute."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
+        too_long = [len(p) for p in prompts if len(p) >= self.cfg.seq_len]
+        if too_long:
+            raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {self.cfg.seq_len}")
+        _, _, max_steps, prefill_r = self._plan(recur)
+        iteration_slots(recur.kv, max(max_steps, prefill_r))
+
     @torch.no_grad()
     def stream(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
                recur: RecurParams | None = None,
@@ -192,12 +201,8 @@ class Engine:
         row for which it is true leaves the batch at once (finish_reason "cancelled"), so its compute stops.
         """
         recur = recur or RecurParams()
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise UserError("every prompt needs at least one token")
+        self.check(prompts, recur)
         ctx = self.cfg.seq_len
-        too_long = [len(p) for p in prompts if len(p) >= ctx]
-        if too_long:
-            raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {ctx}")
         B = len(prompts)
         params = sampling if isinstance(sampling, list) else [sampling or SamplingParams()] * B
         if len(params) != B:
@@ -207,7 +212,7 @@ class Engine:
         idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        cache_dtype = self.autocast_dtype or torch.float32
+        cache_dtype = self.dtype.torch_dtype
         cache = KVCache(self.cfg, recur.kv, B, ctx, max(max_steps, prefill_r), self.device, cache_dtype)
         gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else torch.seed())
                 for p in params]
@@ -259,7 +264,7 @@ class Engine:
         B, T = x.shape
         x, y = x.to(self.device), y.to(self.device)
         cache = KVCache(self.cfg, recur.kv, B, self.cfg.seq_len, max(max_steps, prefill_r), self.device,
-                        self.autocast_dtype or torch.float32)
+                        self.dtype.torch_dtype)
         rows = torch.arange(B, device=self.device)
         nll = torch.empty(B, T, device=self.device)
         depth = torch.empty(B, T, dtype=torch.long, device=self.device)

@@ -26,7 +26,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,8 +35,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
-from recurchat.infer.api_schema import (ApiError, ChatRequest, Common, CompletionRequest, Recursion, parse_body,
-                                        validation_error)
+from recurchat.infer.api_schema import (
+    ApiError,
+    ChatRequest,
+    Common,
+    CompletionRequest,
+    Recursion,
+    parse_body,
+    validation_error,
+)
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.infer.exit import ExitCriterion
@@ -57,14 +63,13 @@ class Service:
     """Everything a request needs: tokenizer, limits, scheduler; turns request bodies into engine jobs."""
 
     def __init__(self, ckpt: Checkpoint, model: RecurrentLM, name: str, max_batch: int, queue_size: int,
-                 max_recur_limit: int | None):
+                 max_recur_limit: int | None, dtype: str = "auto"):
         self.tok = ckpt.tokenizer
         self.cfg = model.cfg
         self.name = name
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
-        device = next(model.parameters()).device
-        self.engine = Engine(model, autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
+        self.engine = Engine(model, dtype=dtype)
         self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size)
         self.created = int(time.time())
         self.chat_stops = (self.tok.special_id("assistant_end"), self.tok.bos_id)
@@ -248,7 +253,8 @@ def _bundle_name(path: Path) -> str:
 
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
-               max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None) -> FastAPI:
+               max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
+               dtype: str = "auto") -> FastAPI:
     """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.train.checkpoint.load_model`."""
     from recurchat.train.checkpoint import load_model
 
@@ -257,7 +263,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     else:
         ckpt, model = load_model(str(ckpt_path_or_model_bundle), device)
     service = Service(ckpt, model, model_name or _bundle_name(Path(ckpt.path)), max_batch, queue_size,
-                      max_recur_limit)
+                      max_recur_limit, dtype)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -363,9 +369,10 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
 
 
 def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 8, queue_size: int = 64, device: str = "auto") -> None:
+               max_batch: int = 8, queue_size: int = 64, device: str = "auto", dtype: str = "auto") -> None:
     """`recurchat serve`: load the checkpoint, serve the API and the chat page until Ctrl-C."""
-    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device)
+    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device, dtype=dtype)
     name = app.state.service.name
+    print(app.state.service.engine.describe(), flush=True)
     print(f"serving {name!r} on http://{host}:{port}  (chat page at /, API at /v1, health at /health)", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)

@@ -14,19 +14,7 @@ Exercise: `pytest tests/model/test_flops.py` (checked against torch.utils.flop_c
 
 from __future__ import annotations
 
-import torch
-
 from recurchat.config import ModelConfig
-
-# Dense bf16/fp32 matmul peaks used when --peak-flops is not given. The CPU numbers were measured on the 2-core
-# development machine (an estimate for any other CPU: pass --peak-flops or run `recurchat bench train`).
-PEAK_FLOPS = {
-    "cpu": {"bf16": 420e9, "fp32": 190e9},
-    "H100": {"bf16": 989e12, "fp32": 67e12},
-    "H200": {"bf16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp32": 19.5e12},
-    "cuda": {"bf16": 312e12, "fp32": 19.5e12},
-}
 
 
 def block_matrix_params(cfg: ModelConfig) -> int:
@@ -61,17 +49,6 @@ def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: 
     return fwd + (per_pass(g, 4, 2) if backward else 0.0)
 
 
-def default_peak_flops(device: torch.device | str, dtype: str) -> float:
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key in ("H200", "H100", "A100"):
-            if key in name:
-                return PEAK_FLOPS[key][dtype]
-        return PEAK_FLOPS["cuda"][dtype]
-    return PEAK_FLOPS["cpu"][dtype]
-
-
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak."""
+    """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (measured: model/hardware.py)."""
     return flops_per_tok * tokens_per_s / peak_flops if peak_flops > 0 else 0.0

@@ -1,8 +1,9 @@
-"""Optimizers and the LR schedule: torch.optim.Muon for 2-D block/adapter matrices, AdamW for the rest.
+"""Optimizers and the LR schedule: Muon for 2-D block/adapter matrices, AdamW for the rest.
 
 Muon orthogonalises updates of hidden weight matrices; embeddings, the lm_head and any vectors keep AdamW (Muon is
-defined for 2-D matrices of hidden layers only). Schedule: linear warmup, constant, linear warmdown to
-`final_lr_frac`. Exercise: `pytest tests/train/test_optim.py`.
+defined for 2-D matrices of hidden layers only). Muon is torch's, with its Newton–Schulz iteration in `ns_dtype`
+(train/muon.py): the run's compute dtype, so a CPU that emulates bf16 never orthogonalises in it.
+Schedule: linear warmup, constant, linear warmdown to `final_lr_frac`. Exercise: `pytest tests/train/test_optim.py`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from recurchat.config import TrainConfig
+from recurchat.train.muon import Muon
 
 
 def param_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
@@ -28,12 +30,14 @@ def param_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
-def build_optimizers(model: torch.nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: torch.nn.Module, cfg: TrainConfig,
+                     ns_dtype: torch.dtype = torch.float32) -> list[torch.optim.Optimizer]:
+    """Muon (Newton–Schulz in `ns_dtype`) for the hidden matrices, AdamW for embeddings, head and vectors."""
     g = param_groups(model)
     optimizers: list[torch.optim.Optimizer] = []
     if g["matrix"]:
-        optimizers.append(torch.optim.Muon(g["matrix"], lr=cfg.lr_matrix, momentum=0.95, nesterov=True,
-                                           weight_decay=cfg.weight_decay, adjust_lr_fn="original"))
+        optimizers.append(Muon(g["matrix"], lr=cfg.lr_matrix, momentum=0.95, nesterov=True,
+                               weight_decay=cfg.weight_decay, adjust_lr_fn="original", ns_dtype=ns_dtype))
     adam_groups = [{"params": g[k], "lr": lr} for k, lr in
                    (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]]
     optimizers.append(torch.optim.AdamW(adam_groups, betas=tuple(cfg.adam_betas), eps=1e-10, weight_decay=0.0))

@@ -16,7 +16,6 @@ them in out/ranks/rank{N}.jsonl, and rank 0 alone writes metrics and checkpoints
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -30,18 +29,13 @@ from recurchat.data.corpus import prepare_data
 from recurchat.data.loader import RowLoader, TokenLoader
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_rows_bpb
+from recurchat.model import hardware
 from recurchat.model.depth import DepthSampler
-from recurchat.model.flops import default_peak_flops, flops_per_token, mfu
+from recurchat.model.flops import flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.train import checkpoint, distributed
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
 from recurchat.train.telemetry import Telemetry
-
-
-def autocast_context(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
@@ -137,7 +131,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
     if ckpt is not None:
         checkpoint.load_model_weights(net, ckpt)
     model = distributed.wrap(net, dist_info, train_cfg.parallel)
-    optimizers = build_optimizers(net, train_cfg)  # parameter names without DDP's "module." prefix
+    # bf16 only where the device runs it natively (model/hardware.py); Muon orthogonalises in the same dtype.
+    dtype = hardware.choose_dtype(train_cfg.dtype, device)
+    optimizers = build_optimizers(net, train_cfg, dtype.torch_dtype)  # names without DDP's "module." prefix
     sampler = DepthSampler(train_cfg.recur_dist, model_cfg.mean_recur, model_cfg.r_max, train_cfg.recur_sigma,
                            train_cfg.seed, int(train_cfg.curriculum_frac * train_cfg.max_steps))
     if sft_spec:
@@ -156,8 +152,9 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
 
     if train_cfg.compile if train_cfg.compile is not None else device.type == "cuda":
         net.compile_stages()
-    autocast = autocast_context(device, train_cfg.dtype)
-    peak = train_cfg.peak_flops or default_peak_flops(device, train_cfg.dtype)
+    autocast = dtype.autocast(device)
+    peak = hardware.resolve_peak(device, dtype, model_cfg, train_cfg.batch_size * model_cfg.seq_len,
+                                 train_cfg.peak_flops)
     token_bytes = tokenizer.token_bytes()
     depths = eval_depths(model_cfg, train_cfg)
     end_step = train_cfg.max_steps
@@ -179,7 +176,8 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         f"P/R/C = {model_cfg.n_prelude}/{model_cfg.n_recur}/{model_cfg.n_coda}, r̄ = {model_cfg.mean_recur}); "
         f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step"
         + (f" on each of {dist_info.world_size} ranks ({train_cfg.parallel})" if dist_info.distributed else "")
-        + f"; device {device}")
+        + f"; {hardware.banner(device, dtype, peak)}")
+    telemetry.log({"step": start_step, "run": hardware.run_record(device, dtype, peak)})
 
     def val_bpb(r: int) -> float:
         if sft_spec:
@@ -248,7 +246,7 @@ def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, r
         flops *= dist_info.world_size
         last = {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
                 "grad_norm": distributed.as_float(grad_norm), "tok_s": tok_s, "flops_per_token": flops / tokens,
-                "mfu": mfu(flops / tokens, tok_s, peak * dist_info.world_size), "dt": dt}
+                "mfu": mfu(flops / tokens, tok_s, peak.flops * dist_info.world_size), "dt": dt}
         if (step + 1) % train_cfg.log_every == 0 or step + 1 == end_step:
             telemetry.log(last)
         telemetry.progress(loss=f"{loss_val:.3f}", r=f"{last['r_mean']:.1f}", tok_s=f"{tok_s:.0f}",

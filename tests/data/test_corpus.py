@@ -20,7 +20,6 @@ from recurchat.data.corpus import (
     embedded_size,
     prepare_data,
     read_documents,
-    recurchat_home,
     split_documents,
 )
 from recurchat.data.tokenizer import Tokenizer
@@ -43,13 +42,6 @@ def test_embedded_corpus_is_deterministic_and_has_every_source():
     assert size.docs == len(docs) > 1000
     assert size.bytes >= size.chars > 4_000_000
     assert "Bible" in EMBEDDED_DESCRIPTION and "\n" not in EMBEDDED_DESCRIPTION
-
-
-def test_recurchat_home_follows_env(monkeypatch, tmp_path):
-    monkeypatch.setenv("RECURCHAT_HOME", str(tmp_path))
-    assert recurchat_home() == tmp_path
-    monkeypatch.delenv("RECURCHAT_HOME")
-    assert recurchat_home().parts[-2:] == (".cache", "recurchat")
 
 
 # ---- readers -------------------------------------------------------------------------------------------------

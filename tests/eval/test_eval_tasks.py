@@ -144,7 +144,7 @@ def test_letter_mode_matches_scoring_the_letters_as_continuations(model, tokeniz
 
 def test_score_mc_under_exit(model, tokenizer):
     questions = load_benchmark("hellaswag", FIXTURES / "hellaswag.jsonl")
-    engine = Engine(model)
+    engine = Engine(model, dtype="fp32")
     # Cached decoding at a fixed exit depth must equal the uncached forward at that depth.
     fixed = score_mc(model, tokenizer, questions, 2, engine=engine, recur=RecurParams(exit="fixed:2", max_recur=4))
     ref = score_mc(model, tokenizer, questions, 2)
@@ -158,7 +158,7 @@ def test_score_mc_under_exit(model, tokenizer):
 # ---- generative ---------------------------------------------------------------------------------------------
 def test_eval_generative_hops(model, tokenizer):
     examples = stream(get_task("hops"), "test", 0, 6)
-    engine = Engine(model)
+    engine = Engine(model, dtype="fp32")
     results = eval_generative(engine, tokenizer, examples, RecurParams(num_recur=3), max_tokens=8, batch_size=4)
     assert len(results) == len(examples)
     for ex, r in zip(examples, results):
@@ -175,7 +175,7 @@ def test_eval_generative_hops(model, tokenizer):
 
 def test_eval_generative_with_exit(model, tokenizer):
     examples = stream(get_task("hops"), "test", 1, 4)
-    results = eval_generative(Engine(model), tokenizer, examples, RecurParams(exit="latent:1e9", max_recur=4),
+    results = eval_generative(Engine(model, dtype="fp32"), tokenizer, examples, RecurParams(exit="latent:1e9", max_recur=4),
                               max_tokens=6)
     for r in results:
         assert r["depths"][0] == 2  # the first token comes from the prefill, at r̄
@@ -185,7 +185,7 @@ def test_eval_generative_with_exit(model, tokenizer):
 
 def test_eval_generative_gsm8k(model, tokenizer):
     questions = load_benchmark("gsm8k", FIXTURES / "gsm8k.parquet")
-    results = eval_generative(Engine(model), tokenizer, questions, RecurParams(num_recur=1), max_tokens=4)
+    results = eval_generative(Engine(model, dtype="fp32"), tokenizer, questions, RecurParams(num_recur=1), max_tokens=4)
     assert [r["difficulty"] for r in results] == [None] * len(questions)
     assert all(r["correct"] == number_matches(r["output"], q.answer) for q, r in zip(questions, results))
 

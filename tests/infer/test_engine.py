@@ -38,7 +38,7 @@ def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
 def test_full_cache_equals_uncached_forward(tiny_cfg, r, n_coda):
     cfg = dataclasses.replace(tiny_cfg, n_coda=n_coda)
     m = random_model(cfg)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     seq = torch.randint(0, cfg.vocab_size, (20,)).tolist()
     got = cached_logits(engine, seq, 7, r)
     with torch.no_grad():
@@ -48,7 +48,7 @@ def test_full_cache_equals_uncached_forward(tiny_cfg, r, n_coda):
 
 def test_last_equals_full_at_r1_and_differs_deeper(tiny_cfg):
     m = random_model(tiny_cfg)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     seq = torch.randint(0, tiny_cfg.vocab_size, (16,)).tolist()
     assert torch.allclose(cached_logits(engine, seq, 5, 1, "last"), cached_logits(engine, seq, 5, 1, "full"),
                           atol=1e-5)
@@ -63,7 +63,7 @@ def test_standard_model_cache(tiny_cfg):
     cfg = tiny_cfg.standard_twin()
     m = random_model(cfg)
     seq = torch.randint(0, cfg.vocab_size, (12,)).tolist()
-    got = cached_logits(Engine(m), seq, 4, 1)
+    got = cached_logits(Engine(m, dtype="fp32"), seq, 4, 1)
     with torch.no_grad():
         ref = m(torch.tensor([seq]))[0, 3:]
     assert torch.allclose(got, ref, atol=1e-4)
@@ -73,7 +73,7 @@ def test_standard_model_cache(tiny_cfg):
                                    RecurParams(exit="kl:0.01", max_recur=6, kv="last", warm_start=True)])
 def test_batched_greedy_equals_one_at_a_time(tiny_cfg, recur):
     m = random_model(tiny_cfg, seed=1)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 5, 1)]
     sp = SamplingParams(max_tokens=8, temperature=0.0)
@@ -88,7 +88,7 @@ def test_exited_row_no_longer_changes_and_compute_is_saved(tiny_cfg):
     """Row 0 exits at step 1 (crafted: min=max for it is impossible, so use a criterion threshold that is always
     met) while the batch keeps iterating for nobody: compare with fixed depth the iteration counts."""
     m = random_model(tiny_cfg, seed=2)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     sp = SamplingParams(max_tokens=6, temperature=0.0)
     engine.iterations = 0
@@ -106,7 +106,7 @@ def test_exited_rows_state_frozen(tiny_cfg):
     """In one decode step, a row that exits early keeps its logits while other rows iterate on."""
     from recurchat.infer.exit import ExitCriterion
     m = random_model(tiny_cfg, seed=3)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     cache = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
     with torch.no_grad():
@@ -127,7 +127,7 @@ def test_exited_rows_state_frozen(tiny_cfg):
 
 def test_sampling_seed_and_stop(tiny_cfg):
     m = random_model(tiny_cfg)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     sp = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=5)
     a = engine.generate([[1, 2]], sp)[0]
     b = engine.generate([[1, 2]], sp)[0]
@@ -139,7 +139,7 @@ def test_sampling_seed_and_stop(tiny_cfg):
 
 def test_stream_yields_per_step(tiny_cfg):
     m = random_model(tiny_cfg)
-    steps = list(Engine(m).stream([[1, 2, 3], [4]], SamplingParams(max_tokens=4, temperature=0)))
+    steps = list(Engine(m, dtype="fp32").stream([[1, 2, 3], [4]], SamplingParams(max_tokens=4, temperature=0)))
     assert len(steps) == 4 and all(len(s) == 2 for s in steps)
     assert all(ev.finish_reason == "length" for ev in steps[-1])
 
@@ -156,7 +156,7 @@ def test_bytes_per_token_matches_allocation(tiny_cfg):
 
 def test_per_row_sampling_params_and_cancel(tiny_cfg):
     m = random_model(tiny_cfg)
-    engine = Engine(m)
+    engine = Engine(m, dtype="fp32")
     prompts = [[1, 2], [3, 4, 5], [6]]
     params = [SamplingParams(max_tokens=3, temperature=0), SamplingParams(max_tokens=6, temperature=0),
               SamplingParams(max_tokens=6, temperature=1.0, seed=7)]

@@ -1,7 +1,9 @@
-"""Atomic file writes: write a temp file in the target's directory, then os.replace it into place.
+"""Files on disk: where recurchat keeps its caches ($RECURCHAT_HOME), and atomic writes.
 
-A crash (or a second process writing the same cache) never leaves a half-written file under the final name.
-Exercised by `pytest tests/data/test_atomic.py`.
+An atomic write goes to a temp file in the target's directory, is fsynced, then os.replace'd into place: a crash (or
+a second process writing the same cache) never leaves a half-written file under the final name. This is the base
+layer (with config.py and errors.py), so data/, model/ and everything above may use it.
+Exercised by `pytest tests/test_files.py`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
+
+
+def recurchat_home() -> Path:
+    """Where recurchat keeps caches and runs: $RECURCHAT_HOME, else ~/.cache/recurchat."""
+    return Path(os.environ.get("RECURCHAT_HOME") or Path.home() / ".cache" / "recurchat").expanduser()
 
 
 @contextmanager

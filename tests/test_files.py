@@ -1,13 +1,13 @@
-"""Atomic writes leave either the old file or the new one, never a partial one.
+"""Atomic writes leave either the old file or the new one, never a partial one; $RECURCHAT_HOME is honoured.
 
-Run: `pytest tests/data/test_atomic.py`.
+Run: `pytest tests/test_files.py`.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from recurchat.data.atomic import atomic_open, atomic_write_text
+from recurchat.files import atomic_open, atomic_write_text, recurchat_home
 
 
 def test_write_replaces_and_leaves_no_temp(tmp_path):
@@ -27,3 +27,10 @@ def test_failed_write_keeps_old_file(tmp_path):
             raise RuntimeError("crash mid-write")
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
+
+
+def test_recurchat_home_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("RECURCHAT_HOME", str(tmp_path))
+    assert recurchat_home() == tmp_path
+    monkeypatch.delenv("RECURCHAT_HOME")
+    assert recurchat_home().parts[-2:] == (".cache", "recurchat")

@@ -1,0 +1,262 @@
+"""What this machine runs fast: the compute dtype behind `--dtype auto`, the peak FLOP/s behind MFU, the threads.
+
+    python -m recurchat.model.hardware        # print this machine's banner (probes once, then reads the cache)
+
+- Dtype. `auto` picks bf16 only where the device runs it natively: CUDA when
+  `torch.cuda.is_bf16_supported(including_emulation=False)`; a CPU when a one-time probe (≤ 0.3 s) measures bf16
+  matmul at ≥ 1.2× fp32. Everything else runs fp32. CPUs without AVX-512 BF16 / AMX emulate bf16 at ~1% of fp32
+  speed (0.7 GFLOP/s against 136 on one AVX2 EPYC), so hard-coding bf16 makes training 20–60× slower there; an
+  explicit `--dtype bf16` on such a machine still runs, after one warning that gives the measured ratio.
+- Peak FLOP/s. The best rate of matmuls of the model's own shapes ((rows × d)·(d × d), (d × 4d), (4d × d),
+  (d × vocab)) in the chosen dtype, measured once per machine, dtype and shape set. It is the MFU denominator in
+  metrics.jsonl, the progress bar, `recurchat bench` and the report card; `--peak-flops` overrides it, and the
+  source (`measured` or `--peak-flops`) is recorded beside every MFU. No table of datasheet numbers: a table is
+  right for one machine and silently wrong on every other.
+- Both measurements are cached in $RECURCHAT_HOME/hardware.json, keyed by the machine (CPU model, its
+  `torch.backends.cpu.get_cpu_capability()`, threads, torch version; or the GPU's name).
+
+Exercised by `pytest tests/model/test_hardware.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from recurchat.config import DTYPES, ModelConfig
+from recurchat.errors import UserError
+from recurchat.files import atomic_write_text, recurchat_home
+
+BF16_MIN_SPEEDUP = 1.2  # auto picks bf16 on a CPU only when its matmuls run at least this much faster than fp32
+PROBE_SIZE = 256  # square matmul of the dtype probe: small enough that emulated bf16 stays within the time budget
+_warned: set[str] = set()
+
+
+# ---- device, threads and the machine's identity ----------------------------------------------------------------
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU; anything else is passed to torch.device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r} (auto | cpu | cuda | cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here")
+    return device
+
+
+def set_threads(threads: int) -> int:
+    """Use `threads` intra-op threads (0 = leave torch's default, what it sees); returns the number in use."""
+    if threads < 0:
+        raise UserError(f"--threads must be >= 0, got {threads}")
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def device_label(device: torch.device) -> str:
+    """Human-readable: `cpu (AMD EPYC, AVX512)` or `cuda:0 (NVIDIA H200)`."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({cpu_name()}, {torch.backends.cpu.get_cpu_capability()})"
+
+
+def machine_key(device: torch.device) -> str:
+    """What a cached measurement is valid for: the same hardware, instruction set, threads and torch."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}|torch {torch.__version__}"
+    return (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|{torch.get_num_threads()} threads"
+            f"|torch {torch.__version__}")
+
+
+# ---- the cache -----------------------------------------------------------------------------------------------
+
+def cache_path() -> Path:
+    return recurchat_home() / "hardware.json"
+
+
+def cached(device: torch.device, entry: str, measure) -> float:
+    """The cached value of `entry` for this machine, measuring (and caching) it the first time."""
+    path = cache_path()
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        table = {}
+    key = machine_key(device)
+    if entry in table.get(key, {}):
+        return float(table[key][entry])
+    value = float(measure())
+    table.setdefault(key, {})[entry] = value
+    with contextlib.suppress(OSError):  # a read-only home only costs re-measuring next time
+        atomic_write_text(path, json.dumps(table, indent=1, sort_keys=True))
+    return value
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, max_reps: int = 10) -> float:
+    """Fastest of up to `max_reps` timed a @ b after one warm-up, stopping once `budget_s` is spent."""
+    a @ b
+    _sync(a.device)
+    best, spent = float("inf"), 0.0
+    for _ in range(max_reps):
+        t0 = time.perf_counter()
+        a @ b
+        _sync(a.device)
+        dt = time.perf_counter() - t0
+        best, spent = min(best, dt), spent + dt
+        if spent > budget_s:
+            break
+    return best
+
+
+# ---- dtype ---------------------------------------------------------------------------------------------------
+
+def bf16_over_fp32_matmul(device: torch.device) -> float:
+    """How much faster a bf16 matmul runs than fp32 here (< 1: bf16 is emulated); probed once, then cached."""
+    size = PROBE_SIZE if device.type == "cpu" else 8 * PROBE_SIZE  # a GPU needs more work than launch overhead
+
+    def probe() -> float:
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            a = torch.randn(size, size, device=device, dtype=dtype)
+            seconds[dtype] = best_matmul_seconds(a, a.T.contiguous(), budget_s=0.1)
+        return seconds[torch.float32] / seconds[torch.bfloat16]
+
+    return cached(device, "bf16_over_fp32_matmul", probe)
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str, float | None]:
+    """(runs bf16 natively, why, the measured CPU ratio or None)."""
+    if device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"{torch.cuda.get_device_name(device)} {'has' if ok else 'lacks'} native bf16", None
+    ratio = bf16_over_fp32_matmul(device)
+    return ratio >= BF16_MIN_SPEEDUP, f"bf16 matmul runs at {ratio:.2f}× fp32 here", ratio
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    name: str  # "bf16" | "fp32": what the model computes in (bf16 = autocast over fp32 master weights)
+    reason: str
+    bf16_over_fp32_matmul: float | None = None  # the CPU probe's ratio, when it ran
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.name == "bf16" else None
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.name == "bf16" else torch.float32
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The context every forward of this run goes through: bf16 autocast, or nothing for fp32."""
+        if self.name == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
+    """Resolve `--dtype auto|bf16|fp32` on `device` (see the module docstring)."""
+    if requested not in DTYPES:
+        raise UserError(f"unknown dtype {requested!r} (choose from {' | '.join(DTYPES)})")
+    if requested == "fp32":
+        return DtypeChoice("fp32", "--dtype fp32")
+    native, why, ratio = native_bf16(device)
+    if requested == "auto":
+        return DtypeChoice("bf16" if native else "fp32", f"auto: {why}", ratio)
+    if not native and why not in _warned:
+        _warned.add(why)
+        print(f"warning: --dtype bf16 on a device that emulates it ({why}); --dtype auto would pick fp32",
+              file=sys.stderr)
+    return DtypeChoice("bf16", f"--dtype bf16 ({why})", ratio)
+
+
+# ---- peak FLOP/s -----------------------------------------------------------------------------------------------
+
+def matmul_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
+    """(m, k, n) of the model's matmuls for `rows` tokens: attention and MLP projections, and the head."""
+    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    return [(rows, d, d), (rows, d, hidden), (rows, hidden, d), (rows, d, cfg.vocab_size)]
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, shapes: list[tuple[int, int, int]],
+                       budget_s: float = 0.5) -> float:
+    """The best FLOP/s over `shapes`, each timed as best-of-reps within its share of `budget_s`."""
+    best = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, device=device, dtype=dtype)
+        b = torch.randn(k, n, device=device, dtype=dtype)
+        best = max(best, 2 * m * k * n / best_matmul_seconds(a, b, budget_s / len(shapes)))
+    return best
+
+
+def peak_flops(device: torch.device, choice: DtypeChoice, cfg: ModelConfig, rows: int) -> float:
+    """Measured (once per machine, dtype and shape set, then cached) peak of the model's matmuls."""
+    shapes = matmul_shapes(cfg, rows)
+    entry = f"peak_flops {choice.name} " + ",".join("x".join(map(str, s)) for s in shapes)
+    return cached(device, entry, lambda: measure_peak_flops(device, choice.torch_dtype, shapes))
+
+
+@dataclass(frozen=True)
+class Peak:
+    flops: float
+    source: str  # "measured" | "--peak-flops"
+
+
+def resolve_peak(device: torch.device, choice: DtypeChoice, cfg: ModelConfig, rows: int,
+                 override: float = 0.0) -> Peak:
+    """`--peak-flops` when given (> 0), else the measured peak of this model's matmuls."""
+    if override > 0:
+        return Peak(override, "--peak-flops")
+    return Peak(peak_flops(device, choice, cfg, rows), "measured")
+
+
+# ---- the banner ------------------------------------------------------------------------------------------------
+
+def banner(device: torch.device, choice: DtypeChoice, peak: Peak | None = None) -> str:
+    """One line: device, CPU capability, dtype and why, threads, peak FLOP/s and where it came from."""
+    text = f"device {device_label(device)}; dtype {choice.name} ({choice.reason}); {torch.get_num_threads()} threads"
+    if peak is not None:
+        text += f"; peak {peak.flops / 1e9:,.0f} GFLOP/s {choice.name} ({peak.source})"
+    return text
+
+
+def inference_banner(device: torch.device, choice: DtypeChoice, cfg: ModelConfig) -> str:
+    """The banner of a command that only runs the model forward (eval, sample, chat, serve): peak at one context."""
+    return banner(device, choice, resolve_peak(device, choice, cfg, rows=cfg.seq_len))
+
+
+def run_record(device: torch.device, choice: DtypeChoice, peak: Peak) -> dict:
+    """The same facts as JSON, for metrics.jsonl and benchmark results."""
+    return {"device": device_label(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "dtype": choice.name, "dtype_reason": choice.reason,
+            "bf16_over_fp32_matmul": choice.bf16_over_fp32_matmul, "threads": torch.get_num_threads(),
+            "peak_flops": peak.flops, "peak_flops_source": peak.source}
+
+
+if __name__ == "__main__":
+    dev = resolve_device()
+    picked = choose_dtype("auto", dev)
+    preset = ModelConfig()
+    print(banner(dev, picked, resolve_peak(dev, picked, preset, 8 * preset.seq_len)))
