@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-from pathlib import Path
 
 from recurchat.config import DTYPES, PRESETS, ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
+from recurchat.files import atomic_write_text
 
 
 def _flag(name: str) -> str:
@@ -45,10 +44,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...]
                                help=f"default from preset ({default!r} in the dataclass)")
 
 
-def apply_overrides(cfg, args: argparse.Namespace):
-    changes = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg)
-               if getattr(args, f.name, None) is not None}
-    return dataclasses.replace(cfg, **changes)
+def overrides(cls, args: argparse.Namespace) -> dict:
+    """The fields of dataclass `cls` that the user set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
 def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
@@ -60,131 +58,47 @@ def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> No
                             help="auto: bf16 where the device runs it natively, else fp32")
 
 
-def parse_depths(text: str) -> list[int]:
-    try:
-        depths = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise UserError(f"bad recursion list {text!r}: expected comma-separated integers like 1,2,4,8") from None
-    if not depths or min(depths) < 1:
-        raise UserError(f"bad recursion list {text!r}: each r must be >= 1")
-    return depths
+def print_result(result: dict) -> None:
+    if result:  # only rank 0 of a torchrun job returns metrics
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
 
 
 # -- commands -------------------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from recurchat.train import checkpoint
+    from recurchat.train.spec import pretrain_spec, resume_spec
     from recurchat.train.trainer import train
 
-    preset = get_preset(args.preset)
-    model_cfg, train_cfg = preset.model, preset.train
+    model, train_fields = overrides(ModelConfig, args), overrides(TrainConfig, args)
     if args.resume:
-        ckpt = checkpoint.load(args.resume)
-        model_cfg, train_cfg = ckpt.model_cfg, ckpt.train_cfg
+        spec = resume_spec(args.resume, args.out, model=model, train=train_fields)
     else:
-        if args.standard:
-            model_cfg = model_cfg.standard_twin()
-        if (Path(args.out) / "checkpoint").exists() and not args.overwrite:
-            raise UserError(f"{args.out} already holds a checkpoint: pass --resume {args.out} to continue it, "
-                            "or --overwrite to start over")
-    model_cfg = apply_overrides(model_cfg, args)
-    train_cfg = apply_overrides(train_cfg, args)
-    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.quiet)
-    if result:
-        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
+        spec = pretrain_spec(args.preset, args.out, standard=args.standard, model=model, train=train_fields,
+                             overwrite=args.overwrite)
+    print_result(train(spec, progress=not args.quiet))
     return 0
 
 
 def cmd_sft(args: argparse.Namespace) -> int:
-    from recurchat.train import checkpoint
+    from recurchat.train.spec import resume_spec, sft_spec
     from recurchat.train.trainer import train
 
+    train_fields = overrides(TrainConfig, args)
     if args.resume:
-        ck = checkpoint.load(args.resume)
-        model_cfg, train_cfg = ck.model_cfg, ck.train_cfg
+        spec = resume_spec(args.resume, args.out, train=train_fields)
+    elif args.ckpt is None:
+        raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
     else:
-        if args.ckpt is None:
-            raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
-        if (Path(args.out) / "checkpoint").exists() and not args.overwrite:
-            raise UserError(f"{args.out} already holds a checkpoint: pass --resume {args.out} to continue it, "
-                            "or --overwrite to start over")
-        base = checkpoint.load(args.ckpt)
-        # SFT defaults: the base run's settings, a short schedule and no warmup (the model is already trained);
-        # the dtype is chosen afresh for this machine
-        train_cfg = dataclasses.replace(base.train_cfg, max_steps=300, warmup_steps=0, eval_every=100,
-                                        stop_after=0, recur_dist="poisson-lognormal", stage="sft", dtype="auto")
-        model_cfg = base.model_cfg
-    model_cfg = apply_overrides(model_cfg, args)
-    train_cfg = apply_overrides(train_cfg, args)
-    if not train_cfg.data:
-        raise UserError("sft needs --data FILE.jsonl or --data builtin:hops,arith,…")
-    result = train(model_cfg, train_cfg, args.out, resume=args.resume, progress=not args.quiet,
-                   init_from=None if args.resume else args.ckpt, sft_spec=train_cfg.data)
-    if result:
-        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
+        spec = sft_spec(args.ckpt, args.out, train=train_fields, overwrite=args.overwrite)
+    print_result(train(spec, progress=not args.quiet))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from recurchat.data.corpus import prepare_data
-    from recurchat.eval.report import write_report
-    from recurchat.eval.sweep import print_table, run_sweep
-    from recurchat.eval.tasks import parse_task_specs
-    from recurchat.infer.exit import ExitCriterion
-    from recurchat.model import hardware
-    from recurchat.train import checkpoint
+    from recurchat.eval.command import EvalRequest, evaluate_checkpoint
 
-    specs = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    parsed = parse_task_specs(specs)  # bad names fail before the model loads
-    depths = parse_depths(args.recur)
-    exits = [e.strip() for e in (args.exit or "").split(",") if e.strip()]
-    for spec in exits:
-        ExitCriterion.parse(spec)
-    ckpt, model = checkpoint.load_model(args.ckpt, args.device)
-    cfg, tok = ckpt.model_cfg, ckpt.tokenizer
-    device = next(model.parameters()).device
-    dtype = hardware.choose_dtype(args.dtype, device)
-    print(hardware.inference_banner(device, dtype, cfg), file=sys.stderr)
-    too_deep = [r for r in depths if r > cfg.r_max]
-    if too_deep and cfg.recursive:
-        print(f"note: r = {too_deep} exceed the trained r_max = {cfg.r_max}; evaluating anyway", file=sys.stderr)
-    val = None
-    if any(s.kind == "bpb" for s in parsed):
-        # an SFT checkpoint's data is conversations; its held-out text is the embedded corpus unless --data says
-        own = ckpt.train_cfg.data if ckpt.train_cfg.stage == "pretrain" else ""
-        own = "" if own.startswith("builtin:") else own
-        data_path = args.data if args.data is not None else (own or None)
-        val = prepare_data(data_path, cfg.vocab_size, tokenizer=tok,
-                           log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val
-    eval_tokens = args.eval_tokens or ckpt.train_cfg.eval_tokens
-    result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=args.limit, seed=args.seed,
-                       max_recur=args.max_recur, progress=not args.quiet, batch_size=args.batch_size,
-                       bpb_tokens=eval_tokens, kv=args.kv, dtype=dtype.name, max_tokens=args.max_tokens)
-    if "bpb" in result.get("tasks", {}):
-        result["bpb"] = result["tasks"]["bpb"]
-    result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
-                   "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)})
-    print(print_table(result))
-    if args.json:
-        write_json(args.json, result)
-    if args.report:
-        baseline = None
-        if args.baseline:
-            try:
-                baseline = json.loads(Path(args.baseline).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise UserError(f"--baseline {args.baseline}: cannot read JSON ({e})") from None
-        path = write_report(result, args.report, title=f"recurchat eval: {ckpt.path}", baseline=baseline)
-        print(f"report: {path}", file=sys.stderr)
+    evaluate_checkpoint(EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}))
     return 0
-
-
-def write_json(path: str, obj: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -245,7 +159,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
-        write_json(args.json, result)
+        atomic_write_text(args.json, json.dumps(result, indent=2))
     return 0
 
 

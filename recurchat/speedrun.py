@@ -5,8 +5,9 @@
 
 Stages: pretrain the recursive model → pretrain the standard twin (P + r̄·R + C blocks, same width, same tokens and
 schedule) → SFT both on the built-in tasks → evaluate both (bpb and tasks over r, adaptive exit, by difficulty) →
-DIR/report.md. Every stage goes through the same commands a user would type. A finished stage is recorded in
-DIR/stages.json and skipped on the next run; an interrupted training stage resumes from its checkpoint.
+DIR/report.md. Every stage calls the library function behind the command a user would type (`train` with a RunSpec,
+`evaluate_checkpoint`). A finished stage is recorded in DIR/stages.json and skipped on the next run; an interrupted
+training stage resumes from its checkpoint.
 Exercised by `pytest tests/test_speedrun.py`.
 """
 
@@ -17,6 +18,7 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,9 +26,12 @@ import torch
 
 from recurchat.config import get_preset
 from recurchat.errors import UserError
+from recurchat.eval.command import EvalRequest, evaluate_checkpoint
 from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
 from recurchat.model.hardware import set_threads
+from recurchat.train.spec import RunSpec, pretrain_spec, resume_spec, sft_spec
+from recurchat.train.trainer import train
 
 
 @dataclass(frozen=True)
@@ -68,19 +73,10 @@ def run_stage(out: Path, name: str, fn) -> None:
     atomic_write_text(path, json.dumps(stages, indent=2))
 
 
-def run_command(argv: list[str]) -> None:
-    from recurchat.cli import main
-
-    code = main(argv)
-    if code != 0:
-        raise UserError(f"speedrun stage failed: recurchat {' '.join(argv)}")
-
-
-def train_argv(run: Path, argv: list[str]) -> list[str]:
-    """Resume an interrupted training stage from its checkpoint instead of starting over."""
-    if (run / "checkpoint" / "config.json").exists():
-        return [argv[0], "--resume", str(run), "--out", str(run), "--quiet"]
-    return argv
+def train_stage(run: Path, fresh: Callable[[], RunSpec]) -> None:
+    """Train `fresh()`, or resume an interrupted stage from its checkpoint instead of starting over."""
+    interrupted = (run / "checkpoint" / "config.json").exists()
+    train(resume_spec(run, run) if interrupted else fresh(), progress=False)
 
 
 def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
@@ -170,26 +166,23 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
     sp = SPEEDRUNS[preset_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    extra = ["--data", data] if data else []
-    common = ["--preset", sp.model_preset, "--max-steps", str(sp.pretrain_steps), "--quiet", "--dtype", dtype, *extra]
-    rec, std = out / "recursive", out / "standard"
-    run_stage(out, "pretrain recursive",
-              lambda: run_command(train_argv(rec, ["train", *common, "--out", str(rec), "--overwrite"])))
-    run_stage(out, "pretrain standard",
-              lambda: run_command(train_argv(std, ["train", *common, "--standard", "--out", str(std),
-                                                   "--overwrite"])))
-    rows = get_preset(sp.model_preset).model.seq_len * sp.sft_batch_size
-    for name, base in (("recursive", rec), ("standard", std)):
-        sft = out / f"{name}-sft"
-        argv = ["sft", "--ckpt", str(base), "--data", sp.sft_data, "--out", str(sft), "--overwrite", "--quiet",
-                "--max-steps", str(sp.sft_steps), "--batch-size", str(sp.sft_batch_size),
-                "--total-batch-tokens", str(rows), "--sft-examples", str(sp.sft_examples), "--dtype", dtype]
-        run_stage(out, f"sft {name}", lambda argv=argv, sft=sft: run_command(train_argv(sft, argv)))
+    pretrain = {"max_steps": sp.pretrain_steps, "dtype": dtype, **({"data": data} if data else {})}
+    for name, standard in (("recursive", False), ("standard", True)):
+        run = out / name
+        run_stage(out, f"pretrain {name}", lambda run=run, standard=standard: train_stage(
+            run, lambda: pretrain_spec(sp.model_preset, run, standard=standard, train=pretrain, overwrite=True)))
+    sft = {"data": sp.sft_data, "max_steps": sp.sft_steps, "batch_size": sp.sft_batch_size, "dtype": dtype,
+           "total_batch_tokens": get_preset(sp.model_preset).model.seq_len * sp.sft_batch_size,
+           "sft_examples": sp.sft_examples}
     for name in ("recursive", "standard"):
-        argv = ["eval", "--ckpt", str(out / f"{name}-sft"), "--tasks", sp.tasks, "--recur", sp.depths,
-                "--exit", sp.exits, "--limit", str(sp.limit), "--eval-tokens", str(sp.eval_tokens), "--quiet",
-                "--json", str(out / f"eval-{name}.json"), "--dtype", dtype, *extra]
-        run_stage(out, f"eval {name}", lambda argv=argv: run_command(argv))
+        run = out / f"{name}-sft"
+        run_stage(out, f"sft {name}", lambda run=run, base=out / name: train_stage(
+            run, lambda: sft_spec(base, run, train=sft, overwrite=True)))
+    for name in ("recursive", "standard"):
+        request = EvalRequest(ckpt=str(out / f"{name}-sft"), tasks=sp.tasks, recur=sp.depths, exit=sp.exits,
+                              limit=sp.limit, eval_tokens=sp.eval_tokens, quiet=True,
+                              json=str(out / f"eval-{name}.json"), dtype=dtype, data=data)
+        run_stage(out, f"eval {name}", lambda request=request: evaluate_checkpoint(request))
     path = report_card(out, preset_name, sp)
     print(f"[speedrun] report card: {path}", flush=True)
     return path

@@ -44,7 +44,7 @@ def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, rep
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto") -> dict:
-    from recurchat.train.checkpoint import load_model  # the loading path every command uses
+    from recurchat.checkpoint import load_model  # the loading path every command uses
 
     if ckpt:
         ck, model = load_model(ckpt)
@@ -68,11 +68,10 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     log(f"bench infer: {'checkpoint ' + ckpt if ckpt else 'random ' + preset}, r̄={rbar}, r_max={rmax}, "
         f"{tokens}-token continuations, exit {exit_spec}")
 
-    autocast = engine.dtype.autocast(engine.device)  # the naive baseline and bpb run in the engine's dtype
     t_naive = []
     for _ in range(2):
         t0 = time.perf_counter()
-        with autocast:
+        with engine.dtype.autocast(engine.device):  # the naive baseline runs in the engine's dtype too
             generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
         t_naive.append(time.perf_counter() - t0)
     naive_tok_s = tokens / statistics.median(t_naive)
@@ -98,7 +97,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
 
     bs = min(8, max(1, eval_tokens // cfg.seq_len))
     tb = data.tokenizer.token_bytes()
-    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar, autocast=autocast)
+    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar, dtype=engine.dtype)
     bpb_exit, mean_exit = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, adaptive)
     log(f"  val bpb fixed r̄ {bpb_fixed:.4f}; {exit_spec}: {bpb_exit:.4f} at {mean_exit:.2f} recursions/token "
         f"(Δ {100 * (bpb_exit / bpb_fixed - 1):+.2f}%)")
@@ -108,7 +107,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         pareto.append({"exit": spec, "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
         log(f"  sweep {spec:<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
     for r in sorted({1, max(1, rbar // 2), rbar, 2 * rbar}):
-        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r, autocast=autocast)
+        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r, dtype=engine.dtype)
         pareto.append({"exit": f"fixed:{r}", "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
         log(f"  sweep {'fixed:' + str(r):<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
     kv = {s: bytes_per_token(cfg, s, rbar, engine.dtype.torch_dtype) for s in ("full", "last", "ring:2")}

@@ -6,57 +6,44 @@ so the number is comparable across tokenizers. Exercise: `recurchat eval --ckpt 
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import numpy as np
 import torch
 
 from recurchat.data.loader import eval_batches
+from recurchat.model.hardware import DtypeChoice
+from recurchat.model.scoring import scoring
 
 
-@torch.no_grad()
 def evaluate_bpb(model: torch.nn.Module, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int,
                  seq_len: int, max_tokens: int, num_recur: int | None = None,
-                 autocast: contextlib.AbstractContextManager | None = None) -> float:
-    device = next(model.parameters()).device
-    token_bytes = token_bytes.to(device)
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    # Evaluation must not move the training RNG (state_init=noise draws from it): exact resume depends on it.
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                 dtype: DtypeChoice | None = None) -> float:
+    """bpb of up to `max_tokens` held-out tokens at depth `num_recur`, in `dtype` (None: fp32)."""
+    nats = nbytes = 0.0
+    with scoring(model, dtype) as device:
+        token_bytes = token_bytes.to(device)
         for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
             x, y = x.to(device), y.to(device)
-            with autocast or contextlib.nullcontext():
-                loss = model(x, y, num_recur=num_recur, loss_reduction="none")
+            loss = model(x, y, num_recur=num_recur, loss_reduction="none")
             b = token_bytes[y]
-            nats += (loss.double() * (b > 0)).sum()
-            nbytes += b.sum()
-    model.train(was_training)
-    return float(nats / (math.log(2) * nbytes)) if nbytes > 0 else float("nan")
+            nats += float((loss.double() * (b > 0)).sum())
+            nbytes += float(b.sum())
+    return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
 
 
-@torch.no_grad()
 def evaluate_rows_bpb(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, token_bytes: torch.Tensor,
-                      batch_size: int, num_recur: int | None = None,
-                      autocast: contextlib.AbstractContextManager | None = None) -> float:
+                      batch_size: int, num_recur: int | None = None, dtype: DtypeChoice | None = None) -> float:
     """bpb over the supervised targets (y != −1) of pre-built rows, e.g. the assistant turns of SFT data."""
-    device = next(model.parameters()).device
-    token_bytes = token_bytes.to(device)
     nats = nbytes = 0.0
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with scoring(model, dtype) as device:
+        token_bytes = token_bytes.to(device)
         for i in range(0, x.size(0), batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-            with autocast or contextlib.nullcontext():
-                loss = model(xb, yb, num_recur=num_recur, loss_reduction="none")
+            loss = model(xb, yb, num_recur=num_recur, loss_reduction="none")
             b = token_bytes[yb.clamp_min(0)] * (yb >= 0)
             nats += float((loss.double() * (b > 0)).sum())
             nbytes += float(b.sum())
-    model.train(was_training)
     return nats / (math.log(2) * nbytes) if nbytes > 0 else float("nan")
 
 
@@ -70,7 +57,7 @@ def evaluate_bpb_exit(engine, tokens: np.ndarray, token_bytes: torch.Tensor, bat
     token_bytes = token_bytes.to(engine.device)
     nats = nbytes = 0.0
     depth_sum = count = 0
-    with torch.random.fork_rng(devices=[]):
+    with scoring(engine.model, engine.dtype):
         for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
             nll, depth = engine.score(x, y, recur)
             b = token_bytes[y.to(engine.device)]

@@ -105,8 +105,6 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     data: dict[str, tuple[list, float]] = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
     was_training = model.training
     engine = Engine(model, dtype=dtype)  # puts the model in eval mode; resolves `auto` for the device
-    autocast = engine.dtype.autocast(engine.device)
-    autocast_dtype = engine.dtype.autocast_dtype
     exit_cap = max_recur or cfg.r_max
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
     diff_setting = exits[0] if exits else str(1 if cfg.n_recur == 0 else cfg.mean_recur)
@@ -128,11 +126,11 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
                 out = evaluate_bpb_exit(engine, val_tokens, token_bytes, batch_size, cfg.seq_len, bpb_tokens, recur)
             else:
                 out = (evaluate_bpb(model, val_tokens, token_bytes, batch_size, cfg.seq_len, bpb_tokens,
-                                    num_recur=recur.num_recur, autocast=autocast), float(recur.num_recur))
+                                    num_recur=recur.num_recur, dtype=engine.dtype), float(recur.num_recur))
         elif spec.kind == "mc":
             out = score_mc(model, tokenizer, data[spec.name][0], recur.num_recur, mc_mode, batch_size,
                            engine=engine if adaptive else None, recur=recur if adaptive else None,
-                           autocast_dtype=autocast_dtype)
+                           dtype=engine.dtype)
         else:
             n_tokens = max(GSM8K_MAX_TOKENS, max_tokens) if spec.kind == "gen" else max_tokens
             out = eval_generative(engine, tokenizer, data[spec.name][0], recur, n_tokens, batch_size)

@@ -14,7 +14,6 @@ Exercised by `pytest tests/eval/test_eval_tasks.py`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -30,7 +29,9 @@ from recurchat.data.tasks.registry import REGISTRY
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.model.hardware import DtypeChoice
 from recurchat.model.recurrent import RecurrentLM
+from recurchat.model.scoring import scoring
 
 GENERATIVE_BENCHMARKS = ("gsm8k",)
 MC_MODES = ("loglik", "letter")
@@ -92,15 +93,6 @@ def mc_chance(questions: Sequence[MCQuestion]) -> float:
     return sum(1 / len(q.choices) for q in questions) / len(questions) if questions else 0.0
 
 
-def _fork_rng(device: torch.device):
-    # Scoring must not move the caller's RNG (state_init=noise draws from it): training resumes exactly.
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
-
-
 # ---- generative ---------------------------------------------------------------------------------------------
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -145,7 +137,7 @@ def eval_generative(engine: Engine, tokenizer: Tokenizer, examples: Sequence[Exa
     # Similar lengths share a batch, so little prefill is spent on padding.
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
     results: list[dict | None] = [None] * len(prepared)
-    with _fork_rng(engine.device):
+    with scoring(engine.model, engine.dtype):
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             tokens: list[list[int]] = [[] for _ in chunk]
@@ -219,7 +211,7 @@ def _batches(rows: list[_Row], batch_size: int, pad_id: int):
 def continuation_logprobs(model: RecurrentLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
                           num_recur: int | None = None, batch_size: int = 32, engine: Engine | None = None,
                           recur: RecurParams | None = None,
-                          autocast_dtype: torch.dtype | None = None) -> list[tuple[float, float]]:
+                          dtype: DtypeChoice | None = None) -> list[tuple[float, float]]:
     """For each (context, continuation): (summed log-prob of the continuation's tokens, mean depth over them).
 
     At a fixed depth one forward scores a batch (depth = num_recur, or 0 for the standard model); with `engine`
@@ -228,31 +220,26 @@ def continuation_logprobs(model: RecurrentLM, tokenizer: Tokenizer, pairs: Seque
     cfg = model.cfg
     rows = _rows(tokenizer, pairs, cfg.seq_len)
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     fixed_depth = float(num_recur or cfg.mean_recur) if cfg.n_recur else 0.0
-    with torch.no_grad(), _fork_rng(device):
+    with scoring(model, dtype) as device:
         for chunk, x, y in _batches(rows, batch_size, tokenizer.pad_id):
             scored = y >= 0
             if engine is not None and recur is not None:
                 nll, depth = engine.score(x, y.clamp(min=0), recur)
                 nll, depth = nll.cpu() * scored, depth.cpu().float()
             else:
-                with _autocast(device, autocast_dtype):
-                    nll = model(x.to(device), y.to(device), num_recur=num_recur, loss_reduction="none")
+                nll = model(x.to(device), y.to(device), num_recur=num_recur, loss_reduction="none")
                 nll, depth = nll.float().cpu(), torch.full(x.shape, fixed_depth)
             for j, i in enumerate(chunk):
                 n = int(scored[j].sum())
                 out[i] = (-float(nll[j][scored[j]].double().sum()),
                           float(depth[j][scored[j]].mean()) if n else fixed_depth)
-    model.train(was_training)
     return out
 
 
 def _letter_logprobs(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQuestion],
                      num_recur: int | None, batch_size: int,
-                     autocast_dtype: torch.dtype | None) -> list[list[float]] | None:
+                     dtype: DtypeChoice | None) -> list[list[float]] | None:
     """One forward per question, log-probs of the " A"/" B"/… tokens at the last position; None when a letter is
     not a single token in this vocabulary (the caller then scores " A" etc. as ordinary continuations)."""
     n_max = max(len(q.choices) for q in questions)
@@ -261,32 +248,27 @@ def _letter_logprobs(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequen
         return None
     letter_ids = [ids[0] for ids in letter_ids]
     cfg = model.cfg
-    device = next(model.parameters()).device
     prompts = [([tokenizer.bos_id] + ids)[-cfg.seq_len:] for ids in tokenizer.encode_batch(
         [mc_prompt(q) for q in questions])]
     out: list[list[float]] = [[] for _ in questions]
-    was_training = model.training
-    model.eval()
-    with torch.no_grad(), _fork_rng(device):
+    with scoring(model, dtype) as device:
         for start in range(0, len(prompts), batch_size):
             chunk = list(range(start, min(start + batch_size, len(prompts))))
             T = max(len(prompts[i]) for i in chunk)
             x = torch.full((len(chunk), T), tokenizer.pad_id, dtype=torch.long)
             for j, i in enumerate(chunk):
                 x[j, :len(prompts[i])] = torch.tensor(prompts[i])
-            with _autocast(device, autocast_dtype):
-                logits = model(x.to(device), num_recur=num_recur).float()
+            logits = model(x.to(device), num_recur=num_recur).float()
             logp = torch.log_softmax(logits, dim=-1).cpu()
             for j, i in enumerate(chunk):
                 last = logp[j, len(prompts[i]) - 1]
                 out[i] = [float(last[letter_ids[k]]) for k in range(len(questions[i].choices))]
-    model.train(was_training)
     return out
 
 
 def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQuestion], num_recur: int | None,
              mode: str = "loglik", batch_size: int = 32, engine: Engine | None = None, recur: RecurParams | None = None,
-             autocast_dtype: torch.dtype | None = None) -> list[dict]:
+             dtype: DtypeChoice | None = None) -> list[dict]:
     """One dict per question: {"correct", "correct_norm", "pred", "pred_norm", "label", "logprobs",
     "mean_depth", "subject"}; see the module docstring for the two modes. Pass `engine` and `recur` (with an exit
     criterion) to score with adaptive depth instead of at `num_recur`."""
@@ -297,7 +279,7 @@ def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQue
         return []
     letter = None
     if mode == "letter" and engine is None:
-        letter = _letter_logprobs(model, tokenizer, questions, num_recur, batch_size, autocast_dtype)
+        letter = _letter_logprobs(model, tokenizer, questions, num_recur, batch_size, dtype)
     if letter is not None:
         depth = float(num_recur or model.cfg.mean_recur) if model.cfg.n_recur else 0.0
         per_q = [(lps, [1] * len(lps), depth) for lps in letter]
@@ -310,8 +292,7 @@ def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQue
                 pairs.append((context, cont))
                 conts.append(cont)
                 owner.append(qi)
-        scored = continuation_logprobs(model, tokenizer, pairs, num_recur, batch_size, engine, recur,
-                                       autocast_dtype)
+        scored = continuation_logprobs(model, tokenizer, pairs, num_recur, batch_size, engine, recur, dtype)
         grouped: list[tuple[list[float], list[int], list[float]]] = [([], [], []) for _ in questions]
         for qi, cont, (lp, d) in zip(owner, conts, scored):
             grouped[qi][0].append(lp)

@@ -13,7 +13,7 @@ import sys
 
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
-from recurchat.train.checkpoint import load_model
+from recurchat.checkpoint import load_model
 
 
 def recur_params(args: argparse.Namespace):

@@ -51,7 +51,7 @@ from recurchat.infer.gate import Gate
 from recurchat.infer.kv_cache import iteration_slots
 from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.train.checkpoint import Checkpoint
+from recurchat.checkpoint import Checkpoint
 
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
@@ -255,8 +255,8 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
                max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
                dtype: str = "auto") -> FastAPI:
-    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.train.checkpoint.load_model`."""
-    from recurchat.train.checkpoint import load_model
+    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`."""
+    from recurchat.checkpoint import load_model
 
     if isinstance(ckpt_path_or_model_bundle, tuple):
         ckpt, model = ckpt_path_or_model_bundle

@@ -114,6 +114,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def random_matrix(rows: int, cols: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Random values from a private generator: measuring never moves the global RNG a run's resume depends on."""
+    g = torch.Generator(device=device).manual_seed(0)
+    return torch.randn(rows, cols, device=device, generator=g).to(dtype)
+
+
 def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, max_reps: int = 10) -> float:
     """Fastest of up to `max_reps` timed a @ b after one warm-up, stopping once `budget_s` is spent."""
     a @ b
@@ -139,7 +145,7 @@ def bf16_over_fp32_matmul(device: torch.device) -> float:
     def probe() -> float:
         seconds = {}
         for dtype in (torch.float32, torch.bfloat16):
-            a = torch.randn(size, size, device=device, dtype=dtype)
+            a = random_matrix(size, size, device, dtype)
             seconds[dtype] = best_matmul_seconds(a, a.T.contiguous(), budget_s=0.1)
         return seconds[torch.float32] / seconds[torch.bfloat16]
 
@@ -205,8 +211,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, shapes: list[tu
     """The best FLOP/s over `shapes`, each timed as best-of-reps within its share of `budget_s`."""
     best = 0.0
     for m, k, n in shapes:
-        a = torch.randn(m, k, device=device, dtype=dtype)
-        b = torch.randn(k, n, device=device, dtype=dtype)
+        a, b = random_matrix(m, k, device, dtype), random_matrix(k, n, device, dtype)
         best = max(best, 2 * m * k * n / best_matmul_seconds(a, b, budget_s / len(shapes)))
     return best
 

@@ -20,21 +20,26 @@ import dataclasses
 import json
 import math
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import TextIO
 
 import torch
 
+from recurchat import checkpoint
 from recurchat.config import ModelConfig, TrainConfig
-from recurchat.data.corpus import prepare_data
+from recurchat.data.corpus import PreparedData, prepare_data
 from recurchat.data.loader import RowLoader, TokenLoader
+from recurchat.data.sft import SFTData, build_sft_data
+from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_rows_bpb
 from recurchat.model import hardware
 from recurchat.model.depth import DepthSampler
 from recurchat.model.flops import flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.train import checkpoint, distributed
+from recurchat.train import distributed
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
+from recurchat.train.spec import RunSpec
 from recurchat.train.telemetry import Telemetry
 
 
@@ -66,201 +71,234 @@ def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
     return sorted({min(max(1, r), model_cfg.r_max) for r in depths})
 
 
-def train(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: str | Path | None = None,
-          progress: bool = True, init_from: str | Path | None = None, sft_spec: str = "") -> dict:
-    """Train to `max_steps` (or `stop_after` more steps) and write out_dir/checkpoint; returns the last metrics
-    (on rank 0; other ranks of a torchrun job return {} so only one copy is printed).
+@dataclass
+class Run:
+    """A training run in progress: built once by `setup`, advanced by `train_step`."""
 
-    Pretraining reads a token stream (train_cfg.data or the embedded corpus). With `sft_spec` (a JSONL file or
-    builtin:TASKS) it trains on rendered conversations with loss on assistant tokens only; `init_from` starts from
-    another checkpoint's weights and tokenizer (the base model), without its optimizer state.
-    """
-    model_cfg.validate()
-    train_cfg.validate()
-    out_dir = Path(out_dir)
-    ckpt = None
-    if resume is not None:
-        ckpt = checkpoint.load(resume)
-        if ckpt.model_cfg != model_cfg:
-            diff = [f.name for f in dataclasses.fields(ModelConfig)
-                    if getattr(ckpt.model_cfg, f.name) != getattr(model_cfg, f.name)]
-            raise UserError(f"--resume {resume}: model config differs from the checkpoint in {', '.join(diff)}")
-        if not ckpt.has_state():
-            raise UserError(f"--resume {resume}: checkpoint has no resumable state")
+    spec: RunSpec
+    dist: distributed.DistInfo
+    tokenizer: Tokenizer
+    data: PreparedData | None  # pretraining: the token streams
+    sft: SFTData | None  # SFT: the conversation rows
+    net: RecurrentLM  # the bare model: eval, parameter counts, compile
+    model: torch.nn.Module  # what trains: net, or its DDP / FSDP2 wrapping
+    dtype: hardware.DtypeChoice
+    peak: hardware.Peak
+    optimizers: list[torch.optim.Optimizer]
+    sampler: DepthSampler
+    loader: TokenLoader | RowLoader
+    grad_accum: int
+    start_step: int
+    end_step: int
+    telemetry: Telemetry
+    rank_log: TextIO | None  # under torchrun: this rank's depths and local loss, one line per step
+    eval_depths: list[int]  # r at which held-out bpb is measured
 
-    base = checkpoint.load(init_from) if (init_from is not None and ckpt is None) else None
-    if base is not None and base.model_cfg != model_cfg:
-        raise UserError(f"--ckpt {init_from}: model config differs from the requested one")
+    @property
+    def log(self):
+        return print if self.dist.is_main else (lambda *a, **k: None)
 
-    dist_info = distributed.init()
-    device = dist_info.device
-    torch.manual_seed(train_cfg.seed)
-    log = print if dist_info.is_main else (lambda *a, **k: None)
 
-    known = ckpt or base
-    # Rank 0 trains the tokenizer and writes the token cache; the others then find both and only read them.
-    with distributed.main_first(dist_info):
-        if sft_spec:
-            from recurchat.data.sft import build_sft_data
-
-            tokenizer = known.tokenizer
-            sft = build_sft_data(sft_spec, tokenizer, model_cfg.seq_len, train_cfg.sft_examples, train_cfg.seed)
+def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer, PreparedData | None, SFTData | None]:
+    """(tokenizer, token streams, SFT rows): rank 0 trains the tokenizer and writes the token cache first, so
+    the other ranks only read them."""
+    with distributed.main_first(dist):
+        if spec.is_sft:
+            sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
+                                 spec.train.seed)
             log(f"sft data {sft.description}")
-        else:
-            data = prepare_data(train_cfg.data or None, model_cfg.vocab_size,
-                                tokenizer=known.tokenizer if known is not None else None, log=log)
-            tokenizer = data.tokenizer
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise UserError(f"tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                        f"{model_cfg.vocab_size}")
+            return spec.tokenizer, None, sft
+        data = prepare_data(spec.train.data or None, spec.model.vocab_size, tokenizer=spec.tokenizer, log=log)
+    if data.tokenizer.vocab_size > spec.model.vocab_size:
+        raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{spec.model.vocab_size}")
+    return data.tokenizer, data, None
 
-    rows_per_step = train_cfg.total_batch_tokens / (train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size)
+
+def accumulation_steps(spec: RunSpec, dist: distributed.DistInfo) -> int:
+    """Micro-steps per optimizer step so that one step sees `total_batch_tokens` over all ranks."""
+    per_micro = spec.train.batch_size * spec.model.seq_len * dist.world_size
+    rows_per_step = spec.train.total_batch_tokens / per_micro
     if rows_per_step < 1 or rows_per_step != int(rows_per_step):
-        raise UserError(f"total_batch_tokens={train_cfg.total_batch_tokens} is not a multiple of batch_size × seq_len"
-                        f" × world_size = {train_cfg.batch_size * model_cfg.seq_len * dist_info.world_size}"
-                        + (f"; with {dist_info.world_size} ranks, lower --batch-size"
-                           if dist_info.distributed and rows_per_step < 1 else ""))
-    grad_accum = int(rows_per_step)
+        raise UserError(f"total_batch_tokens={spec.train.total_batch_tokens} is not a multiple of batch_size × "
+                        f"seq_len × world_size = {per_micro}"
+                        + (f"; with {dist.world_size} ranks, lower --batch-size"
+                           if dist.distributed and rows_per_step < 1 else ""))
+    return int(rows_per_step)
 
-    net = RecurrentLM(model_cfg).to(device)  # the bare model: eval, parameter counts, compile
-    # Weights go in before wrapping (FSDP2 shards whatever the module holds); optimizers are built after it, on
-    # the parameters the wrapper updates (FSDP2 replaces them with sharded DTensors).
-    if base is not None:
-        checkpoint.load_model_weights(net, base)
-        log(f"initialised from {base.path}")
-    if ckpt is not None:
-        checkpoint.load_model_weights(net, ckpt)
-    model = distributed.wrap(net, dist_info, train_cfg.parallel)
+
+def build_model(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[RecurrentLM, torch.nn.Module]:
+    """The bare model with its starting weights, and its wrapping for this world (DDP / FSDP2 / itself).
+
+    Weights go in before wrapping: FSDP2 shards whatever the module holds."""
+    net = RecurrentLM(spec.model).to(dist.device)
+    if spec.base is not None and spec.resume is None:
+        checkpoint.load_model_weights(net, spec.base)
+        log(f"initialised from {spec.base.path}")
+    if spec.resume is not None:
+        checkpoint.load_model_weights(net, spec.resume)
+    return net, distributed.wrap(net, dist, spec.train.parallel)
+
+
+def open_logs(spec: RunSpec, dist: distributed.DistInfo, start_step: int,
+              progress: bool) -> tuple[Telemetry, TextIO | None]:
+    """metrics.jsonl (+ wandb, progress bar) on rank 0; under torchrun, every rank's own depth log."""
+    fresh = spec.resume is None
+    if fresh and dist.is_main:
+        (spec.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (--overwrite) starts a fresh log
+    rank_log = None
+    if dist.distributed:
+        rank_path = spec.out / "ranks" / f"rank{dist.rank}.jsonl"
+        rank_path.parent.mkdir(parents=True, exist_ok=True)
+        rank_log = open(rank_path, "w" if fresh else "a", encoding="utf-8")
+    telemetry = Telemetry(spec.out, spec.train.max_steps, start_step, enabled=dist.is_main,
+                          wandb_project=spec.train.wandb, progress=progress,
+                          config={"model": dataclasses.asdict(spec.model), "train": dataclasses.asdict(spec.train)})
+    return telemetry, rank_log
+
+
+def setup(spec: RunSpec, progress: bool = True) -> Run:
+    """Everything before the first step: process group, data, model, dtype, optimizers, resume state, logs."""
+    dist = distributed.init()
+    torch.manual_seed(spec.train.seed)
+    log = print if dist.is_main else (lambda *a, **k: None)
+    tokenizer, data, sft = load_data(spec, dist, log)
+    grad_accum = accumulation_steps(spec, dist)
+    net, model = build_model(spec, dist, log)
     # bf16 only where the device runs it natively (model/hardware.py); Muon orthogonalises in the same dtype.
-    dtype = hardware.choose_dtype(train_cfg.dtype, device)
-    optimizers = build_optimizers(net, train_cfg, dtype.torch_dtype)  # names without DDP's "module." prefix
-    sampler = DepthSampler(train_cfg.recur_dist, model_cfg.mean_recur, model_cfg.r_max, train_cfg.recur_sigma,
-                           train_cfg.seed, int(train_cfg.curriculum_frac * train_cfg.max_steps))
-    if sft_spec:
-        loader = RowLoader(sft.train_x, sft.train_y, train_cfg.batch_size, seed=train_cfg.seed,
-                           rank=dist_info.rank, world_size=dist_info.world_size)
+    dtype = hardware.choose_dtype(spec.train.dtype, dist.device)
+    optimizers = build_optimizers(net, spec.train, dtype.torch_dtype)  # names without DDP's "module." prefix
+    t, m = spec.train, spec.model
+    sampler = DepthSampler(t.recur_dist, m.mean_recur, m.r_max, t.recur_sigma, t.seed,
+                           int(t.curriculum_frac * t.max_steps))
+    if sft is not None:
+        loader = RowLoader(sft.train_x, sft.train_y, t.batch_size, seed=t.seed, rank=dist.rank,
+                           world_size=dist.world_size)
     else:
-        loader = TokenLoader(data.train, train_cfg.batch_size, model_cfg.seq_len, seed=train_cfg.seed,
-                             rank=dist_info.rank, world_size=dist_info.world_size)
+        loader = TokenLoader(data.train, t.batch_size, m.seq_len, seed=t.seed, rank=dist.rank,
+                             world_size=dist.world_size)
     start_step = 0
-    if ckpt is not None:
+    if spec.resume is not None:
         state = checkpoint.load_train_state(
-            ckpt, optimizers, lambda opts, states: distributed.load_optimizer_states(model, opts, states))
+            spec.resume, optimizers, lambda opts, states: distributed.load_optimizer_states(model, opts, states))
         loader.load_state_dict(resumable_loader_state(state, loader.global_rows, grad_accum))
         start_step = int(state["step"])
-        log(f"resumed from {ckpt.path} at step {start_step}")
-
-    if train_cfg.compile if train_cfg.compile is not None else device.type == "cuda":
+        log(f"resumed from {spec.resume.path} at step {start_step}")
+    if t.compile if t.compile is not None else dist.device.type == "cuda":
         net.compile_stages()
-    autocast = dtype.autocast(device)
-    peak = hardware.resolve_peak(device, dtype, model_cfg, train_cfg.batch_size * model_cfg.seq_len,
-                                 train_cfg.peak_flops)
-    token_bytes = tokenizer.token_bytes()
-    depths = eval_depths(model_cfg, train_cfg)
-    end_step = train_cfg.max_steps
-    if train_cfg.stop_after > 0:
-        end_step = min(end_step, start_step + train_cfg.stop_after)
-    params = net.num_params()
-    if ckpt is None and dist_info.is_main:
-        (out_dir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (--overwrite) starts a fresh log
-    rank_log = None
-    if dist_info.distributed:
-        # Every rank records its own depths (and local loss): cheap, and the evidence that ranks agree.
-        rank_path = out_dir / "ranks" / f"rank{dist_info.rank}.jsonl"
-        rank_path.parent.mkdir(parents=True, exist_ok=True)
-        rank_log = open(rank_path, "w" if ckpt is None else "a", encoding="utf-8")
-    telemetry = Telemetry(out_dir, train_cfg.max_steps, start_step, enabled=dist_info.is_main,
-                          wandb_project=train_cfg.wandb, progress=progress,
-                          config={"model": dataclasses.asdict(model_cfg), "train": dataclasses.asdict(train_cfg)})
-    log(f"model: {params['total']:,} parameters ({'recursive' if model_cfg.recursive else 'standard'}, "
-        f"P/R/C = {model_cfg.n_prelude}/{model_cfg.n_recur}/{model_cfg.n_coda}, r̄ = {model_cfg.mean_recur}); "
-        f"{grad_accum} micro-steps of {train_cfg.batch_size}×{model_cfg.seq_len} per step"
-        + (f" on each of {dist_info.world_size} ranks ({train_cfg.parallel})" if dist_info.distributed else "")
-        + f"; {hardware.banner(device, dtype, peak)}")
-    telemetry.log({"step": start_step, "run": hardware.run_record(device, dtype, peak)})
+    peak = hardware.resolve_peak(dist.device, dtype, m, t.batch_size * m.seq_len, t.peak_flops)
+    end_step = min(t.max_steps, start_step + t.stop_after) if t.stop_after > 0 else t.max_steps
+    telemetry, rank_log = open_logs(spec, dist, start_step, progress)
+    run = Run(spec, dist, tokenizer, data, sft, net, model, dtype, peak, optimizers, sampler, loader, grad_accum,
+              start_step, end_step, telemetry, rank_log, eval_depths(m, t))
+    log(describe(run))
+    telemetry.log({"step": start_step, "run": hardware.run_record(dist.device, dtype, peak)})
+    return run
 
-    def val_bpb(r: int) -> float:
-        if sft_spec:
-            return evaluate_rows_bpb(net, sft.val_x, sft.val_y, token_bytes, train_cfg.batch_size, r, autocast)
-        return evaluate_bpb(net, data.val, token_bytes, train_cfg.batch_size, model_cfg.seq_len,
-                            train_cfg.eval_tokens, num_recur=r, autocast=autocast)
 
-    def run_eval(step: int) -> dict:
-        if not distributed.evaluates(model, dist_info):
-            return {"step": step, "val_bpb": {}}
-        bpb = {str(r): val_bpb(r) for r in depths}
-        distributed.reset_shards(model)
-        record = {"step": step, "val_bpb": bpb}
-        telemetry.log(record)
-        telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in bpb.items()))
-        return record
+def describe(run: Run) -> str:
+    m, t, dist = run.spec.model, run.spec.train, run.dist
+    return (f"model: {run.net.num_params()['total']:,} parameters ({'recursive' if m.recursive else 'standard'}, "
+            f"P/R/C = {m.n_prelude}/{m.n_recur}/{m.n_coda}, r̄ = {m.mean_recur}); "
+            f"{run.grad_accum} micro-steps of {t.batch_size}×{m.seq_len} per step"
+            + (f" on each of {dist.world_size} ranks ({t.parallel})" if dist.distributed else "")
+            + f"; {hardware.banner(dist.device, run.dtype, run.peak)}")
 
-    def save(step: int) -> None:
-        # Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the barrier means no
-        # rank moves on (or exits) before the checkpoint is in place.
-        weights = distributed.model_state(model)
-        opt_states = distributed.optimizer_states(model, optimizers)
-        if dist_info.is_main:
-            checkpoint.save(out_dir / "checkpoint", net, model_cfg, train_cfg, tokenizer, optimizers,
-                            {"step": step, "loader": loader.state_dict(), "grad_accum": grad_accum},
-                            weights=weights, optimizer_states=opt_states)
-        distributed.barrier(dist_info)
 
-    last: dict = {}
-    model.train()
-    for step in range(start_step, end_step):
-        t0 = time.perf_counter()
-        lrm = lr_multiplier(step, train_cfg)
-        set_lr(optimizers, lrm)
-        rs = sampler.sample(step, grad_accum)
-        loss_sum = torch.zeros((), device=device)
-        flops = 0.0
-        n_tokens = 0
-        for i, r in enumerate(rs):
-            x, y = loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
-            # averages over micro-steps, so the update is that of one process seeing the whole global batch.
-            with distributed.gradient_sync(model, enabled=i == len(rs) - 1):
-                with autocast:
-                    loss = model(x, y, num_recur=r, bptt_k=train_cfg.bptt_k)
-                (loss / grad_accum).backward()
-            loss_sum += loss.detach()
-            flops += flops_per_token(model_cfg, r, train_cfg.bptt_k, seq_len=x.size(1)) * x.numel()
-            n_tokens += x.numel()
-        # Gradients are already reduced: identical replicas under DDP, DTensors whose norm is global under FSDP2,
-        # so this is the single-process clip.
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip or float("inf"))
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_val = distributed.mean_loss_checking_depths(loss_sum.double() / grad_accum, rs, dist_info, step + 1)
-        if rank_log is not None:
-            rank_log.write(json.dumps({"step": step + 1, "r": rs, "loss": float(loss_sum) / grad_accum}) + "\n")
-            rank_log.flush()
-        if not math.isfinite(loss_val):
-            raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
-        dt = time.perf_counter() - t0
-        tokens = n_tokens * dist_info.world_size
-        tok_s = tokens / dt
-        flops *= dist_info.world_size
-        last = {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
-                "grad_norm": distributed.as_float(grad_norm), "tok_s": tok_s, "flops_per_token": flops / tokens,
-                "mfu": mfu(flops / tokens, tok_s, peak.flops * dist_info.world_size), "dt": dt}
-        if (step + 1) % train_cfg.log_every == 0 or step + 1 == end_step:
-            telemetry.log(last)
-        telemetry.progress(loss=f"{loss_val:.3f}", r=f"{last['r_mean']:.1f}", tok_s=f"{tok_s:.0f}",
-                           mfu=f"{100 * last['mfu']:.1f}%")
-        done = step + 1
-        if train_cfg.eval_every and done % train_cfg.eval_every == 0 and done != end_step:
-            run_eval(done)
-        if train_cfg.save_every and done % train_cfg.save_every == 0 and done != end_step:
-            save(done)
-    if end_step > start_step:
-        last["val_bpb"] = run_eval(end_step)["val_bpb"]
-        save(end_step)
-    telemetry.close()
-    if rank_log is not None:
-        rank_log.close()
+def train_step(run: Run, step: int) -> dict:
+    """One optimizer step (`grad_accum` micro-steps, each at its own sampled r); returns the step's metrics."""
+    t0 = time.perf_counter()
+    cfg, dist = run.spec.train, run.dist
+    lrm = lr_multiplier(step, cfg)
+    set_lr(run.optimizers, lrm)
+    rs = run.sampler.sample(step, run.grad_accum)
+    loss_sum = torch.zeros((), device=dist.device)
+    flops, n_tokens = 0.0, 0
+    for i, r in enumerate(rs):
+        x, y = run.loader.next_batch()
+        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
+        # averages over micro-steps, so the update is that of one process seeing the whole global batch.
+        with distributed.gradient_sync(run.model, enabled=i == len(rs) - 1):
+            with run.dtype.autocast(dist.device):
+                loss = run.model(x, y, num_recur=r, bptt_k=cfg.bptt_k)
+            (loss / run.grad_accum).backward()
+        loss_sum += loss.detach()
+        flops += flops_per_token(run.spec.model, r, cfg.bptt_k, seq_len=x.size(1)) * x.numel()
+        n_tokens += x.numel()
+    # Gradients are already reduced: identical replicas under DDP, DTensors whose norm is global under FSDP2,
+    # so this is the single-process clip.
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
+    for opt in run.optimizers:
+        opt.step()
+    run.model.zero_grad(set_to_none=True)
+    loss_val = distributed.mean_loss_checking_depths(loss_sum.double() / run.grad_accum, rs, dist, step + 1)
+    if run.rank_log is not None:
+        run.rank_log.write(json.dumps({"step": step + 1, "r": rs, "loss": float(loss_sum) / run.grad_accum}) + "\n")
+        run.rank_log.flush()
+    if not math.isfinite(loss_val):
+        raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
+    dt = time.perf_counter() - t0
+    tokens, flops = n_tokens * dist.world_size, flops * dist.world_size
+    return {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
+            "grad_norm": distributed.as_float(grad_norm), "tok_s": tokens / dt, "flops_per_token": flops / tokens,
+            "mfu": mfu(flops / tokens, tokens / dt, run.peak.flops * dist.world_size), "dt": dt}
+
+
+def evaluate(run: Run, step: int) -> dict:
+    """Held-out bpb at each evaluation depth (SFT: over the assistant tokens of held-out conversations)."""
+    if not distributed.evaluates(run.model, run.dist):
+        return {"step": step, "val_bpb": {}}
+    t, token_bytes = run.spec.train, run.tokenizer.token_bytes()
+
+    def bpb(r: int) -> float:
+        if run.sft is not None:
+            return evaluate_rows_bpb(run.net, run.sft.val_x, run.sft.val_y, token_bytes, t.batch_size, r, run.dtype)
+        return evaluate_bpb(run.net, run.data.val, token_bytes, t.batch_size, run.spec.model.seq_len,
+                            t.eval_tokens, num_recur=r, dtype=run.dtype)
+
+    record = {"step": step, "val_bpb": {str(r): bpb(r) for r in run.eval_depths}}
+    distributed.reset_shards(run.model)
+    run.telemetry.log(record)
+    run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items()))
+    return record
+
+
+def save(run: Run, step: int) -> None:
+    """Write out/checkpoint. Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the
+    barrier means no rank moves on (or exits) before the checkpoint is in place."""
+    weights = distributed.model_state(run.model)
+    opt_states = distributed.optimizer_states(run.model, run.optimizers)
+    if run.dist.is_main:
+        checkpoint.save(run.spec.out / "checkpoint", run.net, run.spec.model, run.spec.train, run.tokenizer,
+                        run.optimizers, {"step": step, "loader": run.loader.state_dict(),
+                                         "grad_accum": run.grad_accum},
+                        weights=weights, optimizer_states=opt_states)
+    distributed.barrier(run.dist)
+
+
+def train(spec: RunSpec, progress: bool = True) -> dict:
+    """Train to `max_steps` (or `stop_after` more steps) and write spec.out/checkpoint; returns the last metrics
+    (on rank 0; other ranks of a torchrun job return {} so only one copy is printed)."""
+    run = setup(spec, progress)
+    cfg, last = spec.train, {}
+    run.model.train()
+    for step in range(run.start_step, run.end_step):
+        last = train_step(run, step)
+        done = last["step"]
+        if done % cfg.log_every == 0 or done == run.end_step:
+            run.telemetry.log(last)
+        run.telemetry.progress(loss=f"{last['loss']:.3f}", r=f"{last['r_mean']:.1f}", tok_s=f"{last['tok_s']:.0f}",
+                               mfu=f"{100 * last['mfu']:.1f}%")
+        if cfg.eval_every and done % cfg.eval_every == 0 and done != run.end_step:
+            evaluate(run, done)
+        if cfg.save_every and done % cfg.save_every == 0 and done != run.end_step:
+            save(run, done)
+    if run.end_step > run.start_step:
+        last["val_bpb"] = evaluate(run, run.end_step)["val_bpb"]
+        save(run, run.end_step)
+    run.telemetry.close()
+    if run.rank_log is not None:
+        run.rank_log.close()
     distributed.shutdown()
-    return last if dist_info.is_main else {}
+    return last if run.dist.is_main else {}

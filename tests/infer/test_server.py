@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from recurchat.cli import main
-from recurchat.train.checkpoint import load_model
+from recurchat.checkpoint import load_model
 from recurchat.infer.server import create_app, start_in_thread
 
 KEY = "test-key"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from recurchat.cli import main
-from recurchat.train.checkpoint import load_model
+from recurchat.checkpoint import load_model
 from recurchat.infer.server import create_app, start_in_thread
 
 CHROMIUM = "/usr/bin/chromium"

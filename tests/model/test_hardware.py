@@ -16,6 +16,7 @@ from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.model import hardware
 from recurchat.train.optim import build_optimizers
+from recurchat.train.spec import RunSpec
 from recurchat.train.trainer import train
 
 CPU = torch.device("cpu")
@@ -112,7 +113,7 @@ def test_trainer_computes_in_the_chosen_dtype(fake_probe, small_text, tmp_path, 
     cfg = TrainConfig(**{**vars(preset.train), "max_steps": 2, "eval_every": 0, "eval_tokens": 256,
                          "data": str(small_text)})
     with MatmulDtypes() as seen:
-        result = train(preset.model, cfg, tmp_path / "run", progress=False)
+        result = train(RunSpec(preset.model, cfg, tmp_path / "run"), progress=False)
     assert result["step"] == 2
     assert seen.dtypes == {expected}
     run = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["run"]
@@ -168,3 +169,13 @@ def test_every_command_defaults_to_auto():
     for argv in (["eval", "--ckpt", "x"], ["sample", "--ckpt", "x"], ["chat", "--ckpt", "x"],
                  ["serve", "--ckpt", "x"], ["bench", "train"], ["speedrun", "--out", "x"]):
         assert parser.parse_args(argv).dtype == "auto", argv
+
+
+def test_measuring_never_moves_the_global_rng(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURCHAT_HOME", str(tmp_path))  # an empty cache: everything is measured
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    choice = hardware.choose_dtype("auto", CPU)
+    hardware.resolve_peak(CPU, choice, tiny_cfg, rows=64)
+    assert torch.equal(torch.rand(4), expected)

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from recurchat.config import ModelConfig, get_preset
 from recurchat.errors import UserError
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.train import checkpoint
+from recurchat import checkpoint
 from recurchat.train.optim import build_optimizers
 
 EXACT_ATOL = 1e-6

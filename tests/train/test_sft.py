@@ -8,7 +8,7 @@ import json
 import pytest
 
 from recurchat.cli import main
-from recurchat.train import checkpoint
+from recurchat import checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from recurchat.cli import main
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.train import checkpoint
+from recurchat import checkpoint
 
 SMOKE = ["--preset", "cpu-smoke", "--quiet"]
 

@@ -7,7 +7,8 @@
 
 A run directory (`--out DIR`) keeps its latest checkpoint in DIR/checkpoint; every command that takes `--ckpt`
 accepts either. Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a
-half-written checkpoint. Exercise: `pytest tests/train/test_checkpoint.py`.
+half-written checkpoint. This module sits between model/ and infer/: serving, evaluation, benchmarks and training
+all load through it, and it imports nothing above model/. Exercise: `pytest tests/test_checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from safetensors.torch import load_file, save_file
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.model.hardware import resolve_device
+from recurchat.model.recurrent import RecurrentLM
 
 FORMAT = "recurchat-checkpoint"
 VERSION = 1
@@ -164,11 +167,8 @@ def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
 
 def load_model(path: str | Path, device: str = "auto"):
     """(Checkpoint, RecurrentLM in eval mode on `device`): the one loading path every command uses."""
-    from recurchat.model.recurrent import RecurrentLM
-
     ckpt = load(path)
-    dev = torch.device("cuda" if (device == "auto" and torch.cuda.is_available()) else
-                       ("cpu" if device == "auto" else device))
+    dev = resolve_device(device)
     model = RecurrentLM(ckpt.model_cfg)
     load_model_weights(model, ckpt)
     return ckpt, model.to(dev).eval()

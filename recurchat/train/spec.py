@@ -1,0 +1,96 @@
+"""RunSpec: what a training run is, resolved once (by the CLI or the speedrun) before the trainer starts.
+
+    spec = pretrain_spec("cpu-tiny", "runs/tiny", train={"max_steps": 200})
+    spec = sft_spec("runs/tiny", "runs/tiny-sft", train={"data": "builtin:hops,arith"})
+    spec = resume_spec("runs/tiny", "runs/tiny", train={"max_steps": 400})
+    recurchat.train.trainer.train(spec)
+
+The stage (pretrain | sft) and the data are said once, in `spec.train` (TrainConfig.stage, TrainConfig.data).
+`base` is the checkpoint an SFT run takes its weights and tokenizer from; `resume` is the checkpoint a run continues
+exactly (weights, optimizer, data position, RNG). Each is loaded here, once. Exercised by `pytest tests/train`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from recurchat import checkpoint
+from recurchat.checkpoint import Checkpoint
+from recurchat.config import ModelConfig, TrainConfig, get_preset
+from recurchat.data.tokenizer import Tokenizer
+from recurchat.errors import UserError
+
+SFT_DEFAULTS = dict(max_steps=300, warmup_steps=0, eval_every=100, stop_after=0, recur_dist="poisson-lognormal",
+                    stage="sft", dtype="auto")  # a short schedule, no warmup; the dtype is chosen for this machine
+
+
+@dataclass
+class RunSpec:
+    model: ModelConfig
+    train: TrainConfig
+    out: Path
+    base: Checkpoint | None = None  # SFT: the pretrained weights and tokenizer to start from
+    resume: Checkpoint | None = None  # continue this checkpoint exactly
+
+    @property
+    def is_sft(self) -> bool:
+        return self.train.stage == "sft"
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer the run must use, when a checkpoint fixes it (otherwise pretraining trains one)."""
+        known = self.resume or self.base
+        return known.tokenizer if known is not None else None
+
+
+def _fresh_out(out: str | Path, overwrite: bool) -> Path:
+    out = Path(out)
+    if (out / "checkpoint").exists() and not overwrite:
+        raise UserError(f"{out} already holds a checkpoint: pass --resume {out} to continue it, "
+                        "or --overwrite to start over")
+    return out
+
+
+def pretrain_spec(preset: str, out: str | Path, *, standard: bool = False, model: dict | None = None,
+                  train: dict | None = None, overwrite: bool = False) -> RunSpec:
+    """A new pretraining run: the preset (or its iso-FLOP standard twin) with field overrides."""
+    p = get_preset(preset)
+    model_cfg = p.model.standard_twin() if standard else p.model
+    spec = RunSpec(dataclasses.replace(model_cfg, **(model or {})), dataclasses.replace(p.train, **(train or {})),
+                   _fresh_out(out, overwrite))
+    return validate(spec)
+
+
+def sft_spec(base: str | Path, out: str | Path, *, train: dict | None = None, overwrite: bool = False) -> RunSpec:
+    """A new SFT run from the checkpoint `base`: its model and settings, SFT_DEFAULTS, then `train` overrides."""
+    out = _fresh_out(out, overwrite)
+    ck = checkpoint.load(base)
+    train_cfg = dataclasses.replace(ck.train_cfg, **{**SFT_DEFAULTS, **(train or {})})
+    return validate(RunSpec(ck.model_cfg, train_cfg, out, base=ck))
+
+
+def resume_spec(path: str | Path, out: str | Path, *, model: dict | None = None,
+                train: dict | None = None) -> RunSpec:
+    """Continue the run whose checkpoint is at `path` (a run or checkpoint directory), writing to `out`."""
+    ck = checkpoint.load(path)
+    if not ck.has_state():
+        raise UserError(f"--resume {path}: checkpoint has no resumable state")
+    model_cfg = dataclasses.replace(ck.model_cfg, **(model or {}))
+    if model_cfg != ck.model_cfg:
+        diff = [k for k, v in (model or {}).items() if getattr(ck.model_cfg, k) != v]
+        raise UserError(f"--resume {path}: model config differs from the checkpoint in {', '.join(diff)}")
+    return validate(RunSpec(model_cfg, dataclasses.replace(ck.train_cfg, **(train or {})), Path(out), resume=ck))
+
+
+def validate(spec: RunSpec) -> RunSpec:
+    spec.model.validate()
+    spec.train.validate()
+    if spec.is_sft and not spec.train.data:
+        raise UserError("sft needs --data FILE.jsonl or --data builtin:hops,arith,…")
+    if spec.is_sft and spec.tokenizer is None:
+        raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
+    if spec.base is not None and spec.base.model_cfg != spec.model:
+        raise UserError(f"--ckpt {spec.base.path}: model config differs from the requested one")
+    return spec
