@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 
-from recurchat.config import DTYPES, PRESETS, ModelConfig, TrainConfig, get_preset
+from recurchat.config import DTYPES, PRESETS, RENAMED_FIELDS, ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_text
 
@@ -28,20 +28,34 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One flag per dataclass field; defaults are None so only what the user typed overrides the preset."""
-    group = parser.add_argument_group(f"{cls.__name__} fields (override the preset)")
+class DeprecatedFlag(argparse.Action):
+    """An old spelling of a renamed flag: still works, for one release, with a note saying the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = _flag(self.dest)
+        print(f"note: {option_string} is deprecated and will be removed; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, note: str = "") -> None:
+    """One flag per dataclass field; argparse defaults are None so only what the user typed overrides.
+
+    `defaults` is the config the run would start from (the chosen preset's), shown as each flag's default."""
+    group = parser.add_argument_group(f"{cls.__name__} fields" + (f" ({note})" if note else ""))
+    renamed = {new: old for old, new in RENAMED_FIELDS.items()}
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        default = f.default
-        if isinstance(default, bool) or f.type in ("bool | None", "bool"):
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif isinstance(default, tuple):
-            group.add_argument(_flag(f.name), dest=f.name, type=type(default[0]), nargs=len(default), default=None)
+        shown = getattr(defaults, f.name) if defaults is not None else f.default
+        kwargs: dict = {"dest": f.name, "default": None, "help": f"default: {shown}"}
+        if isinstance(f.default, bool) or f.type in ("bool | None", "bool"):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(f.default, tuple):
+            kwargs.update(type=type(f.default[0]), nargs=len(f.default))
         else:
-            group.add_argument(_flag(f.name), dest=f.name, type=type(default), default=None,
-                               help=f"default from preset ({default!r} in the dataclass)")
+            kwargs["type"] = type(f.default)
+        group.add_argument(_flag(f.name), **kwargs)
+        if f.name in renamed:
+            group.add_argument(_flag(renamed[f.name]), dest=f.name, type=kwargs.get("type"), default=None,
+                               action=DeprecatedFlag, help=argparse.SUPPRESS)
 
 
 def overrides(cls, args: argparse.Namespace) -> dict:
@@ -165,21 +179,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # -- parser ---------------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recurchat", description="Recursive language models with adaptive compute.")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_train_parser(sub, preset: str) -> None:
     t = sub.add_parser("train", help="pretrain a recursive (or --standard) model")
-    t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)}")
+    t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (defaults below: {preset})")
     t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint/)")
     t.add_argument("--resume", default=None, help="checkpoint or run directory to continue exactly")
     t.add_argument("--standard", action="store_true", help="train the iso-FLOP standard twin (P + r̄·R + C blocks)")
     t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_config_flags(t, ModelConfig)
-    add_config_flags(t, TrainConfig)
+    chosen = get_preset(preset)
+    add_config_flags(t, ModelConfig, chosen.model, f"override preset {preset}")
+    add_config_flags(t, TrainConfig, chosen.train, f"override preset {preset}")
     add_runtime_flags(t, dtype=False)
     t.set_defaults(func=cmd_train)
+
+
+def add_sft_parser(sub) -> None:
+    from recurchat.train.spec import SFT_DEFAULTS
 
     f = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)")
     f.add_argument("--ckpt", default=None, help="base checkpoint (weights and tokenizer)")
@@ -187,10 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", default=None, help="an SFT run directory to continue exactly")
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--quiet", action="store_true")
-    add_config_flags(f, TrainConfig)
+    shown = {fl.name: SFT_DEFAULTS.get(fl.name, "the base run's") for fl in dataclasses.fields(TrainConfig)}
+    add_config_flags(f, TrainConfig, argparse.Namespace(**shown), "override the base run's settings")
     add_runtime_flags(f, dtype=False)
     f.set_defaults(func=cmd_sft)
 
+
+def add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
     e.add_argument("--ckpt", required=True)
     e.add_argument("--tasks", default="bpb",
@@ -214,33 +233,37 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv", default="full", help="KV-cache strategy for --exit")
     e.set_defaults(func=cmd_eval)
 
-    def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-        sp.add_argument("--ckpt", required=True)
-        sp.add_argument("--recur", type=int, default=None, help="fixed recursion depth (default r̄)")
-        sp.add_argument("--exit", default=None, help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N")
-        sp.add_argument("--max-recur", type=int, default=None, help="depth cap with --exit (default r_max)")
-        sp.add_argument("--kv", default="full", help="KV cache: full | last | ring:K")
-        sp.add_argument("--warm-start", action="store_true", help="seed each token with the previous final state")
-        sp.add_argument("--max-tokens", type=int, default=max_tokens)
-        sp.add_argument("--temperature", type=float, default=temperature)
-        sp.add_argument("--top-k", type=int, default=50)
-        sp.add_argument("--top-p", type=float, default=1.0)
-        sp.add_argument("--seed", type=int, default=0)
-        add_runtime_flags(sp)
-        sp.add_argument("--device", default="auto")
 
+def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    sp.add_argument("--ckpt", required=True)
+    sp.add_argument("--recur", type=int, default=None, help="fixed recursion depth (default r̄)")
+    sp.add_argument("--exit", default=None, help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N")
+    sp.add_argument("--max-recur", type=int, default=None, help="depth cap with --exit (default r_max)")
+    sp.add_argument("--kv", default="full", help="KV cache: full | last | ring:K")
+    sp.add_argument("--warm-start", action="store_true", help="seed each token with the previous final state")
+    sp.add_argument("--max-tokens", type=int, default=max_tokens)
+    sp.add_argument("--temperature", type=float, default=temperature)
+    sp.add_argument("--top-k", type=int, default=50)
+    sp.add_argument("--top-p", type=float, default=1.0)
+    sp.add_argument("--seed", type=int, default=0)
+    add_runtime_flags(sp)
+    sp.add_argument("--device", default="auto")
+
+
+def add_generation_parsers(sub) -> None:
     s = sub.add_parser("sample", help="sample text from a checkpoint (KV-cached engine)")
     add_generation_flags(s, 64, 0.8)
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--num-samples", type=int, default=1)
     s.set_defaults(func=cmd_sample)
-
     c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
     add_generation_flags(c, 256, 0.6)
     c.add_argument("-p", "--prompt", default=None, help="one-shot: answer this and exit")
     c.add_argument("--system", default="", help="system message")
     c.set_defaults(func=cmd_chat)
 
+
+def add_serve_parser(sub) -> None:
     v = sub.add_parser("serve", help="OpenAI-compatible HTTP API and web chat (binds 127.0.0.1 by default)")
     v.add_argument("--ckpt", required=True)
     v.add_argument("--host", default="127.0.0.1")
@@ -252,13 +275,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_flags(v)
     v.set_defaults(func=cmd_serve)
 
+
+def add_driver_parsers(sub) -> None:
     r = sub.add_parser("speedrun", help="tokenizer → pretrain recursive + standard twin → SFT → eval → report.md")
     r.add_argument("--preset", default="cpu", help="cpu-smoke | cpu | gpu-d20")
     r.add_argument("--out", required=True)
     r.add_argument("--data", default=None, help="pretraining text (default: the embedded corpus)")
     add_runtime_flags(r)
     r.set_defaults(func=cmd_speedrun)
-
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
@@ -274,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None)
     add_runtime_flags(b)
     b.set_defaults(func=cmd_bench)
-
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_command", required=True)
     tt = tks.add_parser("train", help="train a byte-level BPE tokenizer")
@@ -282,11 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--out", required=True)
     tt.set_defaults(func=cmd_tokenizer_train)
+
+
+def chosen_preset(argv: list[str] | None) -> str:
+    """The --preset on the command line (so `train --preset X --help` shows X's values), else cpu-tiny."""
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--preset", default="cpu-tiny")
+    name = peek.parse_known_args(sys.argv[1:] if argv is None else argv)[0].preset
+    return name if name in PRESETS else "cpu-tiny"
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recurchat", description="Recursive language models with adaptive compute.")
+    sub = p.add_subparsers(dest="command", required=True)
+    add_train_parser(sub, chosen_preset(argv))
+    add_sft_parser(sub)
+    add_eval_parser(sub)
+    add_generation_parsers(sub)
+    add_serve_parser(sub)
+    add_driver_parsers(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         if getattr(args, "threads", 0):
             from recurchat.model.hardware import set_threads

@@ -1,6 +1,9 @@
 """ModelConfig and TrainConfig dataclasses plus the named presets (cpu-smoke, cpu-tiny, gpu-d20).
 
-Every field is also a command-line flag (see `recurchat train --help`). Exercised by `pytest tests/test_config.py`.
+Every field is also a command-line flag (see `recurchat train --help`). Naming: R, the number of shared blocks, is
+`n_shared`; r, the number of iterations, is everything named `*_recur` (`num_recur` per call, `mean_recur` = r̄,
+`r_max`, `max_recur` for adaptive exit). "Depth" means iterations per token only. Exercised by
+`pytest tests/test_config.py`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ ADAPTERS = ("concat", "add")
 STATE_INITS = ("e", "zeros", "noise")
 PARALLEL_MODES = ("ddp", "fsdp")
 DTYPES = ("auto", "bf16", "fp32")  # resolved per device by model/hardware.py
+# Old field name → new. R (shared blocks) and r (iterations) once read n_recur and num_recur; checkpoints and
+# command lines that use an old name keep working (the CLI prints a deprecation note).
+RENAMED_FIELDS = {"n_recur": "n_shared"}
 
 
 @dataclass
@@ -24,7 +30,7 @@ class ModelConfig:
     n_kv_head: int = 4
     mlp_ratio: int = 4
     n_prelude: int = 2
-    n_recur: int = 2  # R: blocks in the shared recurrent stack; 0 makes the standard (non-recursive) model
+    n_shared: int = 2  # R: blocks in the shared recurrent stack (was n_recur); 0 makes the standard model
     n_coda: int = 2
     mean_recur: int = 4  # r̄: default r at evaluation and mean of the training distribution
     r_max: int = 16
@@ -44,11 +50,11 @@ class ModelConfig:
             raise UserError(f"r_max must be >= 1, got {self.r_max}")
         if self.mean_recur < 1 or self.mean_recur > self.r_max:
             raise UserError(f"mean_recur must be in [1, r_max={self.r_max}], got {self.mean_recur}")
-        for name in ("n_prelude", "n_recur", "n_coda"):
+        for name in ("n_prelude", "n_shared", "n_coda"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.n_prelude + self.n_recur + self.n_coda == 0:
-            raise UserError("the model has no blocks (n_prelude + n_recur + n_coda = 0)")
+        if self.n_prelude + self.n_shared + self.n_coda == 0:
+            raise UserError("the model has no blocks (n_prelude + n_shared + n_coda = 0)")
         if self.d_model % self.n_head or self.n_head % self.n_kv_head or (self.d_model // self.n_head) % 2:
             raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
                             "need d_model % n_head == 0, n_head % n_kv_head == 0 and an even head dim")
@@ -58,16 +64,16 @@ class ModelConfig:
 
     @property
     def recursive(self) -> bool:
-        return self.n_recur > 0
+        return self.n_shared > 0
 
     @property
-    def effective_depth(self) -> int:
+    def effective_layers(self) -> int:
         """Blocks a token passes through at r = r̄: P + r̄·R + C."""
-        return self.n_prelude + self.mean_recur * self.n_recur + self.n_coda
+        return self.n_prelude + self.mean_recur * self.n_shared + self.n_coda
 
     def standard_twin(self) -> "ModelConfig":
         """The iso-FLOP standard model: P + r̄·R + C distinct blocks of the same width, no recurrence."""
-        return dataclasses.replace(self, n_prelude=self.n_prelude + self.mean_recur * self.n_recur, n_recur=0,
+        return dataclasses.replace(self, n_prelude=self.n_prelude + self.mean_recur * self.n_shared, n_shared=0,
                                    mean_recur=1, r_max=max(1, self.r_max))
 
 
@@ -134,16 +140,16 @@ def _preset(description: str, model: dict, train: dict) -> Preset:
 PRESETS: dict[str, Preset] = {
     # A few seconds: for tests and CI smoke runs.
     "cpu-smoke": _preset("seconds-long run for tests", dict(vocab_size=512, d_model=64, n_head=2, n_kv_head=1,
-                         n_prelude=1, n_recur=1, n_coda=1, mean_recur=2, r_max=8, seq_len=64),
+                         n_prelude=1, n_shared=1, n_coda=1, mean_recur=2, r_max=8, seq_len=64),
                          dict(max_steps=20, batch_size=4, total_batch_tokens=256, bptt_k=2, eval_every=10,
                               eval_tokens=2048, warmup_steps=2)),
     # Learns visibly in minutes on 2 CPU cores: 6 distinct blocks, effective depth 12 at r̄ = 4.
     "cpu-tiny": _preset("2-core CPU, minutes", dict(vocab_size=4096, d_model=256, n_head=4, n_kv_head=2,
-                        n_prelude=2, n_recur=2, n_coda=2, mean_recur=4, r_max=16, seq_len=256),
+                        n_prelude=2, n_shared=2, n_coda=2, mean_recur=4, r_max=16, seq_len=256),
                         dict(max_steps=200, batch_size=8, total_batch_tokens=2048, bptt_k=4)),
     # The seed's setting: (P,R,C) = (2,4,2), r̄ = 4, r_max = 16, k = 4, d = 1280; iso-FLOP twin has 20 layers.
     "gpu-d20": _preset("8×H100-class, hours", dict(vocab_size=65536, d_model=1280, n_head=10, n_kv_head=10,
-                       n_prelude=2, n_recur=4, n_coda=2, mean_recur=4, r_max=16, seq_len=2048),
+                       n_prelude=2, n_shared=4, n_coda=2, mean_recur=4, r_max=16, seq_len=2048),
                        dict(max_steps=20000, batch_size=16, total_batch_tokens=524288, bptt_k=4, warmup_steps=200,
                             eval_every=500, eval_tokens=10 * 524288, lr_embed=0.2, compile=True)),
 }
@@ -157,7 +163,9 @@ def get_preset(name: str) -> Preset:
 
 
 def config_from_dict(cls, d: dict):
-    """Build a dataclass from JSON, refusing unknown keys so a foreign config.json is caught early."""
+    """Build a dataclass from JSON, refusing unknown keys so a foreign config.json is caught early; fields saved
+    under an old name (RENAMED_FIELDS) load under the new one."""
+    d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:

@@ -132,7 +132,7 @@ def report_card(out: Path, preset_name: str, sp: SpeedrunPreset) -> Path:
         "## Models", "",
         "| model | blocks (P/R/C) | params | train FLOPs/token at r̄ | inference FLOPs/token at r̄ |",
         "|---|---|---|---|---|",
-        f"| recursive | {cfg.n_prelude}/{cfg.n_recur}/{cfg.n_coda}, r̄={cfg.mean_recur} | {rec['params']:,} | "
+        f"| recursive | {cfg.n_prelude}/{cfg.n_shared}/{cfg.n_coda}, r̄={cfg.mean_recur} | {rec['params']:,} | "
         f"{flops_per_token(cfg, cfg.mean_recur, k):.3g} | {flops_per_token(cfg, backward=False):.3g} |",
         f"| standard twin | {twin.n_prelude}/0/{twin.n_coda} | {std['params']:,} | {flops_per_token(twin):.3g} | "
         f"{flops_per_token(twin, backward=False):.3g} |", "",

@@ -12,7 +12,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture
 def tiny_cfg() -> ModelConfig:
-    return ModelConfig(vocab_size=256 + 64, d_model=64, n_head=4, n_kv_head=2, n_prelude=1, n_recur=2, n_coda=1,
+    return ModelConfig(vocab_size=256 + 64, d_model=64, n_head=4, n_kv_head=2, n_prelude=1, n_shared=2, n_coda=1,
                        mean_recur=3, r_max=8, seq_len=32)
 
 

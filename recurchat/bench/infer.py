@@ -19,9 +19,10 @@ import torch
 from recurchat.config import get_preset
 from recurchat.data.corpus import prepare_data
 from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.kv_cache import bytes_per_token
 from recurchat.infer.naive import generate_naive
+from recurchat.infer.sampling import SamplingParams
 from recurchat.model.flops import block_matrix_params, flops_per_token
 from recurchat.model.recurrent import RecurrentLM
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -72,6 +73,109 @@ def _by_difficulty(results: list[dict]) -> dict[str, dict[str, float]]:
             for d, rs in sorted(groups.items())}
 
 
+@dataclass
+class Sweep:
+    """What every (task, setting) evaluation of one sweep shares; `evaluate` caches each pair's raw results."""
+
+    model: RecurrentLM
+    tokenizer: Tokenizer
+    engine: Engine
+    val_tokens: np.ndarray | None
+    token_bytes: torch.Tensor | None
+    data: dict[str, tuple[list, float]]  # accuracy tasks: (examples, chance)
+    batch_size: int
+    bpb_tokens: int | None
+    mc_mode: str
+    max_tokens: int
+    kv: str
+    exit_cap: int
+    cache: dict = field(default_factory=dict)
+
+    def recur_of(self, setting: str) -> RecurParams:
+        cfg = self.model.cfg
+        if ":" in setting:
+            return RecurParams(exit=setting, max_recur=self.exit_cap, kv=self.kv).validate(cfg)
+        return RecurParams(num_recur=int(setting), kv=self.kv).validate(cfg)
+
+    def evaluate(self, spec: TaskSpec, setting: str):
+        key = (spec.name, setting)
+        if key not in self.cache:
+            self.cache[key] = self._run(spec, self.recur_of(setting))
+        return self.cache[key]
+
+    def _run(self, spec: TaskSpec, recur: RecurParams):
+        engine, seq_len = self.engine, self.model.cfg.seq_len
+        adaptive = recur.exit is not None
+        if spec.kind == "bpb" and adaptive:
+            return evaluate_bpb_exit(engine, self.val_tokens, self.token_bytes, self.batch_size, seq_len,
+                                     self.bpb_tokens, recur)
+        if spec.kind == "bpb":
+            return (evaluate_bpb(self.model, self.val_tokens, self.token_bytes, self.batch_size, seq_len,
+                                 self.bpb_tokens, num_recur=recur.num_recur, dtype=engine.dtype),
+                    float(recur.num_recur))
+        if spec.kind == "mc":
+            return score_mc(self.model, self.tokenizer, self.data[spec.name][0], recur.num_recur, self.mc_mode,
+                            self.batch_size, engine=engine if adaptive else None,
+                            recur=recur if adaptive else None, dtype=engine.dtype)
+        n_tokens = max(GSM8K_MAX_TOKENS, self.max_tokens) if spec.kind == "gen" else self.max_tokens
+        return eval_generative(engine, self.tokenizer, self.data[spec.name][0], recur, n_tokens, self.batch_size)
+
+
+def checked_settings(cfg, depths: Sequence[int], exits: Sequence[str], limit: int) -> tuple[list, list, list]:
+    """(depths, exit criteria, notes), deduplicated and checked before minutes of evaluation, not after."""
+    if limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    depths = list(dict.fromkeys(int(r) for r in depths))  # a repeated depth would be evaluated twice
+    if not depths or any(r < 1 for r in depths):
+        raise UserError(f"recursion depths must be >= 1, got {depths}")
+    exits = list(dict.fromkeys(e.strip() for e in exits if e.strip()))
+    for spec in exits:
+        ExitCriterion.parse(spec)
+    notes: list[str] = []
+    if cfg.n_shared == 0:
+        if depths != [1] or exits:
+            notes.append("standard model (n_shared = 0): evaluated at r = 1 only; exit criteria skipped")
+        depths, exits = [1], []
+    return depths, exits, notes
+
+
+def record(result: dict, entry: dict, spec: TaskSpec, setting: str, out) -> None:
+    """File one (task, setting) outcome under result["tasks"] (fixed r) or the exit `entry` (a criterion)."""
+    adaptive = ":" in setting
+    if spec.kind == "bpb":
+        bpb, mean_r = out
+        if adaptive:
+            entry["bpb"], entry["bpb_mean_recursions"] = bpb, mean_r
+        else:
+            result["tasks"].setdefault("bpb", {})[setting] = bpb
+        return
+    acc = _mean([float(r["correct"]) for r in out])
+    if adaptive:
+        entry["acc"][spec.name] = acc
+        entry["mean_recursions_by_task"][spec.name] = _token_mean_depth(out)
+    else:
+        result["tasks"].setdefault(spec.name, {})[setting] = acc
+    if spec.kind == "mc":
+        result["acc_norm"].setdefault(spec.name, {})[setting] = _mean([float(r["correct_norm"]) for r in out])
+
+
+def close_exit_entry(entry: dict) -> dict:
+    """An exit's headline mean_recursions: bpb's when bpb ran (the text-wide figure), else the mean over tasks."""
+    bpb_r = entry.pop("bpb_mean_recursions", None)
+    entry["mean_recursions"] = bpb_r if bpb_r is not None else _mean(list(entry["mean_recursions_by_task"].values()))
+    return entry
+
+
+def centered_means(result: dict, settings: list[str]) -> dict:
+    out = {}
+    for setting in settings:
+        accs = (result["exit"][setting]["acc"] if ":" in setting else
+                {n: v[setting] for n, v in result["tasks"].items() if n != "bpb"})
+        if accs:
+            out[setting] = _mean([centered(a, result["chance"][n]) for n, a in accs.items()])
+    return out
+
+
 def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray | None, token_bytes: torch.Tensor | None,
               specs: Sequence[str], depths: Sequence[int], exits: Sequence[str], limit: int, seed: int = 0,
               max_recur: int | None = None, progress: bool = True, *, batch_size: int = 16,
@@ -84,112 +188,42 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     """
     cfg = model.cfg
     parsed = parse_task_specs(specs)
-    if limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}")
-    depths = list(dict.fromkeys(int(r) for r in depths))  # a repeated depth would be evaluated twice
-    if not depths or any(r < 1 for r in depths):
-        raise UserError(f"recursion depths must be >= 1, got {depths}")
-    exits = list(dict.fromkeys(e.strip() for e in exits if e.strip()))
-    for spec in exits:
-        ExitCriterion.parse(spec)  # a typo fails before minutes of evaluation, not after
-    notes: list[str] = []
-    if cfg.n_recur == 0:
-        if depths != [1] or exits:
-            notes.append("standard model (n_recur = 0): evaluated at r = 1 only; exit criteria skipped")
-        depths, exits = [1], []
+    depths, exits, notes = checked_settings(cfg, depths, exits, limit)
     if any(s.kind == "bpb" for s in parsed):
         if val_tokens is None or len(val_tokens) < 2:
             raise UserError("bpb needs held-out tokens (val_tokens is empty)")
         token_bytes = tokenizer.token_bytes() if token_bytes is None else token_bytes
-
-    data: dict[str, tuple[list, float]] = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
+    data = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
     was_training = model.training
-    engine = Engine(model, dtype=dtype)  # puts the model in eval mode; resolves `auto` for the device
-    exit_cap = max_recur or cfg.r_max
+    sweep = Sweep(model, tokenizer, Engine(model, dtype=dtype), val_tokens, token_bytes, data, batch_size,
+                  bpb_tokens, mc_mode, max_tokens, kv, max_recur or cfg.r_max)
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
-    diff_setting = exits[0] if exits else str(1 if cfg.n_recur == 0 else cfg.mean_recur)
-    cache: dict[tuple[str, str], object] = {}
-
-    def recur_of(setting: str) -> RecurParams:
-        if ":" in setting:
-            return RecurParams(exit=setting, max_recur=exit_cap, kv=kv)
-        return RecurParams(num_recur=int(setting), kv=kv)
-
-    def evaluate(spec: TaskSpec, setting: str):
-        key = (spec.name, setting)
-        if key in cache:
-            return cache[key]
-        recur = recur_of(setting)
-        adaptive = recur.exit is not None
-        if spec.kind == "bpb":
-            if adaptive:
-                out = evaluate_bpb_exit(engine, val_tokens, token_bytes, batch_size, cfg.seq_len, bpb_tokens, recur)
-            else:
-                out = (evaluate_bpb(model, val_tokens, token_bytes, batch_size, cfg.seq_len, bpb_tokens,
-                                    num_recur=recur.num_recur, dtype=engine.dtype), float(recur.num_recur))
-        elif spec.kind == "mc":
-            out = score_mc(model, tokenizer, data[spec.name][0], recur.num_recur, mc_mode, batch_size,
-                           engine=engine if adaptive else None, recur=recur if adaptive else None,
-                           dtype=engine.dtype)
-        else:
-            n_tokens = max(GSM8K_MAX_TOKENS, max_tokens) if spec.kind == "gen" else max_tokens
-            out = eval_generative(engine, tokenizer, data[spec.name][0], recur, n_tokens, batch_size)
-        cache[key] = out
-        return out
-
+    diff_setting = exits[0] if exits else str(1 if cfg.n_shared == 0 else cfg.mean_recur)
     settings = [str(r) for r in depths] + exits
-    needs_extra = any(s.kind == "builtin" for s in parsed) and diff_setting not in settings
-    total = len(parsed) * len(settings) + (sum(s.kind == "builtin" for s in parsed) if needs_extra else 0)
+    builtin = [s for s in parsed if s.kind == "builtin"]
+    extra = builtin if diff_setting not in settings else []
     result: dict = {"tasks": {}, "exit": {}, "by_difficulty": {}, "centered_mean": {}, "chance": {},
                     "params": int(model.num_params()["total"]), "acc_norm": {}}
     try:
-        with tqdm(total=total, desc="eval", disable=not progress, leave=False) as bar:
+        with tqdm(total=len(parsed) * len(settings) + len(extra), desc="eval", disable=not progress,
+                  leave=False) as bar:
             for setting in settings:
-                adaptive = ":" in setting
-                entry: dict = {"acc": {}, "mean_recursions_by_task": {}} if adaptive else {}
+                entry: dict = {"acc": {}, "mean_recursions_by_task": {}}
                 for spec in parsed:
-                    bar.set_postfix_str(f"{spec.name} @ {setting if adaptive else 'r=' + setting}")
-                    out = evaluate(spec, setting)
+                    bar.set_postfix_str(f"{spec.name} @ {setting if ':' in setting else 'r=' + setting}")
+                    record(result, entry, spec, setting, sweep.evaluate(spec, setting))
                     bar.update(1)
-                    if spec.kind == "bpb":
-                        bpb, mean_r = out
-                        if adaptive:
-                            entry["bpb"], entry["bpb_mean_recursions"] = bpb, mean_r
-                        else:
-                            result["tasks"].setdefault("bpb", {})[setting] = bpb
-                        continue
-                    acc = _mean([float(r["correct"]) for r in out])
-                    if adaptive:
-                        entry["acc"][spec.name] = acc
-                        entry["mean_recursions_by_task"][spec.name] = _token_mean_depth(out)
-                    else:
-                        result["tasks"].setdefault(spec.name, {})[setting] = acc
-                    if spec.kind == "mc":
-                        result["acc_norm"].setdefault(spec.name, {})[setting] = _mean(
-                            [float(r["correct_norm"]) for r in out])
-                if adaptive:
-                    by_task = entry["mean_recursions_by_task"]
-                    bpb_r = entry.pop("bpb_mean_recursions", None)
-                    entry["mean_recursions"] = bpb_r if bpb_r is not None else _mean(list(by_task.values()))
-                    result["exit"][setting] = entry
-            for spec in parsed:
-                if spec.kind == "builtin":
-                    if needs_extra:
-                        bar.set_postfix_str(f"{spec.name} by difficulty @ {diff_setting}")
-                    result["by_difficulty"][spec.name] = _by_difficulty(evaluate(spec, diff_setting))
-                    if needs_extra:
-                        bar.update(1)
+                if ":" in setting:
+                    result["exit"][setting] = close_exit_entry(entry)
+            for spec in builtin:
+                bar.set_postfix_str(f"{spec.name} by difficulty @ {diff_setting}")
+                result["by_difficulty"][spec.name] = _by_difficulty(sweep.evaluate(spec, diff_setting))
+                bar.update(1 if spec in extra else 0)
     finally:
         model.train(was_training)
-
-    for name, (_, chance) in data.items():
-        result["chance"][name] = chance
-    for setting in settings:
-        accs = (result["exit"][setting]["acc"] if ":" in setting else
-                {n: v[setting] for n, v in result["tasks"].items() if n != "bpb"})
-        if accs:
-            result["centered_mean"][setting] = _mean([centered(a, result["chance"][n]) for n, a in accs.items()])
-    result["settings"] = {"depths": depths, "exits": exits, "limit": limit, "seed": seed, "max_recur": exit_cap,
+    result["chance"] = {name: chance for name, (_, chance) in data.items()}
+    result["centered_mean"] = centered_means(result, settings)
+    result["settings"] = {"depths": depths, "exits": exits, "limit": limit, "seed": seed, "max_recur": sweep.exit_cap,
                           "mc_mode": mc_mode, "by_difficulty_at": diff_setting, "mean_recur": cfg.mean_recur,
                           "n_examples": {name: len(examples) for name, (examples, _) in data.items()}}
     result["notes"] = notes

@@ -28,7 +28,8 @@ from recurchat.data.tasks.benchmarks import BENCHMARKS, LETTERS, GenQuestion, MC
 from recurchat.data.tasks.registry import REGISTRY
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.engine import Engine, RecurParams
+from recurchat.infer.sampling import SamplingParams
 from recurchat.model.hardware import DtypeChoice
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.model.scoring import scoring
@@ -220,7 +221,7 @@ def continuation_logprobs(model: RecurrentLM, tokenizer: Tokenizer, pairs: Seque
     cfg = model.cfg
     rows = _rows(tokenizer, pairs, cfg.seq_len)
     out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
-    fixed_depth = float(num_recur or cfg.mean_recur) if cfg.n_recur else 0.0
+    fixed_depth = float(num_recur or cfg.mean_recur) if cfg.n_shared else 0.0
     with scoring(model, dtype) as device:
         for chunk, x, y in _batches(rows, batch_size, tokenizer.pad_id):
             scored = y >= 0
@@ -281,7 +282,7 @@ def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQue
     if mode == "letter" and engine is None:
         letter = _letter_logprobs(model, tokenizer, questions, num_recur, batch_size, dtype)
     if letter is not None:
-        depth = float(num_recur or model.cfg.mean_recur) if model.cfg.n_recur else 0.0
+        depth = float(num_recur or model.cfg.mean_recur) if model.cfg.n_shared else 0.0
         per_q = [(lps, [1] * len(lps), depth) for lps in letter]
     else:
         pairs, conts, owner = [], [], []

@@ -13,7 +13,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-
 # -- errors ---------------------------------------------------------------------------------------------------------
 
 

@@ -11,16 +11,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recurchat.errors import UserError
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
 from recurchat.checkpoint import load_model
+from recurchat.config import ModelConfig
+from recurchat.errors import UserError
+from recurchat.infer.engine import Engine, RecurError, RecurParams
+from recurchat.infer.sampling import SamplingParams
 
 
-def recur_params(args: argparse.Namespace):
-    if args.recur is not None and args.exit:
-        raise UserError("give either --recur (fixed depth) or --exit (adaptive depth), not both")
-    return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
-                       warm_start=args.warm_start)
+def recur_params(args: argparse.Namespace, cfg: ModelConfig) -> RecurParams:
+    try:
+        return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
+                           warm_start=args.warm_start).validate(cfg)
+    except RecurError as e:
+        flag = {"num_recur": "--recur", "max_recur": "--max-recur"}.get(e.param, f"--{e.param}")
+        raise UserError(f"{flag}: {e}") from None
 
 
 def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...], seed: int):
@@ -34,7 +38,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompt = [tok.bos_id] + tok.encode(args.prompt)
     engine = Engine(model, dtype=args.dtype)
     prompts = [prompt] * args.num_samples
-    recur = recur_params(args)
+    recur = recur_params(args, model.cfg)
     engine.check(prompts, recur)
     print(engine.describe(), file=sys.stderr)
     gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur)
@@ -49,7 +53,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     engine = Engine(model, dtype=args.dtype)
-    recur = recur_params(args)
+    recur = recur_params(args, model.cfg)
     engine.check([[tok.bos_id]], recur)
     print(engine.describe(), file=sys.stderr)
     stop = (tok.special_id("assistant_end"), tok.bos_id)

@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from recurchat.infer.scheduler import Job, SchedulerClosed
 
 
-
-
 @dataclass
 class TextStream:
     """Token ids → text increments for one reply: whole UTF-8 characters only, cut before the first stop string.

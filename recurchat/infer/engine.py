@@ -20,22 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from recurchat.config import ModelConfig
 from recurchat.errors import UserError
 from recurchat.infer.exit import ExitCriterion, ExitTracker
 from recurchat.infer.kv_cache import KVCache, iteration_slots
-from recurchat.infer.naive import sample_next
+from recurchat.infer.sampling import SamplingParams, sample_next
 from recurchat.model.hardware import choose_dtype, inference_banner
 from recurchat.model.recurrent import RecurrentLM
-
-
-@dataclass
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.8
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -47,6 +38,40 @@ class RecurParams:
     prefill_recur: int | None = None  # default: the fixed depth, or r̄ with an exit criterion
     warm_start: bool = False
     kv: str = "full"
+
+    def validate(self, cfg: ModelConfig, limit: int | None = None) -> "RecurParams":
+        """Check these settings against a model (and a deployment's depth `limit`) before any compute, raising
+        RecurError that names the field. The CLI, the server and the eval sweep all call this."""
+        if self.num_recur is not None and self.exit:
+            raise RecurError("give a fixed depth (num_recur) or an exit criterion (exit), not both", "num_recur")
+        for name in ("num_recur", "min_recur", "max_recur", "prefill_recur"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise RecurError(f"{name} must be >= 1, got {value}", name)
+            if value is not None and limit is not None and value > limit:
+                raise RecurError(f"{name}={value} exceeds the limit of {limit}", name)
+        if self.exit:
+            try:
+                crit = ExitCriterion.parse(self.exit)
+            except UserError as e:
+                raise RecurError(str(e), "exit") from None
+            if crit.kind == "fixed" and limit is not None and crit.value > limit:
+                raise RecurError(f"exit {self.exit!r} exceeds the limit of {limit}", "exit")
+        if self.min_recur > (self.max_recur or self.num_recur or cfg.r_max):
+            raise RecurError("min_recur exceeds the maximum depth", "min_recur")
+        try:
+            iteration_slots(self.kv, limit or cfg.r_max)
+        except UserError as e:
+            raise RecurError(str(e), "kv") from None
+        return self
+
+
+class RecurError(UserError):
+    """A recursion setting no engine can run; `param` names the RecurParams field at fault."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass
@@ -66,6 +91,36 @@ class Generation:
     @property
     def mean_depth(self) -> float:
         return sum(self.depths) / len(self.depths) if self.depths else 0.0
+
+
+@dataclass
+class ActiveRows:
+    """The rows of one decode step that are still iterating, compacted: `keep(mask)` shrinks all of them together."""
+
+    local: torch.Tensor  # each row's position in this step's batch
+    e: torch.Tensor  # prelude output (the adapter's input every iteration)
+    s: torch.Tensor  # recurrent state
+    cos: torch.Tensor  # rotary angles at each row's position
+    sin: torch.Tensor
+    rows: torch.Tensor  # KV-cache rows
+    pos: torch.Tensor  # positions in the sequence
+    view: object  # the cache's view of (rows, pos)
+
+    @property
+    def size(self) -> int:
+        return self.local.numel()
+
+    def keep(self, mask: torch.Tensor, cache: KVCache) -> None:
+        self.local, self.e, self.s = self.local[mask], self.e[mask], self.s[mask]
+        self.cos, self.sin, self.rows, self.pos = self.cos[mask], self.sin[mask], self.rows[mask], self.pos[mask]
+        self.view = cache.rows(self.rows, self.pos)
+
+
+@dataclass
+class DecodeOut:
+    logits: torch.Tensor  # [n, V] at each row's exit
+    state: torch.Tensor  # [n, 1, d] final recurrent state (for warm starts)
+    depth: torch.Tensor  # [n] iterations each row ran
 
 
 class Engine:
@@ -133,50 +188,55 @@ class Engine:
         if not m.recur:
             logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1]
             return logits, torch.zeros(n, dtype=torch.long, device=self.device), None
-        out_logits = torch.empty(n, self.cfg.vocab_size, device=self.device)
-        out_state = torch.empty_like(x)
-        depth = torch.zeros(n, dtype=torch.long, device=self.device)
-        # compact views of the rows still iterating; `local` maps them back to positions in this call's batch
-        local = torch.arange(n, device=self.device)
-        e, cos_a, sin_a, rows_a, pos_a, view_a = x, cos, sin, rows, pos, view
-        s = m.initial_state(x) if warm is None else warm
+        out = DecodeOut(torch.empty(n, self.cfg.vocab_size, device=self.device), torch.empty_like(x),
+                        torch.zeros(n, dtype=torch.long, device=self.device))
+        act = ActiveRows(torch.arange(n, device=self.device), x, m.initial_state(x) if warm is None else warm,
+                         cos, sin, rows, pos, view)
         tracker = ExitTracker(crit, n, self.device)
         first_check = max(1, min_steps - 1)  # kl/entropy/latent/argmax compare with the previous iteration
         for i in range(max_steps):
             step = i + 1
-            s = m.iterate(e, s, cos_a, sin_a, cache.recur(i, view_a))
-            self.iterations += local.numel()
-            logits = None
+            act.s = m.iterate(act.e, act.s, act.cos, act.sin, cache.recur(i, act.view))
+            self.iterations += act.size
             if step >= max_steps:
-                done = torch.ones(local.numel(), dtype=torch.bool, device=self.device)
+                done, logits = torch.ones(act.size, dtype=torch.bool, device=self.device), None
             elif step >= first_check and crit.kind != "fixed":
-                if crit.needs_logits:
-                    logits = m.head(m.run_coda(s, cos_a, sin_a, cache.coda(view_a)))[:, -1]
-                done = tracker.update(step, s[:, -1], logits) & (step >= min_steps)
-                if crit.needs_logits:
-                    self.extra_heads += int((~done).sum())
+                done, logits = self._check_exit(act, cache, tracker, crit, step, min_steps)
             else:
                 continue
             if not bool(done.any()):
                 continue
-            ex = local[done]
-            if logits is None:  # the coda has not run on this state yet (its K/V for this position too)
-                logits = m.head(m.run_coda(s[done], cos_a[done], sin_a[done],
-                                           cache.coda(cache.rows(rows_a[done], pos_a[done]))))[:, -1]
-            else:
-                logits = logits[done]
-            out_logits[ex] = logits.float()
-            out_state[ex] = s[done].to(out_state.dtype)
-            depth[ex] = step
-            cache.fill_forward(rows_a[done], pos_a[done], step, max_steps)
-            keep = ~done
-            if not bool(keep.any()):
+            self._retire(act, done, logits, cache, out, step, max_steps)
+            if bool(done.all()):
                 break
-            local, e, s = local[keep], e[keep], s[keep]
-            cos_a, sin_a, rows_a, pos_a = cos_a[keep], sin_a[keep], rows_a[keep], pos_a[keep]
-            view_a = cache.rows(rows_a, pos_a)
-            tracker.keep(keep)
-        return out_logits, depth, out_state
+            act.keep(~done, cache)
+            tracker.keep(~done)
+        return out.logits, out.depth, out.state
+
+    def _check_exit(self, act: ActiveRows, cache: KVCache, tracker: ExitTracker, crit: ExitCriterion, step: int,
+                    min_steps: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows that stop now, their logits when the criterion had to run the head for every row)."""
+        logits = None
+        if crit.needs_logits:
+            logits = self.model.head(self.model.run_coda(act.s, act.cos, act.sin, cache.coda(act.view)))[:, -1]
+        done = tracker.update(step, act.s[:, -1], logits) & (step >= min_steps)
+        if crit.needs_logits:
+            self.extra_heads += int((~done).sum())
+        return done, logits
+
+    def _retire(self, act: ActiveRows, done: torch.Tensor, logits: torch.Tensor | None, cache: KVCache,
+                out: DecodeOut, step: int, max_steps: int) -> None:
+        """Write the output of the rows that stop at `step` and fill their K/V forward for deeper readers."""
+        m, ex = self.model, act.local[done]
+        if logits is None:  # the coda has not run on this state yet (its K/V for this position too)
+            logits = m.head(m.run_coda(act.s[done], act.cos[done], act.sin[done],
+                                       cache.coda(cache.rows(act.rows[done], act.pos[done]))))[:, -1]
+        else:
+            logits = logits[done]
+        out.logits[ex] = logits.float()
+        out.state[ex] = act.s[done].to(out.state.dtype)
+        out.depth[ex] = step
+        cache.fill_forward(act.rows[done], act.pos[done], step, max_steps)
 
     # -- public API ---------------------------------------------------------------------------------------------
 

@@ -38,8 +38,8 @@ def iteration_slots(strategy: str, max_recur: int) -> int:
 
 def bytes_per_token(cfg: ModelConfig, strategy: str, num_recur: int, dtype: torch.dtype = torch.bfloat16) -> int:
     """K and V bytes one token occupies when decoding at depth `num_recur` (full grows with r; last does not)."""
-    slots = iteration_slots(strategy, num_recur) if cfg.n_recur else 0
-    layers = cfg.n_prelude + cfg.n_coda + cfg.n_recur * slots
+    slots = iteration_slots(strategy, num_recur) if cfg.n_shared else 0
+    layers = cfg.n_prelude + cfg.n_coda + cfg.n_shared * slots
     head_dim = cfg.d_model // cfg.n_head
     return 2 * layers * cfg.n_kv_head * head_dim * torch.empty((), dtype=dtype).element_size()
 
@@ -89,8 +89,8 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, strategy: str, batch_size: int, max_len: int, max_recur: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         self.cfg, self.strategy, self.max_recur = cfg, strategy, max_recur
-        self.slots = iteration_slots(strategy, max_recur) if cfg.n_recur else 0
-        n_layers = cfg.n_prelude + cfg.n_coda + cfg.n_recur * self.slots
+        self.slots = iteration_slots(strategy, max_recur) if cfg.n_shared else 0
+        n_layers = cfg.n_prelude + cfg.n_coda + cfg.n_shared * self.slots
         head_dim = cfg.d_model // cfg.n_head
         shape = (n_layers, batch_size, cfg.n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
@@ -114,7 +114,7 @@ class KVCache:
         return [LayerView(self, self.cfg.n_prelude + i, rows) for i in range(self.cfg.n_coda)]
 
     def recur(self, iteration: int, rows: Rows) -> list[LayerView]:
-        return [LayerView(self, self._recur_layer(j, iteration), rows) for j in range(self.cfg.n_recur)]
+        return [LayerView(self, self._recur_layer(j, iteration), rows) for j in range(self.cfg.n_shared)]
 
     def fill_forward(self, rows: torch.Tensor, pos: torch.Tensor | None, done: int, upto: int) -> None:
         """Rows stopped after `done` iterations: make iterations done..upto−1 read iteration done−1's K/V.
@@ -124,7 +124,7 @@ class KVCache:
         if self.slots <= 1 or done >= upto or done < 1:
             return
         targets = sorted({i % self.slots for i in range(done, upto)} - {(done - 1) % self.slots})
-        for j in range(self.cfg.n_recur):
+        for j in range(self.cfg.n_shared):
             src = self._recur_layer(j, done - 1)
             for t in targets:
                 dst = self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + t

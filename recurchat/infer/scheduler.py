@@ -23,7 +23,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from recurchat.infer.engine import Engine, Event, RecurParams, SamplingParams
+from recurchat.infer.engine import Engine, Event, RecurParams
+from recurchat.infer.sampling import SamplingParams
 
 
 class QueueFull(Exception):

@@ -33,6 +33,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recurchat.checkpoint import Checkpoint
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
 from recurchat.infer.api_schema import (
@@ -45,13 +46,11 @@ from recurchat.infer.api_schema import (
     validation_error,
 )
 from recurchat.infer.detokenize import TextStream, text_pieces
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
-from recurchat.infer.exit import ExitCriterion
+from recurchat.infer.engine import Engine, RecurError, RecurParams
 from recurchat.infer.gate import Gate
-from recurchat.infer.kv_cache import iteration_slots
+from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.checkpoint import Checkpoint
 
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
@@ -121,32 +120,13 @@ class Service:
         return sampling, self.recur_params(body.recursion or Recursion(), body.kv_strategy or "full")
 
     def recur_params(self, r: Recursion, kv: str) -> RecurParams:
-        limit = self.recur_limit
-        if r.num_recur is not None and r.exit:
-            raise ApiError(400, "give recursion.num_recur (fixed depth) or recursion.exit (adaptive), not both",
-                           param="recursion")
-        for name in ("num_recur", "max_recur", "min_recur"):
-            v = getattr(r, name)
-            if v is not None and v > limit:
-                raise ApiError(400, f"recursion.{name}={v} exceeds this server's limit of {limit}",
-                               param=f"recursion.{name}")
-        if r.exit:
-            try:
-                crit = ExitCriterion.parse(r.exit)
-            except UserError as e:
-                raise ApiError(400, str(e), param="recursion.exit") from None
-            if crit.kind == "fixed" and crit.value > limit:
-                raise ApiError(400, f"recursion.exit {r.exit!r} exceeds this server's limit of {limit}",
-                               param="recursion.exit")
-        if r.min_recur is not None and r.min_recur > (r.max_recur or r.num_recur or self.cfg.r_max):
-            raise ApiError(400, "recursion.min_recur exceeds the maximum depth", param="recursion.min_recur")
         recur = RecurParams(num_recur=r.num_recur, exit=r.exit, min_recur=r.min_recur or 1, max_recur=r.max_recur,
                             warm_start=r.warm_start, kv=kv)
         try:
-            iteration_slots(kv, limit)
-        except UserError as e:
-            raise ApiError(400, str(e), param="kv_strategy") from None
-        return recur
+            return recur.validate(self.cfg, self.recur_limit)
+        except RecurError as e:
+            param = "kv_strategy" if e.param == "kv" else f"recursion.{e.param}"
+            raise ApiError(400, f"{param}: {e}", param=param) from None
 
     def submit(self, prompt: list[int], sampling: SamplingParams, recur: RecurParams) -> Job:
         try:

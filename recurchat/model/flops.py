@@ -30,19 +30,19 @@ def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: 
     `grad_iters` defaults to all r iterations (full BPTT); pass min(k, r) for truncated BPTT.
     """
     r = cfg.mean_recur if num_recur is None else num_recur
-    if cfg.n_recur == 0:
+    if cfg.n_shared == 0:
         r = 0
     g = r if grad_iters is None else min(grad_iters, r)
     T = cfg.seq_len if seq_len is None else seq_len
     nb = block_matrix_params(cfg)
-    adapter = 2 * cfg.d_model * cfg.d_model if (cfg.adapter == "concat" and cfg.n_recur) else 0
+    adapter = 2 * cfg.d_model * cfg.d_model if (cfg.adapter == "concat" and cfg.n_shared) else 0
     head = cfg.d_model * cfg.vocab_size
     attn_fwd = 4 * T * cfg.n_head * (cfg.d_model // cfg.n_head)
     once_layers = cfg.n_prelude + cfg.n_coda
 
     def per_pass(iters: int, matmul_factor: int, attn_factor: int) -> float:
-        layers = once_layers + iters * cfg.n_recur
-        params = once_layers * nb + iters * (cfg.n_recur * nb + adapter) + head
+        layers = once_layers + iters * cfg.n_shared
+        params = once_layers * nb + iters * (cfg.n_shared * nb + adapter) + head
         return matmul_factor * params + attn_factor * attn_fwd * layers
 
     fwd = per_pass(r, 2, 1)

@@ -5,7 +5,7 @@
     s_r → coda (C blocks) → norm → lm_head → soft-capped logits
 
 This file is the one place recursion logic lives. The standard (non-recursive) model is the same class with
-n_recur = 0, so recursive-vs-standard comparisons differ in one config field, never in two code paths.
+n_shared = 0, so recursive-vs-standard comparisons differ in one config field, never in two code paths.
 Truncated BPTT: the first r−k iterations run under torch.no_grad(), the last min(k, r) with gradients.
 
 Exercise: `pytest tests/model/test_recurrent.py`.
@@ -58,8 +58,8 @@ class RecurrentLM(nn.Module):
             return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio) for _ in range(n))
 
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.prelude, self.recur, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_recur), blocks(cfg.n_coda)
-        self.adapter = Adapter(d, cfg.adapter) if cfg.n_recur > 0 else None
+        self.prelude, self.recur, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_shared), blocks(cfg.n_coda)
+        self.adapter = Adapter(d, cfg.adapter) if cfg.n_shared > 0 else None
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("cos", cos, persistent=False)

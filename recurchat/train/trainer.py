@@ -199,7 +199,7 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
 def describe(run: Run) -> str:
     m, t, dist = run.spec.model, run.spec.train, run.dist
     return (f"model: {run.net.num_params()['total']:,} parameters ({'recursive' if m.recursive else 'standard'}, "
-            f"P/R/C = {m.n_prelude}/{m.n_recur}/{m.n_coda}, r̄ = {m.mean_recur}); "
+            f"P/R/C = {m.n_prelude}/{m.n_shared}/{m.n_coda}, r̄ = {m.mean_recur}); "
             f"{run.grad_accum} micro-steps of {t.batch_size}×{m.seq_len} per step"
             + (f" on each of {dist.world_size} ranks ({t.parallel})" if dist.distributed else "")
             + f"; {hardware.banner(dist.device, run.dtype, run.peak)}")

@@ -5,8 +5,9 @@ Run: `pytest tests/data`.
 
 from __future__ import annotations
 
-import pytest
 from pydoc_data.topics import topics
+
+import pytest
 
 from recurchat.data.tokenizer import Tokenizer
 

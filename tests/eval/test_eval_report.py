@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import numpy as np
 import pytest
-from pydoc_data.topics import topics
+from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 from recurchat.config import ModelConfig
 from recurchat.data.tasks import get_task, stream
@@ -21,11 +22,10 @@ from recurchat.errors import UserError
 from recurchat.eval.report import write_report
 from recurchat.eval.sweep import print_table, run_sweep
 from recurchat.eval.tasks import centered
-from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 ARC = Path(__file__).parents[1] / "fixtures" / "benchmarks" / "arc_easy.jsonl"
 ARC_CHANCE = (1 / 4 + 1 / 4 + 1 / 3 + 1 / 5) / 4  # the fixture has 4-, 4-, 3- and 5-choice questions
-CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_recur=1, n_coda=1,
+CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_shared=1, n_coda=1,
                   mean_recur=2, r_max=4, seq_len=128)
 SPECS = ["bpb", "hops", f"arc-easy:{ARC}"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,7 +52,7 @@ def sweep(tokenizer, val_tokens) -> dict:
 
 @pytest.fixture(scope="module")
 def standard(tokenizer, val_tokens) -> dict:
-    model = random_model(dataclasses.replace(CFG, n_recur=0), seed=1)
+    model = random_model(dataclasses.replace(CFG, n_shared=0), seed=1)
     return run_sweep(model, tokenizer, val_tokens, None, SPECS, [1, 2], ["latent:1e9"], 2, progress=False)
 
 

@@ -7,25 +7,35 @@ Run: `pytest tests/eval/test_eval_tasks.py`.
 from __future__ import annotations
 
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
-from pydoc_data.topics import topics
+from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 from recurchat.config import ModelConfig
 from recurchat.data.tasks import get_task, stream
 from recurchat.data.tasks.benchmarks import load_benchmark, mc_prompt
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
-from recurchat.eval.tasks import (centered, continuation_logprobs, eval_generative, mc_context, number_matches,
-                                  parse_task_spec, parse_task_specs, pick_choice, prompt_and_check, score_mc)
+from recurchat.eval.tasks import (
+    centered,
+    continuation_logprobs,
+    eval_generative,
+    mc_context,
+    number_matches,
+    parse_task_spec,
+    parse_task_specs,
+    pick_choice,
+    prompt_and_check,
+    score_mc,
+)
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.model.recurrent import RecurrentLM
-from support import one_thread, random_model  # noqa: F401  (one_thread is an autouse fixture)
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "benchmarks"
 MC_FIXTURES = [("arc-easy", "arc_easy.jsonl"), ("mmlu", "mmlu.parquet"), ("hellaswag", "hellaswag.jsonl")]
-CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_recur=1, n_coda=1,
+CFG = ModelConfig(vocab_size=300, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_shared=1, n_coda=1,
                   mean_recur=2, r_max=4, seq_len=128)
 
 

@@ -7,10 +7,11 @@ import dataclasses
 
 import pytest
 import torch
-
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
-from recurchat.infer.kv_cache import KVCache, bytes_per_token
 from support import random_model
+
+from recurchat.infer.engine import Engine, RecurParams
+from recurchat.infer.kv_cache import KVCache, bytes_per_token
+from recurchat.infer.sampling import SamplingParams
 
 
 def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
@@ -150,7 +151,7 @@ def test_bytes_per_token_matches_allocation(tiny_cfg):
         assert cache.nbytes() == bytes_per_token(tiny_cfg, kv, 6, torch.float32) * tiny_cfg.seq_len
     cfg = tiny_cfg
     full, last = bytes_per_token(cfg, "full", 4), bytes_per_token(cfg, "last", 4)
-    P, R, C = cfg.n_prelude, cfg.n_recur, cfg.n_coda
+    P, R, C = cfg.n_prelude, cfg.n_shared, cfg.n_coda
     assert last / full == pytest.approx((P + R + C) / (P + 4 * R + C))
 
 

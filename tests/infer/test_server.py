@@ -13,8 +13,8 @@ import httpx
 import openai
 import pytest
 
-from recurchat.cli import main
 from recurchat.checkpoint import load_model
+from recurchat.cli import main
 from recurchat.infer.server import create_app, start_in_thread
 
 KEY = "test-key"

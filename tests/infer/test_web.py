@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from recurchat.cli import main
 from recurchat.checkpoint import load_model
+from recurchat.cli import main
 from recurchat.infer.server import create_app, start_in_thread
 
 CHROMIUM = "/usr/bin/chromium"

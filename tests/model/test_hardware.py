@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from recurchat.config import TrainConfig, get_preset
 from recurchat.errors import UserError
-from recurchat.infer.engine import Engine, RecurParams, SamplingParams
+from recurchat.infer.engine import Engine, RecurParams
+from recurchat.infer.sampling import SamplingParams
 from recurchat.model import hardware
 from recurchat.train.optim import build_optimizers
 from recurchat.train.spec import RunSpec

@@ -116,7 +116,7 @@ def test_truncated_bptt_gradient_equals_detached_reference(tiny_cfg):
 def test_standard_model_is_plain_stack(tiny_cfg):
     """R = 0: the same class computes embed → blocks → head with no adapter and no loop."""
     cfg = tiny_cfg.standard_twin()
-    assert cfg.n_recur == 0 and cfg.n_prelude == tiny_cfg.n_prelude + tiny_cfg.mean_recur * tiny_cfg.n_recur
+    assert cfg.n_shared == 0 and cfg.n_prelude == tiny_cfg.n_prelude + tiny_cfg.mean_recur * tiny_cfg.n_shared
     torch.manual_seed(0)
     m = randomize(RecurrentLM(cfg))
     assert m.adapter is None and len(m.recur) == 0

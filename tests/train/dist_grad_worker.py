@@ -24,7 +24,7 @@ def main(mode: str) -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.distributed.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     info = distributed.DistInfo(rank=rank, world_size=world, local_rank=rank)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_recur=2, n_coda=1,
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_head=2, n_kv_head=1, n_prelude=1, n_shared=2, n_coda=1,
                       mean_recur=2, r_max=8, seq_len=16)
     torch.manual_seed(0)
     reference = RecurrentLM(cfg)

@@ -30,10 +30,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recurchat import checkpoint
 from recurchat.config import ModelConfig, get_preset
 from recurchat.errors import UserError
 from recurchat.model.recurrent import RecurrentLM
-from recurchat import checkpoint
 from recurchat.train.optim import build_optimizers
 
 EXACT_ATOL = 1e-6

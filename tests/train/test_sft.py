@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from recurchat.cli import main
 from recurchat import checkpoint
+from recurchat.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from recurchat import checkpoint
 from recurchat.cli import main
 from recurchat.model.recurrent import RecurrentLM
-from recurchat import checkpoint
 
 SMOKE = ["--preset", "cpu-smoke", "--quiet"]
 
@@ -81,7 +81,7 @@ def test_standard_twin_trains(tmp_path, small_text):
     assert main(["train", *SMOKE, "--standard", "--data", str(small_text), "--out", str(out),
                  "--max-steps", "3"]) == 0
     ck = checkpoint.load(out)
-    assert ck.model_cfg.n_recur == 0 and ck.model_cfg.n_prelude == 1 + 2 * 1
+    assert ck.model_cfg.n_shared == 0 and ck.model_cfg.n_prelude == 1 + 2 * 1
 
 
 @pytest.mark.slow
