@@ -159,6 +159,11 @@ def load(path: str | Path) -> Checkpoint:
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:
+    shapes = model.state_dict()
+    wrong = [k for k, v in ckpt.weights.items() if k in shapes and shapes[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"checkpoint {ckpt.path}: config.json does not describe its weights ({wrong[0]} is "
+                        f"{tuple(ckpt.weights[wrong[0]].shape)}, the config makes {tuple(shapes[wrong[0]].shape)})")
     missing, unexpected = model.load_state_dict(ckpt.weights, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint {ckpt.path} does not fit the model (missing {missing[:3]}, "

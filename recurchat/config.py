@@ -143,7 +143,7 @@ PRESETS: dict[str, Preset] = {
                          n_prelude=1, n_shared=1, n_coda=1, mean_recur=2, r_max=8, seq_len=64),
                          dict(max_steps=20, batch_size=4, total_batch_tokens=256, bptt_k=2, eval_every=10,
                               eval_tokens=2048, warmup_steps=2)),
-    # Learns visibly in minutes on 2 CPU cores: 6 distinct blocks, effective depth 12 at r̄ = 4.
+    # Learns visibly in minutes on 2 CPU cores: 6 distinct blocks, 12 effective layers at r̄ = 4.
     "cpu-tiny": _preset("2-core CPU, minutes", dict(vocab_size=4096, d_model=256, n_head=4, n_kv_head=2,
                         n_prelude=2, n_shared=2, n_coda=2, mean_recur=4, r_max=16, seq_len=256),
                         dict(max_steps=200, batch_size=8, total_batch_tokens=2048, bptt_k=4)),
@@ -165,6 +165,11 @@ def get_preset(name: str) -> Preset:
 def config_from_dict(cls, d: dict):
     """Build a dataclass from JSON, refusing unknown keys so a foreign config.json is caught early; fields saved
     under an old name (RENAMED_FIELDS) load under the new one."""
+    if not isinstance(d, dict):
+        raise UserError(f"{cls.__name__} must be a JSON object, got {type(d).__name__}")
+    both = [old for old, new in RENAMED_FIELDS.items() if old in d and new in d]
+    if both:
+        raise UserError(f"{cls.__name__} has both {both[0]!r} and its new name {RENAMED_FIELDS[both[0]]!r}")
     d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names

@@ -28,7 +28,15 @@ def test_bench_train_json(tmp_path):
     assert 0 < res["optimizer_step_fraction"] < 1
     assert 0 < res["mfu_recursive_compiled"] < 1
     assert 0.1 < res["recursive_vs_unrolled_flops_ratio"] < 10
-    assert res["compiled_vs_eager_speedup"] > 0
+    # the headline ratios are the ratios of the cases reported next to them
+    cases = {c["case"]: c for c in res["cases"]}
+    eager, compiled = cases["recursive r=r̄ eager"], cases["recursive r=r̄ compiled"]
+    assert res["compiled_vs_eager_speedup"] == pytest.approx(eager["step_s"] / compiled["step_s"])
+    assert res["recursive_vs_unrolled_flops_ratio"] == pytest.approx(
+        compiled["flops_s"] / cases["standard twin compiled"]["flops_s"])
+    assert res["mfu_recursive_compiled"] == pytest.approx(compiled["mfu"])
+    memory = res["bptt_memory_bytes"]
+    assert res["bptt_memory_ratio"] == pytest.approx(memory["truncated"] / memory["full"])
     assert res["recompiles_after_warmup"] == 0 and res["distinct_r_after_warmup"] >= 8
     # k = r̄ at r = 4·r̄ keeps a quarter of the recurrent activations (plus prelude/coda): well under full
     assert 0 < res["bptt_memory_ratio"] < 0.75

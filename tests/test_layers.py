@@ -1,4 +1,5 @@
-"""Imports flow one way: base → data → model → checkpoint → infer → eval → train → drivers → cli.
+"""House rules: imports flow one way (base → data → model → checkpoint → infer → eval → train → drivers → cli), and
+no function is longer than 80 lines.
 
 Every `import recurchat…` in the package, at module level or inside a function, may only reach its own layer or one
 below it. Run: `pytest tests/test_layers.py`.
@@ -64,3 +65,15 @@ def test_serving_never_imports_training():
     for path in (PACKAGE / "infer").rglob("*.py"):
         targets = imported(ast.parse(path.read_text()), module_name(path))
         assert not [t for t in targets if t.startswith("recurchat.train")], path
+
+
+def test_no_function_over_80_lines():
+    """A function fits on one screen: the house rule that keeps setup, loops and handlers readable."""
+    long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{module_name(path)}.{node.name}: {length} lines")
+    assert not long, "\n".join(long)

@@ -231,6 +231,32 @@ def _bundle_name(path: Path) -> str:
     return path.parent.name if path.name == "checkpoint" else path.name
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request: Request, e: ApiError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, e: RequestValidationError):
+        return validation_error(list(e.errors())).response()
+
+    @app.exception_handler(json.JSONDecodeError)
+    async def on_json(request: Request, e: json.JSONDecodeError):
+        return ApiError(400, f"malformed JSON body: {e}", code="invalid_json").response()
+
+    @app.exception_handler(UserError)
+    @app.exception_handler(ValueError)
+    async def on_user_error(request: Request, e: Exception):
+        return ApiError(400, str(e)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, e: StarletteHTTPException):
+        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
+        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+
+
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
                max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
@@ -254,27 +280,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     app = FastAPI(title="recurchat", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
 
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, e: ApiError):
-        return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, e: RequestValidationError):
-        return validation_error(list(e.errors())).response()
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def on_json(request: Request, e: json.JSONDecodeError):
-        return ApiError(400, f"malformed JSON body: {e}", code="invalid_json").response()
-
-    @app.exception_handler(UserError)
-    @app.exception_handler(ValueError)
-    async def on_user_error(request: Request, e: Exception):
-        return ApiError(400, str(e)).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, e: StarletteHTTPException):
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
+    add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):

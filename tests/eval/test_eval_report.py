@@ -17,11 +17,14 @@ from support import one_thread, random_model  # noqa: F401  (one_thread is an au
 
 from recurchat.config import ModelConfig
 from recurchat.data.tasks import get_task, stream
+from recurchat.data.tasks.benchmarks import load_benchmark
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.eval.bpb import evaluate_bpb
 from recurchat.eval.report import write_report
 from recurchat.eval.sweep import print_table, run_sweep
-from recurchat.eval.tasks import centered
+from recurchat.eval.tasks import centered, eval_generative, score_mc
+from recurchat.infer.engine import Engine, RecurParams
 
 ARC = Path(__file__).parents[1] / "fixtures" / "benchmarks" / "arc_easy.jsonl"
 ARC_CHANCE = (1 / 4 + 1 / 4 + 1 / 3 + 1 / 5) / 4  # the fixture has 4-, 4-, 3- and 5-choice questions
@@ -63,7 +66,8 @@ def test_sweep_json_layout(sweep):
     assert list(sweep["tasks"]) == ["bpb", "hops", "arc-easy"]
     for name, values in sweep["tasks"].items():
         assert list(values) == ["1", "2"]
-        assert all(0 <= v <= 1 for v in values.values()) if name != "bpb" else all(v > 0 for v in values.values())
+        if name != "bpb":  # an accuracy over the 4 examples: a whole number of them correct
+            assert all(v * 4 == round(v * 4) for v in values.values()), values
     assert list(sweep["exit"]) == ["latent:1e9"]
     entry = sweep["exit"]["latent:1e9"]
     assert set(entry) == {"acc", "bpb", "mean_recursions", "mean_recursions_by_task"}
@@ -83,6 +87,24 @@ def test_sweep_json_layout(sweep):
     assert sweep["params"] == random_model(CFG).num_params()["total"]
     assert sweep["settings"]["n_examples"] == {"hops": 4, "arc-easy": 4}
     assert sweep["settings"]["by_difficulty_at"] == "latent:1e9" and sweep["notes"] == []
+
+
+def test_sweep_values_are_what_each_evaluation_returns(sweep, tokenizer, val_tokens):
+    """Every number filed under (task, r) is the fraction of correct examples (or the bpb) that scoring that task
+    at that r gives on its own: nothing swapped between depths, acc and acc_norm, or tasks."""
+    model = random_model(CFG)  # the sweep fixture's weights
+    engine = Engine(model, dtype="auto")  # run_sweep's default dtype, so the numbers are the same computation
+    arc = load_benchmark("arc-easy", ARC)[:4]
+    hops = stream(get_task("hops"), "test", 0, 4)
+    for r in (1, 2):
+        mc = score_mc(model, tokenizer, arc, r, batch_size=16, dtype=engine.dtype)
+        assert sweep["tasks"]["arc-easy"][str(r)] == sum(x["correct"] for x in mc) / 4
+        assert sweep["acc_norm"]["arc-easy"][str(r)] == sum(x["correct_norm"] for x in mc) / 4
+        gen = eval_generative(engine, tokenizer, hops, RecurParams(num_recur=r), max_tokens=16, batch_size=16)
+        assert sweep["tasks"]["hops"][str(r)] == sum(x["correct"] for x in gen) / 4
+        bpb = evaluate_bpb(model, val_tokens, tokenizer.token_bytes(), 16, CFG.seq_len, None, num_recur=r,
+                           dtype=engine.dtype)
+        assert sweep["tasks"]["bpb"][str(r)] == pytest.approx(bpb, rel=1e-6)
 
 
 def test_standard_model_is_evaluated_at_r1_only(standard):

@@ -114,8 +114,11 @@ def test_score_mc_loglik_on_fixtures(model, tokenizer, name, file):
         assert len(r["logprobs"]) == len(q.choices) and all(lp < 0 for lp in r["logprobs"])
         assert 0 <= r["pred"] < len(q.choices) and r["label"] == q.label
         assert r["correct"] == (r["pred"] == q.label) and r["mean_depth"] == 2.0
-    acc = sum(r["correct"] for r in results) / len(results)
-    assert 0.0 <= acc <= 1.0
+        # pred / pred_norm are the argmax of the summed and of the per-byte log-probs, recomputed here
+        lps = r["logprobs"]
+        per_byte = [lp / len((" " + c).encode("utf-8")) for lp, c in zip(lps, q.choices)]
+        assert r["pred"] == lps.index(max(lps)) and r["pred_norm"] == per_byte.index(max(per_byte))
+        assert r["correct_norm"] == (r["pred_norm"] == q.label)
 
 
 def test_loglik_equals_a_direct_forward_and_ignores_batching(model, tokenizer):
@@ -135,9 +138,23 @@ def test_loglik_equals_a_direct_forward_and_ignores_batching(model, tokenizer):
 
 
 def test_long_context_is_cropped_from_the_left(model, tokenizer):
-    pairs = [("word " * 400, " end"), ("short", " end")]
+    T = CFG.seq_len
+    pairs = [("word " * 400, " end"), ("short", " end"), ("word " * 300, " end")]
     out = continuation_logprobs(model, tokenizer, pairs, num_recur=2)
-    assert all(lp < 0 for lp, _ in out)
+    cont = tokenizer.encode(" end")
+    ids = [tokenizer.bos_id] + tokenizer.encode("word " * 400) + cont
+    assert len(ids) > T + 1  # too long for the context: must be cropped
+    kept = ids[-(T + 1):]  # BOS and the context's start are dropped, the continuation is kept whole
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([kept[:-1]]), num_recur=2).float(), dim=-1)[0]
+    start = T + 1 - len(cont)  # index of the first continuation token in `kept`
+    expected = sum(float(logp[start + k - 1, t]) for k, t in enumerate(cont))
+    assert out[0][0] == pytest.approx(expected, abs=1e-4)
+    # a shorter context with the same last T tokens scores the same: only the window that fits is seen
+    shorter = [tokenizer.bos_id] + tokenizer.encode("word " * 300) + cont
+    assert len(shorter) > T + 1 and shorter[-(T + 1):] == kept
+    assert out[2][0] == pytest.approx(out[0][0], abs=1e-4)
+    assert out[1][0] != pytest.approx(out[0][0], abs=1e-3)
 
 
 def test_letter_mode_matches_scoring_the_letters_as_continuations(model, tokenizer):
@@ -185,8 +202,8 @@ def test_eval_generative_hops(model, tokenizer):
 
 def test_eval_generative_with_exit(model, tokenizer):
     examples = stream(get_task("hops"), "test", 1, 4)
-    results = eval_generative(Engine(model, dtype="fp32"), tokenizer, examples, RecurParams(exit="latent:1e9", max_recur=4),
-                              max_tokens=6)
+    results = eval_generative(Engine(model, dtype="fp32"), tokenizer, examples,
+                              RecurParams(exit="latent:1e9", max_recur=4), max_tokens=6)
     for r in results:
         assert r["depths"][0] == 2  # the first token comes from the prefill, at r̄
         assert all(1 <= d <= 4 for d in r["depths"])

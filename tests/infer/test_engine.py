@@ -1,4 +1,5 @@
-"""The engine: cached decoding equals the uncached forward, batching equals one-at-a-time, exited rows stay put.
+"""The engine: cached decoding equals the uncached forward and the naive sampler, batching equals one-at-a-time,
+exited rows stay put.
 
 Run: `pytest tests/infer/test_engine.py`.
 """
@@ -11,6 +12,7 @@ from support import random_model
 
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.kv_cache import KVCache, bytes_per_token
+from recurchat.infer.naive import generate_naive
 from recurchat.infer.sampling import SamplingParams
 
 
@@ -103,27 +105,80 @@ def test_exited_row_no_longer_changes_and_compute_is_saved(tiny_cfg):
     assert all(d == 6 for g in fixed for d in g.depths)
 
 
-def test_exited_rows_state_frozen(tiny_cfg):
-    """In one decode step, a row that exits early keeps its logits while other rows iterate on."""
+class ScriptedTracker:
+    """Stands in for ExitTracker: row b of a decode step exits after `exit_at[b]` iterations (rows are dropped in
+    step with the engine's `keep`, so the schedule follows each row, whatever its place in the active set)."""
+
+    exit_at: list[int] = []
+
+    def __init__(self, criterion, n_rows, device):
+        assert len(self.exit_at) == n_rows
+        self.left = torch.tensor(self.exit_at)
+
+    def keep(self, mask):
+        self.left = self.left[mask]
+
+    def update(self, step, state, logits):
+        return self.left <= step
+
+
+def test_exited_rows_state_frozen(tiny_cfg, monkeypatch):
+    """In one decode step, a row that exits early keeps its logits, state and K/V while other rows iterate on."""
     from recurchat.infer.exit import ExitCriterion
+    monkeypatch.setattr("recurchat.infer.engine.ExitTracker", ScriptedTracker)
     m = random_model(tiny_cfg, seed=3)
     engine = Engine(m, dtype="fp32")
-    cache = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    crit = ExitCriterion("latent", 0.0)  # checked every iteration; the scripted tracker decides who stops
+
+    def decode(rows, exit_at):
+        """Prefill both rows at depth 2, then decode `rows` (one new token each) with a per-row exit schedule."""
+        ScriptedTracker.exit_at = exit_at
+        cache = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
+        with torch.no_grad():
+            engine._prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
+            rows = torch.tensor(rows)
+            logits, depth, state = engine._decode(cache, torch.tensor([7, 8])[rows], rows, torch.tensor([3, 3])[rows],
+                                                  None, crit, 1, 6)
+        return logits, depth, state, cache
+
+    logits, depth, state, cache = decode([0, 1], [2, 99])  # row 0 exits at 2, row 1 runs on to 6
+    assert depth.tolist() == [2, 6]
+    alone0 = decode([0], [2])  # row 0 by itself, exiting at 2: nothing else ran after it stopped
+    alone1 = decode([1], [99])  # row 1 by itself at depth 6
+    deep0 = decode([0], [99])  # row 0 had it not exited
+    assert torch.allclose(logits[0], alone0[0][0], atol=1e-5) and torch.allclose(state[0], alone0[2][0], atol=1e-5)
+    assert torch.allclose(logits[1], alone1[0][0], atol=1e-5) and torch.allclose(state[1], alone1[2][0], atol=1e-5)
+    assert not torch.allclose(logits[0], deep0[0][0], atol=1e-3)  # exiting at 2 is not the same as running to 6
+    # the exited row's logits and state are exactly those of an uncached forward at depth 2
     with torch.no_grad():
-        engine._prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
-        crit = ExitCriterion("latent", 0.0)  # never met: both rows run to max
-        logits_full, depth, _ = engine._decode(cache, torch.tensor([7, 8]), torch.tensor([0, 1]),
-                                               torch.tensor([3, 3]), None, crit, 1, 6)
-    assert depth.tolist() == [6, 6]
-    # a single-row decode of row 0 at depth 2 gives exactly the logits row 0 would have had exiting at 2
-    cache2 = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
-    with torch.no_grad():
-        engine._prefill(cache2, idx, torch.tensor([3, 3]), 2, 6)
-        l2, d2, _ = engine._decode(cache2, torch.tensor([7, 8]), torch.tensor([0, 1]), torch.tensor([3, 3]),
-                                   None, ExitCriterion("fixed", 2), 1, 2)
-        ref = m(torch.tensor([[1, 2, 3, 7], [4, 5, 6, 8]]), num_recur=2)[:, -1]
-    assert torch.allclose(l2, ref, atol=1e-4)
+        ref, ref_state = m(torch.tensor([[1, 2, 3, 7]]), num_recur=2, return_state=True)
+    assert torch.allclose(logits[0], ref[0, -1], atol=1e-4) and torch.allclose(state[0, 0], ref_state[0, -1], atol=1e-4)
+    # its K/V rows are untouched by the iterations row 1 went on to run; iterations 2..5 at its position are
+    # filled forward from iteration 1 (the last one it computed)
+    assert torch.allclose(cache.k[:, 0], alone0[3].k[:, 0], atol=1e-6)
+    assert torch.allclose(cache.v[:, 0], alone0[3].v[:, 0], atol=1e-6)
+    assert torch.allclose(cache.k[:, 1], alone1[3].k[:, 1], atol=1e-6)
+    for j in range(tiny_cfg.n_shared):
+        src = cache._recur_layer(j, 1)
+        for i in range(2, 6):
+            assert torch.equal(cache.k[cache._recur_layer(j, i), 0, :, 3], cache.k[src, 0, :, 3])
+
+
+@pytest.mark.parametrize("r", [1, 3])
+def test_cached_generation_equals_the_naive_recompute_sampler(tiny_cfg, r):
+    """The naive sampler (infer/naive.py) recomputes the whole sequence per token: the reference for the cache."""
+    m = random_model(tiny_cfg, seed=5)
+    engine = Engine(m, dtype="fp32")
+    prompt = [5, 9, 2, 7]
+    greedy = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0.0), RecurParams(num_recur=r))[0]
+    assert greedy.tokens == generate_naive(m, prompt, 12, num_recur=r, temperature=0.0)
+    sampled = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, top_k=20, seed=3),
+                              RecurParams(num_recur=r))[0]
+    assert sampled.tokens == generate_naive(m, prompt, 12, num_recur=r, temperature=1.0, top_k=20, seed=3)
+    stop = greedy.tokens[4]
+    assert generate_naive(m, prompt, 12, num_recur=r, temperature=0.0, stop_ids=(stop,)) == \
+        greedy.tokens[:greedy.tokens.index(stop)]
 
 
 def test_sampling_seed_and_stop(tiny_cfg):
@@ -148,6 +203,8 @@ def test_stream_yields_per_step(tiny_cfg):
 def test_bytes_per_token_matches_allocation(tiny_cfg):
     for kv, slots in (("full", 6), ("last", 1), ("ring:2", 2)):
         cache = KVCache(tiny_cfg, kv, 1, tiny_cfg.seq_len, 6)
+        assert cache.slots == slots
+        assert cache.k.size(0) == tiny_cfg.n_prelude + tiny_cfg.n_coda + tiny_cfg.n_shared * slots
         assert cache.nbytes() == bytes_per_token(tiny_cfg, kv, 6, torch.float32) * tiny_cfg.seq_len
     cfg = tiny_cfg
     full, last = bytes_per_token(cfg, "full", 4), bytes_per_token(cfg, "last", 4)

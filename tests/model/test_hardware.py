@@ -79,8 +79,11 @@ def test_probe_measures_once_then_reads_the_cache(fake_probe, monkeypatch):
     table = json.loads(hardware.cache_path().read_text())
     del table[hardware.machine_key(CPU)]["bf16_over_fp32_matmul"]
     hardware.cache_path().write_text(json.dumps(table))
+    # the probe's timings, faked: an fp32 matmul takes 3× as long as a bf16 one, so bf16 runs at 3× fp32
+    seconds = {torch.float32: 0.03, torch.bfloat16: 0.01}
+    monkeypatch.setattr(hardware, "best_matmul_seconds", lambda a, b, *args, **kw: seconds[a.dtype])
     measured = hardware.bf16_over_fp32_matmul(CPU)
-    assert measured > 0
+    assert measured == pytest.approx(3.0)
     monkeypatch.setattr(hardware, "best_matmul_seconds", lambda *a, **k: pytest.fail("measured twice"))
     assert hardware.bf16_over_fp32_matmul(CPU) == measured
     assert json.loads(hardware.cache_path().read_text())[hardware.machine_key(CPU)]["bf16_over_fp32_matmul"] == measured

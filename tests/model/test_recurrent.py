@@ -142,8 +142,18 @@ def test_state_init_and_warm_start(tiny_cfg, init):
     torch.manual_seed(0)
     m = randomize(RecurrentLM(dataclasses.replace(tiny_cfg, state_init=init)))
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, 8))
+    torch.manual_seed(1)
     logits, state = m(idx, num_recur=2, return_state=True)
     assert state.shape == (1, 8, tiny_cfg.d_model)
+    # the returned state is the one the logits came from (coda + head on it), and asking for it changes nothing
+    assert torch.allclose(m.loss_or_logits(state, *m.rope(0, 8)), logits, atol=1e-6)
+    torch.manual_seed(1)
+    assert torch.allclose(m(idx, num_recur=2), logits, atol=1e-6)
+    # the init is really used: another init (or another noise draw) starts elsewhere and ends elsewhere
+    other = RecurrentLM(dataclasses.replace(m.cfg, state_init={"e": "zeros", "zeros": "e"}.get(init, init)))
+    other.load_state_dict(m.state_dict())
+    torch.manual_seed(2)
+    assert not torch.allclose(other(idx, num_recur=2), logits, atol=1e-6)
     # warm start: two iterations from the returned state equal four from scratch
     if init != "noise":
         ref = m(idx, num_recur=4)
