@@ -121,7 +121,12 @@ class CompletionRequest(Common):
 
 
 async def parse_body(request: Request, cls: type[BaseModel]) -> Any:
-    """JSON whatever the Content-Type (curl -d sends form-urlencoded), then strict pydantic validation."""
+    """An application/json body (415 otherwise: a cross-site form or text/plain POST never starts a generation),
+    then strict pydantic validation."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        raise ApiError(415, f"Content-Type must be application/json, not {content_type or 'missing'}",
+                       code="unsupported_media_type")
     raw = await request.body()
     try:
         data = json.loads(raw)

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -274,8 +275,9 @@ class Engine:
             idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
         cache_dtype = self.dtype.torch_dtype
         cache = KVCache(self.cfg, recur.kv, B, ctx, max(max_steps, prefill_r), self.device, cache_dtype)
-        gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else torch.seed())
-                for p in params]
+        # a request without a seed gets a fresh one from the OS: the process-wide torch RNG is never reseeded
+        gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else
+                                                                secrets.randbits(63)) for p in params]
         with self._autocast():
             logits, state = self._prefill(cache, idx, lens, prefill_r, max(max_steps, prefill_r))
         depth = torch.full((B,), prefill_r if self.model.recur else 0, dtype=torch.long, device=self.device)

@@ -18,13 +18,17 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, Event, RecurParams
 from recurchat.infer.sampling import SamplingParams
+
+log = logging.getLogger("recurchat.server")
 
 
 class QueueFull(Exception):
@@ -175,6 +179,8 @@ class Scheduler:
                             self._stats[key] += 1
                     job._post(ev)
         except Exception as e:  # a bug or a bad input the server did not catch: fail these jobs, keep serving
+            if not isinstance(e, UserError):
+                log.exception("generation failed for a batch of %d request(s)", len(batch))
             for row in open_rows:
                 batch[row].done = True
                 batch[row]._post(e)

@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
+import os
 import threading
 import time
 import uuid
@@ -54,6 +57,8 @@ from recurchat.model.recurrent import RecurrentLM
 
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
+API_KEY_ENV = "RECURCHAT_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
+log = logging.getLogger("recurchat.server")
 
 # -- the service ------------------------------------------------------------------------------------------------------
 
@@ -200,7 +205,11 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse({**head, "choices": [], "usage": ts.usage(len(prompt))})
             except Exception as e:  # the headers are sent: report in-band, as OpenAI does
-                err = e if isinstance(e, ApiError) else ApiError(500, f"generation failed: {e}", type="server_error")
+                if isinstance(e, (ApiError, UserError)):
+                    err = e if isinstance(e, ApiError) else ApiError(400, str(e))
+                else:
+                    log.error("streaming %s failed", rid, exc_info=e)
+                    err = internal_error()
                 yield _sse(err.body())
             yield _sse("[DONE]")
         return JobStream(events(), job)
@@ -231,6 +240,25 @@ def _bundle_name(path: Path) -> str:
     return path.parent.name if path.name == "checkpoint" else path.name
 
 
+def internal_error() -> ApiError:
+    return ApiError(500, "internal server error: the server log has the traceback", type="server_error")
+
+
+def guarded(handler):
+    """A route whose unexpected exceptions become a logged 500 here, inside the app (an exception that escapes to
+    Starlette's last-resort handler makes uvicorn reset the connection before the client reads the reply)."""
+    @functools.wraps(handler)
+    async def route(request: Request):
+        try:
+            return await handler(request)
+        except (ApiError, UserError, RequestValidationError, StarletteHTTPException):
+            raise
+        except Exception as e:
+            log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+            raise internal_error() from None
+    return route
+
+
 def add_error_handlers(app: FastAPI) -> None:
     """Every error leaves as OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
 
@@ -247,9 +275,14 @@ def add_error_handlers(app: FastAPI) -> None:
         return ApiError(400, f"malformed JSON body: {e}", code="invalid_json").response()
 
     @app.exception_handler(UserError)
-    @app.exception_handler(ValueError)
-    async def on_user_error(request: Request, e: Exception):
+    async def on_user_error(request: Request, e: UserError):
         return ApiError(400, str(e)).response()
+
+    @app.exception_handler(Exception)
+    async def on_bug(request: Request, e: Exception):
+        # Anything else is a bug, never the client's fault: a 500 that says where to look, the traceback in the log.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return internal_error().response()
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, e: StarletteHTTPException):
@@ -264,6 +297,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`."""
     from recurchat.checkpoint import load_model
 
+    api_key = api_key or os.environ.get(API_KEY_ENV) or None
     if isinstance(ckpt_path_or_model_bundle, tuple):
         ckpt, model = ckpt_path_or_model_bundle
     else:
@@ -283,12 +317,14 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     add_error_handlers(app)
 
     @app.post("/v1/chat/completions")
+    @guarded
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatRequest)
         service.check_model(body.model)
         return await generate(service, request, body, service.chat_prompt(body), service.chat_stops, chat=True)
 
     @app.post("/v1/completions")
+    @guarded
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         service.check_model(body.model)

@@ -311,3 +311,54 @@ def test_disconnect_cancels_non_streaming_request(http, server):
     while ((now := stats(http))["cancelled"] == before["cancelled"] or now["running"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert now["cancelled"] == before["cancelled"] + 1 and now["completed"] == before["completed"], now
+
+
+# -- failing loudly ------------------------------------------------------------------------------------------------------
+
+
+def test_engine_failure_is_a_500_with_the_traceback_in_the_log(bundle, monkeypatch, caplog):
+    app = create_app(bundle)
+    srv = start_in_thread(app)
+    try:
+        def broken(*args, **kwargs):
+            raise RuntimeError("boom: an engine bug")
+
+        monkeypatch.setattr(app.state.service.engine, "stream", broken)
+        with httpx.Client(base_url=srv.url, timeout=60) as http, caplog.at_level("ERROR", "recurchat.server"):
+            r = http.post("/v1/chat/completions", json={"model": "smoke", "messages": HELLO, "max_tokens": 3})
+            health = http.get("/health").json()["scheduler"]
+    finally:
+        srv.stop()
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "boom" not in r.text  # the internal message stays in the log
+    assert any("boom: an engine bug" in (rec.exc_text or "") for rec in caplog.records), caplog.text
+    assert health["failed"] == 1
+
+
+def test_non_json_content_type_is_415(http):
+    body = json.dumps({"model": "smoke", "messages": HELLO, "max_tokens": 3})
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
+        r = http.post("/v1/chat/completions", content=body, headers={} if ctype is None else {"Content-Type": ctype})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+    assert stats(http)["failed"] == 0
+
+
+def test_api_key_from_the_environment(bundle, monkeypatch):
+    monkeypatch.setenv("RECURCHAT_API_KEY", "from-env")
+    srv = start_in_thread(create_app(bundle))
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            assert http.get("/v1/models").status_code == 401
+            assert http.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_requests_without_a_seed_leave_the_global_rng_alone(client):
+    import torch
+
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    client.chat.completions.create(model="smoke", messages=HELLO, max_tokens=3, temperature=1.0)
+    assert torch.equal(torch.rand(3), expected)
