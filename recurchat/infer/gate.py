@@ -1,5 +1,6 @@
-"""The HTTP gate in front of the API: bearer-key check on /v1/*, then a request-body cap (413) enforced while the
-body is read, not after. ASGI middleware, so a rejected upload never reaches FastAPI's parsing.
+"""The HTTP gate in front of the API: bearer-key check on everything but the chat page's files and /health, then a
+request-body cap (413) enforced while the body is read, not after. ASGI middleware, so a rejected upload never
+reaches FastAPI's parsing, and an unauthenticated one is answered at once, its body never read.
 
 Exercised by `pytest tests/infer/test_server.py` (wrong-auth and oversized-body cases).
 """
@@ -11,8 +12,13 @@ import hmac
 from recurchat.infer.api_schema import ApiError
 
 
+def is_public(path: str) -> bool:
+    """The chat page (which asks for the key itself) and the health check need no key; the API and its docs do."""
+    return path in ("/", "/health") or path.startswith("/web/")
+
+
 class Gate:
-    """ASGI middleware: API-key check on /v1/*, then a body-size cap (413) enforced while reading, not after."""
+    """ASGI middleware: API-key check (all but PUBLIC paths), then a body-size cap (413) enforced while reading."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes
@@ -20,10 +26,9 @@ class Gate:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self.api_key and scope["path"].startswith("/v1/"):
+        if self.api_key and not is_public(scope["path"]):
             auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
             if not hmac.compare_digest(auth.encode(), f"Bearer {self.api_key}".encode()):
-                await _drain(receive, 16 * self.max_body)
                 return await ApiError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                                       code="invalid_api_key")(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):

@@ -321,14 +321,16 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     async def chat_completions(request: Request):
         body = await parse_body(request, ChatRequest)
         service.check_model(body.model)
-        return await generate(service, request, body, service.chat_prompt(body), service.chat_stops, chat=True)
+        prompt = await asyncio.to_thread(service.chat_prompt, body)  # tokenizing a long chat blocks: not on the loop
+        return await generate(service, request, body, prompt, service.chat_stops, chat=True)
 
     @app.post("/v1/completions")
     @guarded
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         service.check_model(body.model)
-        return await generate(service, request, body, service.completion_prompt(body), (service.tok.bos_id,),
+        prompt = await asyncio.to_thread(service.completion_prompt, body)
+        return await generate(service, request, body, prompt, (service.tok.bos_id,),
                               chat=False)
 
     @app.get("/v1/models")

@@ -343,13 +343,16 @@ def test_non_json_content_type_is_415(http):
     assert stats(http)["failed"] == 0
 
 
-def test_api_key_from_the_environment(bundle, monkeypatch):
+def test_api_key_from_the_environment_guards_all_but_the_page_and_health(bundle, monkeypatch):
     monkeypatch.setenv("RECURCHAT_API_KEY", "from-env")
     srv = start_in_thread(create_app(bundle))
     try:
         with httpx.Client(base_url=srv.url, timeout=60) as http:
             assert http.get("/v1/models").status_code == 401
             assert http.get("/v1/models", headers={"Authorization": "Bearer from-env"}).status_code == 200
+            # the API's docs need the key too; the chat page's files and the health check do not
+            assert [http.get(p).status_code for p in ("/docs", "/openapi.json")] == [401, 401]
+            assert [http.get(p).status_code for p in ("/", "/web/app.js", "/health")] == [200, 200, 200]
     finally:
         srv.stop()
 
