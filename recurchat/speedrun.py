@@ -76,7 +76,7 @@ def run_stage(out: Path, name: str, fn) -> None:
 def train_stage(run: Path, fresh: Callable[[], RunSpec]) -> None:
     """Train `fresh()`, or resume an interrupted stage from its checkpoint instead of starting over."""
     interrupted = (run / "checkpoint" / "config.json").exists()
-    train(resume_spec(run, run) if interrupted else fresh(), progress=False)
+    train(resume_spec(run, run, train={"stop_after": 0}) if interrupted else fresh(), progress=False)
 
 
 def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
@@ -166,12 +166,15 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
     sp = SPEEDRUNS[preset_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pretrain = {"max_steps": sp.pretrain_steps, "dtype": dtype, **({"data": data} if data else {})}
+    # a checkpoint every ~10% of a stage, so an interrupted stage loses at most that much
+    pretrain = {"max_steps": sp.pretrain_steps, "save_every": max(10, sp.pretrain_steps // 10), "dtype": dtype,
+                **({"data": data} if data else {})}
     for name, standard in (("recursive", False), ("standard", True)):
         run = out / name
         run_stage(out, f"pretrain {name}", lambda run=run, standard=standard: train_stage(
             run, lambda: pretrain_spec(sp.model_preset, run, standard=standard, train=pretrain, overwrite=True)))
-    sft = {"data": sp.sft_data, "max_steps": sp.sft_steps, "batch_size": sp.sft_batch_size, "dtype": dtype,
+    sft = {"data": sp.sft_data, "max_steps": sp.sft_steps, "save_every": max(10, sp.sft_steps // 10),
+           "batch_size": sp.sft_batch_size, "dtype": dtype,
            "total_batch_tokens": get_preset(sp.model_preset).model.seq_len * sp.sft_batch_size,
            "sft_examples": sp.sft_examples}
     for name in ("recursive", "standard"):

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from recurchat.cli import main
+from recurchat.speedrun import train_stage
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,6 +36,20 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
     assert capsys.readouterr().out.count("skipping") == 6
     assert json.loads((out / "stages.json").read_text()) == stages
+
+
+def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, capsys):
+    run = tmp_path / "recursive"
+    # the stage as a crash leaves it: a checkpoint at step 12 of 30 (and steps logged after it)
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--out", str(run), "--max-steps", "30",
+                 "--stop-after", "12", "--eval-every", "0"]) == 0
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 13, "loss": 99.0}) + "\n")
+    capsys.readouterr()
+    train_stage(run, lambda: pytest.fail("an interrupted stage must resume, not start over"))
+    assert "at step 12" in capsys.readouterr().out
+    steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+    assert steps == list(range(1, 31))
 
 
 def test_speedrun_unknown_preset(tmp_path, capsys):

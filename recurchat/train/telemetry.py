@@ -12,6 +12,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from recurchat.files import atomic_write_text
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step` (and drop a line a crash cut short): a run resumed from its step-N
+    checkpoint logs steps N+1… again, and each step must appear once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
+
 
 class Telemetry:
     def __init__(self, out_dir: Path, total_steps: int, start_step: int = 0, enabled: bool = True,

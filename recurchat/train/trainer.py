@@ -40,7 +40,7 @@ from recurchat.model.recurrent import RecurrentLM
 from recurchat.train import distributed
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
 from recurchat.train.spec import RunSpec
-from recurchat.train.telemetry import Telemetry
+from recurchat.train.telemetry import Telemetry, truncate_log
 
 
 def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
@@ -146,10 +146,14 @@ def open_logs(spec: RunSpec, dist: distributed.DistInfo, start_step: int,
     fresh = spec.resume is None
     if fresh and dist.is_main:
         (spec.out / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run (--overwrite) starts a fresh log
+    elif dist.is_main:
+        truncate_log(spec.out / "metrics.jsonl", start_step)  # steps logged after the checkpoint are run again
     rank_log = None
     if dist.distributed:
         rank_path = spec.out / "ranks" / f"rank{dist.rank}.jsonl"
         rank_path.parent.mkdir(parents=True, exist_ok=True)
+        if not fresh:
+            truncate_log(rank_path, start_step)
         rank_log = open(rank_path, "w" if fresh else "a", encoding="utf-8")
     telemetry = Telemetry(spec.out, spec.train.max_steps, start_step, enabled=dist.is_main,
                           wandb_project=spec.train.wandb, progress=progress,

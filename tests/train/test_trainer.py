@@ -76,6 +76,21 @@ def test_exact_resume_fp32(tmp_path, small_text):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_resume_after_a_crash_logs_each_step_once(tmp_path, small_text):
+    """A run that crashed after logging steps past its last checkpoint: resuming rewrites those steps, once."""
+    common = [*SMOKE, "--data", str(small_text), "--dtype", "fp32", "--max-steps", "6", "--eval-every", "0"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main(["train", *common, "--out", str(straight)]) == 0
+    assert main(["train", *common, "--out", str(crashed), "--stop-after", "3"]) == 0  # checkpoint at step 3
+    with open(crashed / "metrics.jsonl", "a") as f:  # what the crashed process had logged after it
+        f.write(json.dumps({"step": 4, "loss": 99.0}) + "\n" + json.dumps({"step": 5, "loss": 99.0}) + "\n")
+        f.write('{"step": 6, "lo')  # cut off mid-line
+    assert main(["train", "--quiet", "--resume", str(crashed), "--out", str(crashed)]) == 0
+    logged = [m["step"] for m in read_metrics(crashed) if "loss" in m]
+    assert logged == list(range(1, 7))
+    assert step_losses(crashed) == step_losses(straight)
+
+
 def test_standard_twin_trains(tmp_path, small_text):
     out = tmp_path / "std"
     assert main(["train", *SMOKE, "--standard", "--data", str(small_text), "--out", str(out),
