@@ -273,8 +273,9 @@ class Engine:
         idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        cache_dtype = self.dtype.torch_dtype
-        cache = KVCache(self.cfg, recur.kv, B, ctx, max(max_steps, prefill_r), self.device, cache_dtype)
+        # positions a request can reach: its prompt and max_tokens (the last token is sampled, never decoded)
+        need = min(ctx, max(len(prompt) + p.max_tokens for prompt, p in zip(prompts, params)))
+        cache = KVCache(self.cfg, recur.kv, B, need, max(max_steps, prefill_r), self.device, self.dtype.torch_dtype)
         # a request without a seed gets a fresh one from the OS: the process-wide torch RNG is never reseeded
         gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else
                                                                 secrets.randbits(63)) for p in params]

@@ -234,3 +234,27 @@ def test_per_row_sampling_params_and_cancel(tiny_cfg):
             if ev.row == 1 and ev.finish_reason:
                 assert ev.finish_reason == "cancelled"
     assert seen == {0: 3, 1: 3, 2: 6}
+
+
+def test_kv_cache_is_sized_to_prompt_plus_max_tokens(tiny_cfg, monkeypatch):
+    """A short request allocates the positions it can reach, not the whole context, and decodes the same."""
+    import recurchat.infer.engine as engine_module
+
+    sizes = []
+
+    class Recording(engine_module.KVCache):
+        def __init__(self, cfg, strategy, batch_size, max_len, *args, **kwargs):
+            sizes.append(max_len)
+            super().__init__(cfg, strategy, batch_size, max_len, *args, **kwargs)
+
+    m = random_model(tiny_cfg)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8]]
+    sampling = SamplingParams(max_tokens=6, temperature=0)
+    monkeypatch.setattr(engine_module, "KVCache", Recording)
+    small = [g.tokens for g in Engine(m, dtype="fp32").generate(prompts, sampling, RecurParams(num_recur=3))]
+    assert sizes == [5 + 6] and sizes[0] < tiny_cfg.seq_len
+    # the same tokens as recomputing the whole sequence for every token (no cache at all)
+    assert small == [generate_naive(m, p, 6, num_recur=3, temperature=0) for p in prompts]
+    long = SamplingParams(max_tokens=10 * tiny_cfg.seq_len, temperature=0)
+    Engine(m, dtype="fp32").generate([[1, 2]], long, RecurParams(num_recur=2))
+    assert sizes[-1] == tiny_cfg.seq_len  # never more than the context
