@@ -60,6 +60,12 @@ class RecurParams:
                 raise RecurError(f"exit {self.exit!r} exceeds the limit of {limit}", "exit")
         if self.min_recur > (self.max_recur or self.num_recur or cfg.r_max):
             raise RecurError("min_recur exceeds the maximum depth", "min_recur")
+        fixed = self.num_recur or cfg.mean_recur
+        if self.kv.startswith("ring:") and (self.exit or self.prefill_recur not in (None, fixed)):
+            # Slot s of a ring serves every iteration ≡ s (mod K). Once a token stops at iteration j, a later token
+            # at i < j should read iteration i and one at i ≥ j iteration j − 1, often from the same slot.
+            raise RecurError("ring:K keeps the last K iterations of tokens that all run the same depth: use it "
+                             "with a fixed depth, and full or last with an exit criterion", "kv")
         try:
             iteration_slots(self.kv, limit or cfg.r_max)
         except UserError as e:

@@ -258,3 +258,17 @@ def test_kv_cache_is_sized_to_prompt_plus_max_tokens(tiny_cfg, monkeypatch):
     long = SamplingParams(max_tokens=10 * tiny_cfg.seq_len, temperature=0)
     Engine(m, dtype="fp32").generate([[1, 2]], long, RecurParams(num_recur=2))
     assert sizes[-1] == tiny_cfg.seq_len  # never more than the context
+
+
+def test_ring_is_refused_with_an_exit_criterion(tiny_cfg):
+    """A ring slot serves iterations i ≡ s (mod K): with tokens stopping at different depths it cannot give a
+    later token both iteration i (< the stop) and the last computed one (≥ the stop), so ring is fixed-depth only."""
+    from recurchat.infer.engine import RecurError
+
+    for bad in (RecurParams(exit="kl:1e-3", kv="ring:2"), RecurParams(exit="fixed:4", kv="ring:3"),
+                RecurParams(num_recur=4, prefill_recur=2, kv="ring:2")):
+        with pytest.raises(RecurError, match="ring:K keeps the last K iterations") as err:
+            bad.validate(tiny_cfg)
+        assert err.value.param == "kv"
+    assert RecurParams(num_recur=4, kv="ring:2").validate(tiny_cfg).kv == "ring:2"
+    assert RecurParams(exit="kl:1e-3", kv="last").validate(tiny_cfg).kv == "last"

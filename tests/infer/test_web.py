@@ -79,7 +79,12 @@ def test_chat_streams_depth_tinted_tokens(server, page, tmp_path):
     assert "mean depth 3.00" in first.locator(".meta").inner_text()
 
     # adaptive depth: a criterion that never fires runs every decoded token to max r
+    page.select_option("#kv", "ring:2")
     page.check("#mode-exit")
+    # ring:K is refused with exits, so the page falls back to the full cache and disables the ring options
+    assert page.eval_on_selector("#kv", "s => s.value") == "full"
+    assert page.eval_on_selector("#kv", "s => [...s.options].filter(o => o.disabled).map(o => o.value)") == [
+        "ring:2", "ring:4"]
     page.select_option("#exit-kind", "argmax")
     page.fill("#exit-threshold", "1000")
     page.fill("#max-recur", "6")

@@ -52,6 +52,13 @@ function drawLegend() {
   recolor();
 }
 
+// ring:K is defined at a fixed depth only (the server refuses it with an exit criterion): offer it only then
+function syncKv() {
+  const exit = $("mode-exit").checked;
+  for (const opt of $("kv").options) if (opt.value.startsWith("ring:")) opt.disabled = exit;
+  if (exit && $("kv").value.startsWith("ring:")) $("kv").value = "full";
+}
+
 function recursionBody() {
   if ($("mode-exit").checked) {
     return { exit: `${$("exit-kind").value}:${$("exit-threshold").value}`, max_recur: +$("max-recur").value };
@@ -212,6 +219,8 @@ function init() {
   $("api-key").value = localStorage.getItem("recurchat-api-key") ?? "";
   $("api-key").addEventListener("change", () => { localStorage.setItem("recurchat-api-key", $("api-key").value); loadModel(); });
   for (const id of ["mode-fixed", "mode-exit", "num-recur", "max-recur"]) $(id).addEventListener("input", drawLegend);
+  for (const id of ["mode-fixed", "mode-exit"]) $(id).addEventListener("change", syncKv);
+  syncKv();
   $("composer").addEventListener("submit", (e) => {
     e.preventDefault();
     const text = $("prompt").value.trim();
