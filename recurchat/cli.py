@@ -21,7 +21,7 @@ import sys
 
 from recurchat.config import DTYPES, PRESETS, RENAMED_FIELDS, ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
-from recurchat.files import atomic_write_text
+from recurchat.files import atomic_write_json
 
 
 def _flag(name: str) -> str:
@@ -173,7 +173,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
-        atomic_write_text(args.json, json.dumps(result, indent=2))
+        atomic_write_json(args.json, result)
     return 0
 
 

@@ -8,6 +8,7 @@ Exercised by `pytest tests/test_files.py`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -51,3 +52,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write UTF-8 `text` to `path` atomically."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write `obj` as indented JSON to `path` atomically (results, reports, benchmark output)."""
+    atomic_write_text(path, json.dumps(obj, indent=2))

@@ -31,6 +31,7 @@ from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
 from recurchat.model.hardware import set_threads
 from recurchat.train.spec import RunSpec, pretrain_spec, resume_spec, sft_spec
+from recurchat.train.telemetry import read_records
 from recurchat.train.trainer import train
 
 
@@ -88,7 +89,7 @@ def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for label, (run, r) in runs.items():
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_records(run / "metrics.jsonl")
         train = [m for m in rows if "loss" in m]
         ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=f"{label}: train loss", alpha=0.7)
         evals = [m for m in rows if r in m.get("val_bpb", {})]
@@ -103,7 +104,7 @@ def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
 
 def training_speed(run: Path) -> str:
     """One table row: the run's machine facts (its first `run` record) and median s/step and MFU."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = read_records(run / "metrics.jsonl")
     machine = next((m["run"] for m in rows if "run" in m), None)
     steps = [m for m in rows if "dt" in m]
     if machine is None or not steps:

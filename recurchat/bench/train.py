@@ -31,11 +31,6 @@ from recurchat.model.recurrent import RecurrentLM
 from recurchat.train.optim import build_optimizers
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def graphs_compiled() -> int:
     return int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
 
@@ -57,17 +52,17 @@ class Runner:
         self.optimizer_s: list[float] = []  # time in the optimizers, per step
 
     def step(self, r: int | None, k: int | None) -> float:
-        sync(self.device)
+        hardware.sync(self.device)
         t0 = time.perf_counter()
         with self.dtype.autocast(self.device):
             loss = self.model(self.x, self.y, num_recur=r, bptt_k=k)
         loss.backward()
-        sync(self.device)
+        hardware.sync(self.device)
         t_opt = time.perf_counter()
         for opt in self.optimizers:
             opt.step()
         self.model.zero_grad(set_to_none=True)
-        sync(self.device)
+        hardware.sync(self.device)
         t1 = time.perf_counter()
         self.optimizer_s.append(t1 - t_opt)
         return t1 - t0

@@ -21,7 +21,7 @@ from recurchat.errors import UserError
 from recurchat.eval.report import write_report
 from recurchat.eval.sweep import print_table, run_sweep
 from recurchat.eval.tasks import parse_task_specs
-from recurchat.files import atomic_write_text
+from recurchat.files import atomic_write_json
 from recurchat.infer.exit import ExitCriterion
 from recurchat.model import hardware
 
@@ -67,10 +67,6 @@ def heldout_source(ckpt: Checkpoint, override: str | None) -> str | None:
     return None if not own or own.startswith("builtin:") else own
 
 
-def write_json(path: str | Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
-
-
 def read_baseline(path: str | None) -> dict | None:
     if not path:
         return None
@@ -110,7 +106,7 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
                    "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)})
     print(print_table(result))
     if req.json:
-        write_json(req.json, result)
+        atomic_write_json(req.json, result)
     if req.report:
         path = write_report(result, req.report, title=f"recurchat eval: {ckpt.path}",
                             baseline=read_baseline(req.baseline))

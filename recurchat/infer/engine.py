@@ -137,7 +137,6 @@ class Engine:
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.dtype = choose_dtype(dtype, self.device)
-        self.autocast_dtype = self.dtype.autocast_dtype
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
 
@@ -254,8 +253,7 @@ class Engine:
         too_long = [len(p) for p in prompts if len(p) >= self.cfg.seq_len]
         if too_long:
             raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {self.cfg.seq_len}")
-        _, _, max_steps, prefill_r = self._plan(recur)
-        iteration_slots(recur.kv, max(max_steps, prefill_r))
+        recur.validate(self.cfg)
 
     @torch.no_grad()
     def stream(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,
@@ -332,8 +330,7 @@ class Engine:
         crit, min_steps, max_steps, prefill_r = self._plan(recur)
         B, T = x.shape
         x, y = x.to(self.device), y.to(self.device)
-        cache = KVCache(self.cfg, recur.kv, B, self.cfg.seq_len, max(max_steps, prefill_r), self.device,
-                        self.dtype.torch_dtype)
+        cache = KVCache(self.cfg, recur.kv, B, T, max(max_steps, prefill_r), self.device, self.dtype.torch_dtype)
         rows = torch.arange(B, device=self.device)
         nll = torch.empty(B, T, device=self.device)
         depth = torch.empty(B, T, dtype=torch.long, device=self.device)

@@ -35,6 +35,11 @@ class QueueFull(Exception):
     """Too many jobs are already waiting for the engine."""
 
 
+class EngineFailure(RuntimeError):
+    """What a job gets when the engine raised something other than a UserError; the scheduler has already logged
+    the original (its `__cause__`) with its traceback, once for the whole batch."""
+
+
 class SchedulerClosed(Exception):
     """The scheduler was shut down before this job could finish."""
 
@@ -181,6 +186,8 @@ class Scheduler:
         except Exception as e:  # a bug or a bad input the server did not catch: fail these jobs, keep serving
             if not isinstance(e, UserError):
                 log.exception("generation failed for a batch of %d request(s)", len(batch))
+                cause, e = e, EngineFailure(f"generation failed ({type(e).__name__})")
+                e.__cause__ = cause
             for row in open_rows:
                 batch[row].done = True
                 batch[row]._post(e)

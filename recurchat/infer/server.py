@@ -10,7 +10,7 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
 is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
-are in infer/api_schema.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in
+are in infer/api_schema.py, how errors leave in infer/http_errors.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in
 infer/gate.py.
 """
 
@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
-import logging
 import os
 import threading
 import time
@@ -31,10 +29,8 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recurchat.checkpoint import Checkpoint
 from recurchat.data.chat import render_prompt
@@ -46,11 +42,11 @@ from recurchat.infer.api_schema import (
     CompletionRequest,
     Recursion,
     parse_body,
-    validation_error,
 )
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurError, RecurParams
 from recurchat.infer.gate import Gate
+from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
 from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
@@ -58,7 +54,6 @@ from recurchat.model.recurrent import RecurrentLM
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
 API_KEY_ENV = "RECURCHAT_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
-log = logging.getLogger("recurchat.server")
 
 # -- the service ------------------------------------------------------------------------------------------------------
 
@@ -205,12 +200,7 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
                 if body.stream_options and body.stream_options.include_usage:
                     yield _sse({**head, "choices": [], "usage": ts.usage(len(prompt))})
             except Exception as e:  # the headers are sent: report in-band, as OpenAI does
-                if isinstance(e, (ApiError, UserError)):
-                    err = e if isinstance(e, ApiError) else ApiError(400, str(e))
-                else:
-                    log.error("streaming %s failed", rid, exc_info=e)
-                    err = internal_error()
-                yield _sse(err.body())
+                yield _sse(as_api_error(e, f"streaming {rid}").body())
             yield _sse("[DONE]")
         return JobStream(events(), job)
 
@@ -238,56 +228,6 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
 def _bundle_name(path: Path) -> str:
     path = path.resolve()
     return path.parent.name if path.name == "checkpoint" else path.name
-
-
-def internal_error() -> ApiError:
-    return ApiError(500, "internal server error: the server log has the traceback", type="server_error")
-
-
-def guarded(handler):
-    """A route whose unexpected exceptions become a logged 500 here, inside the app (an exception that escapes to
-    Starlette's last-resort handler makes uvicorn reset the connection before the client reads the reply)."""
-    @functools.wraps(handler)
-    async def route(request: Request):
-        try:
-            return await handler(request)
-        except (ApiError, UserError, RequestValidationError, StarletteHTTPException):
-            raise
-        except Exception as e:
-            log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-            raise internal_error() from None
-    return route
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error leaves as OpenAI's error body: {"error": {"message", "type", "param", "code"}}."""
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, e: ApiError):
-        return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, e: RequestValidationError):
-        return validation_error(list(e.errors())).response()
-
-    @app.exception_handler(json.JSONDecodeError)
-    async def on_json(request: Request, e: json.JSONDecodeError):
-        return ApiError(400, f"malformed JSON body: {e}", code="invalid_json").response()
-
-    @app.exception_handler(UserError)
-    async def on_user_error(request: Request, e: UserError):
-        return ApiError(400, str(e)).response()
-
-    @app.exception_handler(Exception)
-    async def on_bug(request: Request, e: Exception):
-        # Anything else is a bug, never the client's fault: a 500 that says where to look, the traceback in the log.
-        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
-        return internal_error().response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http(request: Request, e: StarletteHTTPException):
-        kind = "not_found" if e.status_code == 404 else "invalid_request_error"
-        return ApiError(e.status_code, f"{request.method} {request.url.path}: {e.detail}", type=kind).response()
 
 
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,

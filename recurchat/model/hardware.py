@@ -109,7 +109,8 @@ def cached(device: torch.device, entry: str, measure) -> float:
     return value
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device to finish queued work (a no-op on the CPU), so a timer measures the work itself."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -123,12 +124,12 @@ def random_matrix(rows: int, cols: int, device: torch.device, dtype: torch.dtype
 def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, max_reps: int = 10) -> float:
     """Fastest of up to `max_reps` timed a @ b after one warm-up, stopping once `budget_s` is spent."""
     a @ b
-    _sync(a.device)
+    sync(a.device)
     best, spent = float("inf"), 0.0
     for _ in range(max_reps):
         t0 = time.perf_counter()
         a @ b
-        _sync(a.device)
+        sync(a.device)
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
         if spent > budget_s:
@@ -166,10 +167,6 @@ class DtypeChoice:
     name: str  # "bf16" | "fp32": what the model computes in (bf16 = autocast over fp32 master weights)
     reason: str
     bf16_over_fp32_matmul: float | None = None  # the CPU probe's ratio, when it ran
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.name == "bf16" else None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -15,20 +15,25 @@ from tqdm import tqdm
 from recurchat.files import atomic_write_text
 
 
-def truncate_log(path: Path, step: int) -> None:
-    """Keep only the records of steps <= `step` (and drop a line a crash cut short): a run resumed from its step-N
-    checkpoint logs steps N+1… again, and each step must appear once."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+def read_records(path: Path) -> list[dict]:
+    """The JSON objects of a metrics.jsonl-style log, skipping a last line a crash cut short."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep only the records of steps <= `step`: a run resumed from its step-N checkpoint logs steps N+1… again,
+    and each step must appear once."""
+    if path.exists():
+        kept = [r for r in read_records(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class Telemetry:

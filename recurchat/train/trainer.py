@@ -94,10 +94,6 @@ class Run:
     rank_log: TextIO | None  # under torchrun: this rank's depths and local loss, one line per step
     eval_depths: list[int]  # r at which held-out bpb is measured
 
-    @property
-    def log(self):
-        return print if self.dist.is_main else (lambda *a, **k: None)
-
 
 def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer, PreparedData | None, SFTData | None]:
     """(tokenizer, token streams, SFT rows): rank 0 trains the tokenizer and writes the token cache first, so
