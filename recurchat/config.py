@@ -14,12 +14,19 @@ from dataclasses import dataclass, field
 from recurchat.errors import UserError
 
 ADAPTERS = ("concat", "add")
+# Initial weight of the concat adapter u = W·[e, s]: e = [I | 0] (reads e only), s = [0 | I] (reads the state only:
+# an unrolled deep net), mean = [I/2 | I/2], random = uniform with std 1/sqrt(2d) (Huginn-like).
+ADAPTER_INITS = ("e", "s", "mean", "random")
 STATE_INITS = ("e", "zeros", "noise")
+TWINS = ("iso-flops", "iso-params")  # the standard baselines: same FLOPs/token at r̄, or same parameter count
 PARALLEL_MODES = ("ddp", "fsdp")
 DTYPES = ("auto", "bf16", "fp32")  # resolved per device by model/hardware.py
 # Old field name → new. R (shared blocks) and r (iterations) once read n_recur and num_recur; checkpoints and
 # command lines that use an old name keep working (the CLI prints a deprecation note).
 RENAMED_FIELDS = {"n_recur": "n_shared"}
+# Fields added after checkpoints were already written, with the value that reproduces those checkpoints' model
+# (their defaults today may differ: a saved config without the field meant the behaviour before it existed).
+ADDED_FIELDS = {"adapter_init": "e", "state_norm": False, "sandwich_norm": False}
 
 
 @dataclass
@@ -35,8 +42,11 @@ class ModelConfig:
     mean_recur: int = 4  # r̄: default r at evaluation and mean of the training distribution
     r_max: int = 16
     adapter: str = "concat"
+    adapter_init: str = "e"  # concat adapter's starting weight: e | s | mean | random (ADAPTER_INITS)
     state_init: str = "e"
-    state_noise_std: float = 1.0
+    state_noise_std: float = 1.0  # scale of the noise state (state_init = noise)
+    state_norm: bool = False  # RMS-normalise the state after every iteration (its scale cannot drift with r)
+    sandwich_norm: bool = False  # shared blocks normalise after each residual add (Huginn): x ← norm(x + f(norm(x)))
     seq_len: int = 256
     logit_softcap: float = 15.0
     rope_base: float = 10000.0
@@ -44,6 +54,8 @@ class ModelConfig:
     def validate(self) -> "ModelConfig":
         if self.adapter not in ADAPTERS:
             raise UserError(f"unknown adapter {self.adapter!r} (choose from {', '.join(ADAPTERS)})")
+        if self.adapter_init not in ADAPTER_INITS:
+            raise UserError(f"unknown adapter init {self.adapter_init!r} (choose from {', '.join(ADAPTER_INITS)})")
         if self.state_init not in STATE_INITS:
             raise UserError(f"unknown state init {self.state_init!r} (choose from {', '.join(STATE_INITS)})")
         if self.r_max < 1:
@@ -76,6 +88,17 @@ class ModelConfig:
         return dataclasses.replace(self, n_prelude=self.n_prelude + self.mean_recur * self.n_shared, n_shared=0,
                                    mean_recur=1, r_max=max(1, self.r_max))
 
+    def iso_params_twin(self) -> "ModelConfig":
+        """The iso-params standard model: the same P + R + C distinct blocks applied once (no adapter)."""
+        return dataclasses.replace(self, n_prelude=self.n_prelude + self.n_shared, n_shared=0, mean_recur=1,
+                                   r_max=max(1, self.r_max))
+
+    def twin(self, kind: str) -> "ModelConfig":
+        """The standard baseline named `kind` (TWINS)."""
+        if kind not in TWINS:
+            raise UserError(f"unknown standard baseline {kind!r} (choose from {', '.join(TWINS)})")
+        return self.standard_twin() if kind == "iso-flops" else self.iso_params_twin()
+
 
 @dataclass
 class TrainConfig:
@@ -97,6 +120,7 @@ class TrainConfig:
     recur_dist: str = "poisson-lognormal"  # fixed[:R] | poisson-lognormal
     recur_sigma: float = 0.5
     curriculum_frac: float = 0.0  # ramp r̄ from 1 over this fraction of max_steps
+    lr_shared_scale: float = 1.0  # multiplies lr_matrix for the shared blocks (they get r gradient contributions)
     bptt_k: int = 4  # gradient flows through the last k iterations only
     dtype: str = "auto"  # auto (bf16 where the device runs it natively, else fp32) | bf16 (autocast) | fp32
     eval_every: int = 50
@@ -119,6 +143,10 @@ class TrainConfig:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.total_batch_tokens < 1:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
+        if self.lr_shared_scale <= 0:
+            raise UserError(f"lr_shared_scale must be > 0, got {self.lr_shared_scale}")
+        if not 0 <= self.curriculum_frac <= 1:
+            raise UserError(f"curriculum_frac must be in [0, 1], got {self.curriculum_frac}")
         if self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r} ({' | '.join(DTYPES)})")
         if self.parallel not in PARALLEL_MODES:
@@ -172,6 +200,7 @@ def config_from_dict(cls, d: dict):
         raise UserError(f"{cls.__name__} has both {both[0]!r} and its new name {RENAMED_FIELDS[both[0]]!r}")
     d = {RENAMED_FIELDS.get(k, k): v for k, v in d.items()}
     names = {f.name for f in dataclasses.fields(cls)}
+    d = {**{k: v for k, v in ADDED_FIELDS.items() if k in names}, **d}
     unknown = set(d) - names
     if unknown:
         raise UserError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")

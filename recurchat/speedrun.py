@@ -18,7 +18,6 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,9 @@ from recurchat.eval.command import EvalRequest, evaluate_checkpoint
 from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
 from recurchat.model.hardware import set_threads
-from recurchat.train.spec import RunSpec, pretrain_spec, resume_spec, sft_spec
+from recurchat.train.spec import pretrain_spec, sft_spec
 from recurchat.train.telemetry import read_records
-from recurchat.train.trainer import train
+from recurchat.train.trainer import train_or_resume
 
 
 @dataclass(frozen=True)
@@ -72,12 +71,6 @@ def run_stage(out: Path, name: str, fn) -> None:
     fn()
     stages[name] = time.perf_counter() - t0
     atomic_write_text(path, json.dumps(stages, indent=2))
-
-
-def train_stage(run: Path, fresh: Callable[[], RunSpec]) -> None:
-    """Train `fresh()`, or resume an interrupted stage from its checkpoint instead of starting over."""
-    interrupted = (run / "checkpoint" / "config.json").exists()
-    train(resume_spec(run, run, train={"stop_after": 0}) if interrupted else fresh(), progress=False)
 
 
 def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
@@ -170,9 +163,9 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
     # a checkpoint every ~10% of a stage, so an interrupted stage loses at most that much
     pretrain = {"max_steps": sp.pretrain_steps, "save_every": max(10, sp.pretrain_steps // 10), "dtype": dtype,
                 **({"data": data} if data else {})}
-    for name, standard in (("recursive", False), ("standard", True)):
+    for name, standard in (("recursive", ""), ("standard", "iso-flops")):
         run = out / name
-        run_stage(out, f"pretrain {name}", lambda run=run, standard=standard: train_stage(
+        run_stage(out, f"pretrain {name}", lambda run=run, standard=standard: train_or_resume(
             run, lambda: pretrain_spec(sp.model_preset, run, standard=standard, train=pretrain, overwrite=True)))
     sft = {"data": sp.sft_data, "max_steps": sp.sft_steps, "save_every": max(10, sp.sft_steps // 10),
            "batch_size": sp.sft_batch_size, "dtype": dtype,
@@ -180,7 +173,7 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
            "sft_examples": sp.sft_examples}
     for name in ("recursive", "standard"):
         run = out / f"{name}-sft"
-        run_stage(out, f"sft {name}", lambda run=run, base=out / name: train_stage(
+        run_stage(out, f"sft {name}", lambda run=run, base=out / name: train_or_resume(
             run, lambda: sft_spec(base, run, train=sft, overwrite=True)))
     for name in ("recursive", "standard"):
         request = EvalRequest(ckpt=str(out / f"{name}-sft"), tasks=sp.tasks, recur=sp.depths, exit=sp.exits,

@@ -130,6 +130,17 @@ def test_config_from_dict_maps_renamed_fields(tiny_cfg):
     assert cfg.n_shared == tiny_cfg.n_shared + 1 and cfg == dataclasses.replace(tiny_cfg, n_shared=cfg.n_shared)
 
 
+def test_a_config_saved_before_a_field_existed_loads_with_the_old_behaviour(tiny_cfg):
+    """A checkpoint written before state_norm existed ran without it, whatever today's default is."""
+    old = dataclasses.asdict(tiny_cfg)
+    for name in ("adapter_init", "state_norm", "sandwich_norm"):
+        old.pop(name)
+    cfg = config_from_dict(ModelConfig, old)
+    assert (cfg.adapter_init, cfg.state_norm, cfg.sandwich_norm) == ("e", False, False)
+    saved = dataclasses.replace(tiny_cfg, adapter_init="s", state_norm=True)
+    assert config_from_dict(ModelConfig, dataclasses.asdict(saved)) == saved
+
+
 # ---- the command line -------------------------------------------------------------------------------------------
 def subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))

@@ -76,13 +76,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)).
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4):
+    `sandwich`: Huginn's form, which also normalises after each residual add, x ← norm(x + f(norm(x))), so the
+    output's scale is fixed however often the block is applied."""
+
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4, sandwich: bool = False):
         super().__init__()
         self.attn = Attention(d_model, n_head, n_kv_head)
         self.mlp = MLP(d_model, mlp_ratio)
+        self.sandwich = sandwich
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         x = x + self.attn(norm(x), cos, sin, kv_cache)
-        return x + self.mlp(norm(x))
+        if self.sandwich:
+            x = norm(x)
+        x = x + self.mlp(norm(x))
+        return norm(x) if self.sandwich else x

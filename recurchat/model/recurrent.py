@@ -1,7 +1,7 @@
 """The recursive language model: prelude once, a shared recurrent stack r times, coda once.
 
     tokens → embed → prelude (P blocks) → e
-    s₀ = init(e);  for i in 1..r:  s_i = recur_blocks(adapter(e, s_{i-1}))
+    s₀ = init(e);  for i in 1..r:  s_i = recur_blocks(adapter(e, s_{i-1}))   (then norm(s_i) with state_norm)
     s_r → coda (C blocks) → norm → lm_head → soft-capped logits
 
 This file is the one place recursion logic lives. The standard (non-recursive) model is the same class with
@@ -26,21 +26,30 @@ from recurchat.model.layers import Block, norm, rotary_tables
 class Adapter(nn.Module):
     """Mixes the prelude output e into the recurrent state s at every iteration.
 
-    `concat`: Linear(2d → d) on [e, s], initialised to [I | 0] so each iteration starts as a no-op on e (the recurrent
-    stack then sees e, exactly as an unrolled model would). `add`: e + s, no parameters.
+    `concat`: Linear(2d → d) on [e, s], whose starting weight is `init` (config.ADAPTER_INITS): `e` = [I | 0], every
+    iteration starts by reading e alone (so at init r does nothing); `s` = [0 | I], the state alone (an unrolled deep
+    net fed e once, through s₀); `mean` = [I/2 | I/2]; `random` = uniform with std 1/sqrt(2d). `add`: e + s, no
+    parameters.
     """
 
-    def __init__(self, d_model: int, kind: str):
+    def __init__(self, d_model: int, kind: str, init: str = "e"):
         super().__init__()
-        self.kind = kind
+        self.kind, self.init = kind, init
         self.proj = nn.Linear(2 * d_model, d_model, bias=False) if kind == "concat" else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        if self.proj is not None:
-            d = self.proj.out_features
-            self.proj.weight.zero_()
-            self.proj.weight[:, :d].copy_(torch.eye(d))
+        if self.proj is None:
+            return
+        d, w = self.proj.out_features, self.proj.weight
+        if self.init == "random":
+            bound = math.sqrt(3.0 / (2 * d))
+            nn.init.uniform_(w, -bound, bound)
+            return
+        w.zero_()
+        e_part, s_part = {"e": (1.0, 0.0), "s": (0.0, 1.0), "mean": (0.5, 0.5)}[self.init]
+        w[:, :d].copy_(torch.eye(d) * e_part)
+        w[:, d:].copy_(torch.eye(d) * s_part)
 
     def forward(self, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         if self.proj is None:
@@ -54,12 +63,13 @@ class RecurrentLM(nn.Module):
         self.cfg = cfg.validate()
         d = cfg.d_model
 
-        def blocks(n: int) -> nn.ModuleList:
-            return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio) for _ in range(n))
+        def blocks(n: int, sandwich: bool = False) -> nn.ModuleList:
+            return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio, sandwich) for _ in range(n))
 
         self.embed = nn.Embedding(cfg.vocab_size, d)
-        self.prelude, self.recur, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_shared), blocks(cfg.n_coda)
-        self.adapter = Adapter(d, cfg.adapter) if cfg.n_shared > 0 else None
+        self.prelude, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_coda)
+        self.recur = blocks(cfg.n_shared, cfg.sandwich_norm)
+        self.adapter = Adapter(d, cfg.adapter, cfg.adapter_init) if cfg.n_shared > 0 else None
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base)
         self.register_buffer("cos", cos, persistent=False)
@@ -107,11 +117,11 @@ class RecurrentLM(nn.Module):
 
     def iterate(self, e: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 caches=None) -> torch.Tensor:
-        """One application of the recurrent stack: s ← recur_blocks(adapter(e, s))."""
+        """One application of the recurrent stack: s ← recur_blocks(adapter(e, s)), RMS-normalised with state_norm."""
         x = self.adapter(e, s)
         for i, block in enumerate(self.recur):
             x = block(x, cos, sin, None if caches is None else caches[i])
-        return x
+        return norm(x) if self.cfg.state_norm else x
 
     def run_coda(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches=None) -> torch.Tensor:
         for i, block in enumerate(self.coda):

@@ -1,7 +1,7 @@
 """Optimizers and the LR schedule: Muon for 2-D block/adapter matrices, AdamW for the rest.
 
-Muon orthogonalises updates of hidden weight matrices; embeddings, the lm_head and any vectors keep AdamW (Muon is
-defined for 2-D matrices of hidden layers only). Muon is torch's, with its Newton–Schulz iteration in `ns_dtype`
+Muon orthogonalises updates of hidden weight matrices (the shared blocks' at `lr_shared_scale` times the rate);
+embeddings, the lm_head and any vectors keep AdamW (Muon is defined for 2-D matrices of hidden layers only). Muon is torch's, with its Newton–Schulz iteration in `ns_dtype`
 (train/muon.py): the run's compute dtype, so a CPU that emulates bf16 never orthogonalises in it.
 Schedule: linear warmup, constant, linear warmdown to `final_lr_frac`. Exercise: `pytest tests/train/test_optim.py`.
 """
@@ -15,11 +15,14 @@ from recurchat.train.muon import Muon
 
 
 def param_groups(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
-    groups: dict[str, list[torch.nn.Parameter]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    """Parameters by optimizer group; `shared` holds the shared blocks' matrices (Muon at lr_shared_scale × lr)."""
+    groups: dict[str, list[torch.nn.Parameter]] = {"matrix": [], "shared": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith("embed."):
+        if name.startswith("recur.") and p.ndim == 2:
+            groups["shared"].append(p)
+        elif name.startswith("embed."):
             groups["embed"].append(p)
         elif name.startswith("lm_head."):
             groups["head"].append(p)
@@ -35,8 +38,10 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig,
     """Muon (Newton–Schulz in `ns_dtype`) for the hidden matrices, AdamW for embeddings, head and vectors."""
     g = param_groups(model)
     optimizers: list[torch.optim.Optimizer] = []
-    if g["matrix"]:
-        optimizers.append(Muon(g["matrix"], lr=cfg.lr_matrix, momentum=0.95, nesterov=True,
+    muon_groups = [{"params": g[k], "lr": lr} for k, lr in
+                   (("matrix", cfg.lr_matrix), ("shared", cfg.lr_matrix * cfg.lr_shared_scale)) if g[k]]
+    if muon_groups:
+        optimizers.append(Muon(muon_groups, lr=cfg.lr_matrix, momentum=0.95, nesterov=True,
                                weight_decay=cfg.weight_decay, adjust_lr_fn="original", ns_dtype=ns_dtype))
     adam_groups = [{"params": g[k], "lr": lr} for k, lr in
                    (("embed", cfg.lr_embed), ("head", cfg.lr_head), ("scalar", cfg.lr_scalar)) if g[k]]

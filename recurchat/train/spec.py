@@ -53,13 +53,15 @@ def _fresh_out(out: str | Path, overwrite: bool) -> Path:
     return out
 
 
-def pretrain_spec(preset: str, out: str | Path, *, standard: bool = False, model: dict | None = None,
+def pretrain_spec(preset: str, out: str | Path, *, standard: str = "", model: dict | None = None,
                   train: dict | None = None, overwrite: bool = False) -> RunSpec:
-    """A new pretraining run: the preset (or its iso-FLOP standard twin) with field overrides."""
+    """A new pretraining run: the preset with field overrides, or with `standard` = iso-flops | iso-params its
+    standard twin (built from the overridden recursive config, so the twin follows --d-model, --mean-recur, …)."""
     p = get_preset(preset)
-    model_cfg = p.model.standard_twin() if standard else p.model
-    spec = RunSpec(dataclasses.replace(model_cfg, **(model or {})), dataclasses.replace(p.train, **(train or {})),
-                   _fresh_out(out, overwrite))
+    model_cfg = dataclasses.replace(p.model, **(model or {}))
+    if standard:
+        model_cfg = model_cfg.twin(standard)
+    spec = RunSpec(model_cfg, dataclasses.replace(p.train, **(train or {})), _fresh_out(out, overwrite))
     return validate(spec)
 
 

@@ -20,7 +20,9 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 import torch
@@ -39,8 +41,12 @@ from recurchat.model.flops import flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.train import distributed
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
-from recurchat.train.spec import RunSpec
+from recurchat.train.spec import RunSpec, resume_spec
 from recurchat.train.telemetry import Telemetry, truncate_log
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite: a property of the settings (too high a learning rate), not a bug."""
 
 
 def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
@@ -237,7 +243,7 @@ def train_step(run: Run, step: int) -> dict:
         run.rank_log.write(json.dumps({"step": step + 1, "r": rs, "loss": float(loss_sum) / run.grad_accum}) + "\n")
         run.rank_log.flush()
     if not math.isfinite(loss_val):
-        raise RuntimeError(f"loss became {loss_val} at step {step}; lower the learning rates")
+        raise Diverged(f"loss became {loss_val} at step {step}; lower the learning rates")
     dt = time.perf_counter() - t0
     tokens, flops = n_tokens * dist.world_size, flops * dist.world_size
     return {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
@@ -302,3 +308,9 @@ def train(spec: RunSpec, progress: bool = True) -> dict:
         run.rank_log.close()
     distributed.shutdown()
     return last if run.dist.is_main else {}
+
+
+def train_or_resume(out: Path, fresh: Callable[[], RunSpec], progress: bool = False) -> dict:
+    """Train `fresh()` into `out`, or, when `out` holds the checkpoint of an interrupted run, resume it to its end."""
+    interrupted = (out / "checkpoint" / "config.json").exists()
+    return train(resume_spec(out, out, train={"stop_after": 0}) if interrupted else fresh(), progress)

@@ -99,6 +99,14 @@ def test_standard_twin_trains(tmp_path, small_text):
     assert ck.model_cfg.n_shared == 0 and ck.model_cfg.n_prelude == 1 + 2 * 1
 
 
+def test_iso_params_baseline_follows_the_overridden_recursive_model(tmp_path, small_text):
+    out = tmp_path / "iso-params"
+    assert main(["train", *SMOKE, "--standard", "iso-params", "--n-shared", "2", "--data", str(small_text),
+                 "--out", str(out), "--max-steps", "2"]) == 0
+    cfg = checkpoint.load(out).model_cfg
+    assert (cfg.n_prelude, cfg.n_shared, cfg.n_coda) == (1 + 2, 0, 1)
+
+
 @pytest.mark.slow
 def test_cpu_tiny_loss_falls_on_embedded_corpus(tmp_path):
     out = tmp_path / "tiny"
