@@ -19,7 +19,7 @@ import dataclasses
 import json
 import sys
 
-from recurchat.config import DTYPES, PRESETS, RENAMED_FIELDS, ModelConfig, TrainConfig, get_preset
+from recurchat.config import DTYPES, PRESETS, RENAMED_FIELDS, TWINS, ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_json
 
@@ -154,6 +154,22 @@ def cmd_speedrun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from recurchat.sweep.space import SweepSpec
+    from recurchat.sweep.study import sweep
+
+    asked = None
+    if args.preset is not None or args.max_steps is not None:
+        if args.preset is None or args.max_steps is None:
+            raise UserError("sweep: a new study needs both --preset and --max-steps")
+        asked = SweepSpec(args.preset, args.max_steps, args.grid, args.search, args.trials,
+                          [s for s in args.standard.split(",") if s], args.data or "")
+    path = sweep(args.study, asked, args.storage, args.study_name, args.heartbeat, args.grace_period,
+                 progress=not args.quiet)
+    print(f"[sweep] summary: {path}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     get_preset(args.preset)
     if args.what == "train":
@@ -184,7 +200,9 @@ def add_train_parser(sub, preset: str) -> None:
     t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (defaults below: {preset})")
     t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint/)")
     t.add_argument("--resume", default=None, help="checkpoint or run directory to continue exactly")
-    t.add_argument("--standard", action="store_true", help="train the iso-FLOP standard twin (P + r̄·R + C blocks)")
+    t.add_argument("--standard", nargs="?", const="iso-flops", default="", choices=TWINS,
+                   help="train a standard baseline of the (overridden) recursive model: iso-flops (the default: "
+                        "P + r̄·R + C distinct blocks) or iso-params (P + R + C)")
     t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a checkpoint")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     chosen = get_preset(preset)
@@ -283,6 +301,7 @@ def add_driver_parsers(sub) -> None:
     r.add_argument("--data", default=None, help="pretraining text (default: the embedded corpus)")
     add_runtime_flags(r)
     r.set_defaults(func=cmd_speedrun)
+    add_sweep_parser(sub)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
@@ -305,6 +324,27 @@ def add_driver_parsers(sub) -> None:
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--out", required=True)
     tt.set_defaults(func=cmd_tokenizer_train)
+
+
+def add_sweep_parser(sub) -> None:
+    s = sub.add_parser("sweep", help="an Optuna study of training runs: grid, search, baselines, summary + plots")
+    s.add_argument("--study", required=True, help="study directory (trials/, study.db, summary.md, plots)")
+    s.add_argument("--preset", default=None, help="the preset every trial starts from (new study)")
+    s.add_argument("--max-steps", type=int, default=None, help="training steps per trial (new study)")
+    s.add_argument("--grid", default="", help="'field=v1,v2;field2=…': every combination, each run once")
+    s.add_argument("--search", default="", help="'field=log:lo..hi;field2=int:lo..hi;field3=a,b': TPE-searched")
+    s.add_argument("--trials", type=int, default=1, help="with --search: trials per grid cell")
+    s.add_argument("--standard", default="", help="baselines in the same study: iso-params,iso-flops")
+    s.add_argument("--data", default=None, help="pretraining text for every trial (default: the embedded corpus)")
+    s.add_argument("--storage", default=None, help="Optuna RDB URL (default sqlite:///STUDY/study.db); a shared "
+                                                   "PostgreSQL/MySQL URL lets workers on several machines join")
+    s.add_argument("--study-name", default="recurchat")
+    s.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    s.add_argument("--grace-period", type=int, default=60,
+                   help="seconds without a heartbeat after which a trial counts as dead and is retried")
+    s.add_argument("--quiet", action="store_true", help="no per-step progress bar")
+    add_runtime_flags(s, dtype=False)
+    s.set_defaults(func=cmd_sweep)
 
 
 def chosen_preset(argv: list[str] | None) -> str:
