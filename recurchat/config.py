@@ -42,10 +42,12 @@ class ModelConfig:
     mean_recur: int = 4  # r̄: default r at evaluation and mean of the training distribution
     r_max: int = 16
     adapter: str = "concat"
-    adapter_init: str = "e"  # concat adapter's starting weight: e | s | mean | random (ADAPTER_INITS)
+    # Defaults from the depth ablation (docs/ablations/depth/): [I/2 | I/2] and a normalised state beat the earlier
+    # [I | 0] without a state norm (adapter_init=e, state_norm=false: what checkpoints written before them use).
+    adapter_init: str = "mean"  # concat adapter's starting weight: e | s | mean | random (ADAPTER_INITS)
     state_init: str = "e"
     state_noise_std: float = 1.0  # scale of the noise state (state_init = noise)
-    state_norm: bool = False  # RMS-normalise the state after every iteration (its scale cannot drift with r)
+    state_norm: bool = True  # RMS-normalise the state after every iteration (its scale cannot drift with r)
     sandwich_norm: bool = False  # shared blocks normalise after each residual add (Huginn): x ← norm(x + f(norm(x)))
     seq_len: int = 256
     logit_softcap: float = 15.0

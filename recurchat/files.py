@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+_UMASK = os.umask(0o022)  # read once, at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
+
 def recurchat_home() -> Path:
     """Where recurchat keeps caches and runs: $RECURCHAT_HOME, else ~/.cache/recurchat."""
     return Path(os.environ.get("RECURCHAT_HOME") or Path.home() / ".cache" / "recurchat").expanduser()
@@ -30,6 +34,7 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
     # Same directory so os.replace is a rename within one filesystem (atomic), never a cross-device copy.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result gets what open() would have given it
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -34,3 +34,13 @@ def test_recurchat_home_follows_env(monkeypatch, tmp_path):
     assert recurchat_home() == tmp_path
     monkeypatch.delenv("RECURCHAT_HOME")
     assert recurchat_home().parts[-2:] == (".cache", "recurchat")
+
+
+def test_written_files_get_the_umask_permissions_not_mkstemps_0600(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    os.umask(old)
+    atomic_write_text(tmp_path / "report.md", "hello")
+    assert stat.S_IMODE((tmp_path / "report.md").stat().st_mode) == 0o666 & ~old

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from recurchat.cli import main
-from recurchat.speedrun import train_stage
+from recurchat.train.trainer import train_or_resume
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -46,7 +46,7 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     with open(run / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 13, "loss": 99.0}) + "\n")
     capsys.readouterr()
-    train_stage(run, lambda: pytest.fail("an interrupted stage must resume, not start over"))
+    train_or_resume(run, lambda: pytest.fail("an interrupted stage must resume, not start over"))
     assert "at step 12" in capsys.readouterr().out
     steps = [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert steps == list(range(1, 31))

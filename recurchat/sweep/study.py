@@ -52,7 +52,6 @@ class Worker:
 
 
 def open_study(study_dir: Path, storage: str | None, name: str, heartbeat: int, grace: int) -> optuna.Study:
-    study_dir.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     rdb = optuna.storages.RDBStorage(url, engine_kwargs=engine, heartbeat_interval=heartbeat, grace_period=grace,
@@ -64,7 +63,8 @@ def open_study(study_dir: Path, storage: str | None, name: str, heartbeat: int, 
 
 @contextlib.contextmanager
 def plan_lock(study_dir: Path):
-    """Serialises planning between workers that share DIR (workers on other machines: start one first)."""
+    """Serialises creating the storage's tables and planning between workers that share DIR (workers on other
+    machines: start one first)."""
     with open(study_dir / ".plan.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
@@ -74,17 +74,17 @@ def plan_lock(study_dir: Path):
 
 
 def agree_on_spec(study: optuna.Study, study_dir: Path, asked: SweepSpec | None) -> SweepSpec:
-    """The study's plan: enqueued by the first worker; later workers must ask for the same one (or nothing)."""
-    with plan_lock(study_dir):
-        stored = study.user_attrs.get("spec")
-        if stored is None:
-            if asked is None:
-                raise UserError(f"sweep: {study_dir} holds no study yet: give --preset and --max-steps")
-            for params in plan(asked):
-                study.enqueue_trial(params)
-            study.set_user_attr("spec", asked.to_json())
-            stored = asked.to_json()
-        spec = SweepSpec.from_json(stored)
+    """The study's plan: enqueued by the first worker; later workers must ask for the same one (or nothing).
+    Call under plan_lock."""
+    stored = study.user_attrs.get("spec")
+    if stored is None:
+        if asked is None:
+            raise UserError(f"sweep: {study_dir} holds no study yet: give --preset and --max-steps")
+        for params in plan(asked):
+            study.enqueue_trial(params)
+        study.set_user_attr("spec", asked.to_json())
+        stored = asked.to_json()
+    spec = SweepSpec.from_json(stored)
     if asked is not None and asked.to_json() != stored:
         raise UserError(f"sweep: {study_dir} holds a different sweep ({stored}); rerun it with the same arguments "
                         "or none, or choose a new --study")
@@ -208,7 +208,9 @@ def sweep(study_dir: str | Path, asked: SweepSpec | None, storage: str | None = 
         raise UserError("sweep: need --heartbeat >= 1 and --grace-period > --heartbeat")
     with warnings.catch_warnings():  # Optuna marks the heartbeat / retry API experimental; stable since 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study = open_study(study_dir, storage, name, heartbeat, grace)
-        spec = agree_on_spec(study, study_dir, asked)
+        study_dir.mkdir(parents=True, exist_ok=True)
+        with plan_lock(study_dir):
+            study = open_study(study_dir, storage, name, heartbeat, grace)
+            spec = agree_on_spec(study, study_dir, asked)
         work(Worker(study_dir, study, spec, progress))
     return study_dir / "summary.md"

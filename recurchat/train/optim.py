@@ -1,8 +1,9 @@
 """Optimizers and the LR schedule: Muon for 2-D block/adapter matrices, AdamW for the rest.
 
 Muon orthogonalises updates of hidden weight matrices (the shared blocks' at `lr_shared_scale` times the rate);
-embeddings, the lm_head and any vectors keep AdamW (Muon is defined for 2-D matrices of hidden layers only). Muon is torch's, with its Newton–Schulz iteration in `ns_dtype`
-(train/muon.py): the run's compute dtype, so a CPU that emulates bf16 never orthogonalises in it.
+embeddings, the lm_head and any vectors keep AdamW (Muon is defined for 2-D matrices of hidden layers only). Muon is
+torch's, with its Newton–Schulz iteration in `ns_dtype` (train/muon.py): the run's compute dtype, so a CPU that
+emulates bf16 never orthogonalises in it.
 Schedule: linear warmup, constant, linear warmdown to `final_lr_frac`. Exercise: `pytest tests/train/test_optim.py`.
 """
 

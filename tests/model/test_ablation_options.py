@@ -44,7 +44,7 @@ def test_random_adapter_init_has_fan_in_std(tiny_cfg):
 
 def test_state_adapter_init_is_an_unrolled_net_fed_e_once(tiny_cfg):
     """adapter_init=s: iteration i reads only s_{i-1}, so r iterations = the shared stack applied r times to e."""
-    m = perturbed(tiny_cfg, adapter_init="s", state_init="e")
+    m = perturbed(tiny_cfg, adapter_init="s", state_init="e", state_norm=False)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
     cos, sin = m.rope(0, 8)
     e = m.run_prelude(idx, cos, sin)
@@ -120,3 +120,11 @@ def test_bad_model_options_are_refused(tiny_cfg, changes, message):
 def test_bad_train_options_are_refused(changes, message):
     with pytest.raises(UserError, match=message):
         TrainConfig(**changes).validate()
+
+
+@pytest.mark.parametrize("std", [0.1, 3.0])
+def test_noise_state_has_the_configured_scale(tiny_cfg, std):
+    m = RecurrentLM(dataclasses.replace(tiny_cfg, state_init="noise", state_noise_std=std))
+    e = torch.zeros(4, 64, tiny_cfg.d_model)
+    torch.manual_seed(0)
+    assert abs(m.initial_state(e).std().item() - std) < 0.05 * std
