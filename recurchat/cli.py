@@ -74,7 +74,7 @@ def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> No
 
 def print_result(result: dict) -> None:
     if result:  # only rank 0 of a torchrun job returns metrics
-        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb") if k in result}))
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb", "val_bpb_text") if k in result}))
 
 
 # -- commands -------------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def add_train_parser(sub, preset: str) -> None:
 
 
 def add_sft_parser(sub) -> None:
-    from recurchat.train.spec import SFT_DEFAULTS
+    from recurchat.train.spec import LR_FIELDS, SFT_DEFAULTS, SFT_LR_FRAC, SFT_WARMUP_FRAC
 
     f = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)")
     f.add_argument("--ckpt", default=None, help="base checkpoint (weights and tokenizer)")
@@ -222,6 +222,8 @@ def add_sft_parser(sub) -> None:
     f.add_argument("--overwrite", action="store_true")
     f.add_argument("--quiet", action="store_true")
     shown = {fl.name: SFT_DEFAULTS.get(fl.name, "the base run's") for fl in dataclasses.fields(TrainConfig)}
+    shown.update({k: f"{SFT_LR_FRAC} × the base run's" for k in LR_FIELDS},
+                 warmup_steps=f"{SFT_WARMUP_FRAC} × max_steps")
     add_config_flags(f, TrainConfig, argparse.Namespace(**shown), "override the base run's settings")
     add_runtime_flags(f, dtype=False)
     f.set_defaults(func=cmd_sft)

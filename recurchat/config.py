@@ -133,6 +133,7 @@ class TrainConfig:
     compile: bool | None = None  # None = auto: on for CUDA (pays off), off for CPU (~30 s to compile, 1.1× faster)
     peak_flops: float = 0.0  # MFU denominator; 0 = measured on the model's matmuls (model/hardware.py)
     data: str = ""  # empty = embedded corpus; for sft: FILE.jsonl or builtin:TASK[,TASK…]
+    pretrain_data: str = ""  # sft: the base model's pretraining text (empty = embedded), for plain-text val bpb
     sft_examples: int = 2000  # builtin SFT tasks: training conversations per task
     stage: str = "pretrain"  # pretrain | sft (set by `recurchat sft`)
     wandb: str = ""  # project name; empty = off

@@ -54,14 +54,18 @@ def task_choices() -> list[str]:
 
 
 def parse_task_spec(spec: str) -> TaskSpec:
-    """One `--tasks` item: "bpb", a builtin task name, or "BENCHMARK:PATH"; UserError listing the choices."""
+    """One `--tasks` item: "bpb", a builtin task (NAME or NAME:LO-HI), or "BENCHMARK:PATH"; UserError listing the
+    choices."""
     # partition on the first colon only: the path may itself hold colons (Windows drives, URLs-like names)
     name, sep, path = spec.strip().partition(":")
     name, path = name.strip(), path.strip()
-    if name == "bpb" or name in REGISTRY:
+    if name == "bpb":
         if sep:
             raise UserError(f"task {name!r} takes no path (got {spec!r})")
-        return TaskSpec(name, "bpb" if name == "bpb" else "builtin")
+        return TaskSpec(name, "bpb")
+    if name in REGISTRY:  # NAME or NAME:LO-HI (some of its difficulty levels)
+        get_task(spec.strip())
+        return TaskSpec(spec.strip(), "builtin")
     if name in BENCHMARKS:
         if not path:
             raise UserError(f"benchmark {name!r} needs a data path: {name}:PATH (a .jsonl/.parquet/.arrow file or "

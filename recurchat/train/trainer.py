@@ -103,13 +103,15 @@ class Run:
 
 def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer, PreparedData | None, SFTData | None]:
     """(tokenizer, token streams, SFT rows): rank 0 trains the tokenizer and writes the token cache first, so
-    the other ranks only read them."""
+    the other ranks only read them. SFT also loads the pretraining text (`pretrain_data`): its held-out split is
+    where SFT reports plain-text bpb, the check that fine-tuning kept the language model."""
     with distributed.main_first(dist):
         if spec.is_sft:
             sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
                                  spec.train.seed)
             log(f"sft data {sft.description}")
-            return spec.tokenizer, None, sft
+            text = prepare_data(spec.train.pretrain_data or None, None, tokenizer=spec.tokenizer, log=log)
+            return spec.tokenizer, text, sft
         data = prepare_data(spec.train.data or None, spec.model.vocab_size, tokenizer=spec.tokenizer, log=log)
     if data.tokenizer.vocab_size > spec.model.vocab_size:
         raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is "
@@ -252,21 +254,27 @@ def train_step(run: Run, step: int) -> dict:
 
 
 def evaluate(run: Run, step: int) -> dict:
-    """Held-out bpb at each evaluation depth (SFT: over the assistant tokens of held-out conversations)."""
+    """Held-out bpb at each evaluation depth. SFT: `val_bpb` over the assistant tokens of held-out conversations,
+    and `val_bpb_text` over held-out pretraining text (plain-text bpb, which SFT should keep near the base's)."""
     if not distributed.evaluates(run.model, run.dist):
         return {"step": step, "val_bpb": {}}
     t, token_bytes = run.spec.train, run.tokenizer.token_bytes()
 
-    def bpb(r: int) -> float:
-        if run.sft is not None:
-            return evaluate_rows_bpb(run.net, run.sft.val_x, run.sft.val_y, token_bytes, t.batch_size, r, run.dtype)
+    def text_bpb(r: int) -> float:
         return evaluate_bpb(run.net, run.data.val, token_bytes, t.batch_size, run.spec.model.seq_len,
                             t.eval_tokens, num_recur=r, dtype=run.dtype)
 
-    record = {"step": step, "val_bpb": {str(r): bpb(r) for r in run.eval_depths}}
+    def rows_bpb(r: int) -> float:
+        return evaluate_rows_bpb(run.net, run.sft.val_x, run.sft.val_y, token_bytes, t.batch_size, r, run.dtype)
+
+    record = {"step": step, "val_bpb": {str(r): (rows_bpb if run.sft else text_bpb)(r) for r in run.eval_depths}}
+    if run.sft is not None:
+        record["val_bpb_text"] = {str(r): text_bpb(r) for r in run.eval_depths}
     distributed.reset_shards(run.model)
     run.telemetry.log(record)
-    run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items()))
+    run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items())
+                          + (" · plain text " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb_text"].items())
+                             if run.sft is not None else ""))
     return record
 
 
@@ -301,7 +309,8 @@ def train(spec: RunSpec, progress: bool = True) -> dict:
         if cfg.save_every and done % cfg.save_every == 0 and done != run.end_step:
             save(run, done)
     if run.end_step > run.start_step:
-        last["val_bpb"] = evaluate(run, run.end_step)["val_bpb"]
+        final = evaluate(run, run.end_step)
+        last.update({k: final[k] for k in ("val_bpb", "val_bpb_text") if k in final})
         save(run, run.end_step)
     run.telemetry.close()
     if run.rank_log is not None:

@@ -68,10 +68,11 @@ def test_parse_task_spec_good():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("nope", "choices: bpb, arith, hops, parity, arc-easy:PATH"),
+    ("nope", "choices: bpb, arith, chain, hops, parity, arc-easy:PATH"),
     ("mmlu", "needs a data path"),
     ("hellaswag: ", "needs a data path"),
-    ("hops:foo", "takes no path"),
+    ("hops:foo", "bad level range"),
+    ("chain:20-30", "has no levels"),
     ("bpb:x", "takes no path"),
 ])
 def test_parse_task_spec_bad(spec, message):

@@ -56,3 +56,31 @@ def test_sft_bad_input(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and "bad.jsonl:1" in err[0] and "nope" in err[1] and "missing.jsonl" in err[2]
     assert not (tmp_path / "x" / "checkpoint").exists()
+
+
+def test_sft_reports_plain_text_bpb_on_the_base_pretraining_text(base, tmp_path, small_text):
+    out = tmp_path / "plain"
+    assert main(["sft", "--ckpt", str(base), "--quiet", "--data", "builtin:chain:1-4", "--sft-examples", "32",
+                 "--max-steps", "2", "--eval-recur", "2", "--out", str(out)]) == 0
+    assert checkpoint.load(out).train_cfg.pretrain_data == str(small_text)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "val_bpb_text" in r][-1]
+    # the same number `recurchat eval --tasks bpb` gives for the fine-tuned checkpoint on that text
+    result = tmp_path / "eval.json"
+    assert main(["eval", "--ckpt", str(out), "--tasks", "bpb", "--recur", "2", "--data", str(small_text),
+                 "--eval-tokens", str(checkpoint.load(out).train_cfg.eval_tokens), "--json", str(result),
+                 "--quiet"]) == 0
+    assert logged["val_bpb_text"]["2"] == pytest.approx(json.loads(result.read_text())["tasks"]["bpb"]["2"], rel=1e-5)
+
+
+def test_sft_defaults_lower_the_learning_rates_and_warm_up(base, tmp_path):
+    from recurchat.train.spec import SFT_LR_FRAC, sft_spec
+
+    pre = checkpoint.load(base).train_cfg
+    spec = sft_spec(base, tmp_path / "a", train={"data": "builtin:hops"})
+    for name in ("lr_matrix", "lr_embed", "lr_head", "lr_scalar"):
+        assert getattr(spec.train, name) == pytest.approx(getattr(pre, name) * SFT_LR_FRAC)
+    assert spec.train.warmup_steps == spec.train.max_steps // 10 == 30
+    short = sft_spec(base, tmp_path / "c", train={"data": "builtin:hops", "max_steps": 20})
+    assert short.train.warmup_steps == 2  # a tenth of the schedule, whatever its length
+    assert sft_spec(base, tmp_path / "b", train={"data": "builtin:hops", "lr_matrix": 0.5}).train.lr_matrix == 0.5

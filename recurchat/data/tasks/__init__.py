@@ -1,4 +1,4 @@
-"""Synthetic reasoning tasks (hops, arith, parity) and readers for public benchmark files.
+"""Synthetic reasoning tasks (hops, arith, parity, chain) and readers for public benchmark files.
 
 `from recurchat.data.tasks import get_task, stream, to_chat`; benchmarks live in `recurchat.data.tasks.benchmarks`.
 Exercised by `pytest tests/data/tasks`.

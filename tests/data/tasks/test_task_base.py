@@ -23,12 +23,12 @@ def tok() -> Tokenizer:
 
 
 def test_registry_and_get_task():
-    assert set(REGISTRY) == {"hops", "arith", "parity"}
+    assert set(REGISTRY) == {"hops", "arith", "parity", "chain"}
     for name, task in REGISTRY.items():
         assert get_task(name) is task and task.name == name
         assert task.levels == sorted(task.levels) and task.levels
         assert 0.0 <= task.chance < 1.0
-    with pytest.raises(UserError, match=r"unknown task 'nope' \(choices: arith, hops, parity\)"):
+    with pytest.raises(UserError, match=r"unknown task 'nope' \(choices: arith, chain, hops, parity\)"):
         get_task("nope")
 
 
