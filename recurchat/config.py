@@ -134,6 +134,7 @@ class TrainConfig:
     peak_flops: float = 0.0  # MFU denominator; 0 = measured on the model's matmuls (model/hardware.py)
     data: str = ""  # empty = embedded corpus; for sft: FILE.jsonl or builtin:TASK[,TASK…]
     pretrain_data: str = ""  # sft: the base model's pretraining text (empty = embedded), for plain-text val bpb
+    mix_pretrain: float = 0.0  # sft: fraction of micro-batches that are windows of pretraining text (full loss)
     sft_examples: int = 2000  # builtin SFT tasks: training conversations per task
     stage: str = "pretrain"  # pretrain | sft (set by `recurchat sft`)
     wandb: str = ""  # project name; empty = off
@@ -148,6 +149,8 @@ class TrainConfig:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
         if self.lr_shared_scale <= 0:
             raise UserError(f"lr_shared_scale must be > 0, got {self.lr_shared_scale}")
+        if not 0 <= self.mix_pretrain < 1 or (self.mix_pretrain and self.stage != "sft"):
+            raise UserError(f"mix_pretrain must be in [0, 1) and is for sft only, got {self.mix_pretrain}")
         if not 0 <= self.curriculum_frac <= 1:
             raise UserError(f"curriculum_frac must be in [0, 1], got {self.curriculum_frac}")
         if self.dtype not in DTYPES:

@@ -93,6 +93,7 @@ class Run:
     optimizers: list[torch.optim.Optimizer]
     sampler: DepthSampler
     loader: TokenLoader | RowLoader
+    text_loader: TokenLoader | None  # SFT with mix_pretrain: windows of pretraining text
     grad_accum: int
     start_step: int
     end_step: int
@@ -165,6 +166,31 @@ def open_logs(spec: RunSpec, dist: distributed.DistInfo, start_step: int,
     return telemetry, rank_log
 
 
+def build_loaders(spec: RunSpec, dist: distributed.DistInfo, data: PreparedData,
+                  sft: SFTData | None) -> tuple[TokenLoader | RowLoader, TokenLoader | None]:
+    """What steps train on: token windows (pretraining) or conversation rows (SFT); an SFT run with mix_pretrain > 0
+    also gets windows of its base's pretraining text."""
+    t, m = spec.train, spec.model
+
+    def windows() -> TokenLoader:
+        return TokenLoader(data.train, t.batch_size, m.seq_len, seed=t.seed, rank=dist.rank,
+                           world_size=dist.world_size)
+
+    if sft is None:
+        return windows(), None
+    rows = RowLoader(sft.train_x, sft.train_y, t.batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size)
+    return rows, (windows() if t.mix_pretrain > 0 else None)
+
+
+def text_microsteps(run: Run, step: int) -> list[bool]:
+    """Which micro-steps of `step` train on pretraining text (each with probability mix_pretrain); seeded by
+    (seed, step), so every rank and every resumed run makes the same choice."""
+    if run.text_loader is None:
+        return [False] * run.grad_accum
+    g = torch.Generator().manual_seed((run.spec.train.seed * 1_000_003 + step + 0x5EED) % (2**63))
+    return (torch.rand(run.grad_accum, generator=g) < run.spec.train.mix_pretrain).tolist()
+
+
 def setup(spec: RunSpec, progress: bool = True) -> Run:
     """Everything before the first step: process group, data, model, dtype, optimizers, resume state, logs."""
     dist = distributed.init()
@@ -179,17 +205,14 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     t, m = spec.train, spec.model
     sampler = DepthSampler(t.recur_dist, m.mean_recur, m.r_max, t.recur_sigma, t.seed,
                            int(t.curriculum_frac * t.max_steps))
-    if sft is not None:
-        loader = RowLoader(sft.train_x, sft.train_y, t.batch_size, seed=t.seed, rank=dist.rank,
-                           world_size=dist.world_size)
-    else:
-        loader = TokenLoader(data.train, t.batch_size, m.seq_len, seed=t.seed, rank=dist.rank,
-                             world_size=dist.world_size)
+    loader, text_loader = build_loaders(spec, dist, data, sft)
     start_step = 0
     if spec.resume is not None:
         state = checkpoint.load_train_state(
             spec.resume, optimizers, lambda opts, states: distributed.load_optimizer_states(model, opts, states))
         loader.load_state_dict(resumable_loader_state(state, loader.global_rows, grad_accum))
+        if text_loader is not None and "text_loader" in state:
+            text_loader.load_state_dict(state["text_loader"])
         start_step = int(state["step"])
         log(f"resumed from {spec.resume.path} at step {start_step}")
     if t.compile if t.compile is not None else dist.device.type == "cuda":
@@ -197,8 +220,8 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     peak = hardware.resolve_peak(dist.device, dtype, m, t.batch_size * m.seq_len, t.peak_flops)
     end_step = min(t.max_steps, start_step + t.stop_after) if t.stop_after > 0 else t.max_steps
     telemetry, rank_log = open_logs(spec, dist, start_step, progress)
-    run = Run(spec, dist, tokenizer, data, sft, net, model, dtype, peak, optimizers, sampler, loader, grad_accum,
-              start_step, end_step, telemetry, rank_log, eval_depths(m, t))
+    run = Run(spec, dist, tokenizer, data, sft, net, model, dtype, peak, optimizers, sampler, loader, text_loader,
+              grad_accum, start_step, end_step, telemetry, rank_log, eval_depths(m, t))
     log(describe(run))
     telemetry.log({"step": start_step, "run": hardware.run_record(dist.device, dtype, peak)})
     return run
@@ -220,10 +243,11 @@ def train_step(run: Run, step: int) -> dict:
     lrm = lr_multiplier(step, cfg)
     set_lr(run.optimizers, lrm)
     rs = run.sampler.sample(step, run.grad_accum)
+    on_text = text_microsteps(run, step)
     loss_sum = torch.zeros((), device=dist.device)
     flops, n_tokens = 0.0, 0
     for i, r in enumerate(rs):
-        x, y = run.loader.next_batch()
+        x, y = (run.text_loader if on_text[i] else run.loader).next_batch()
         x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
         # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
         # averages over micro-steps, so the update is that of one process seeing the whole global batch.
@@ -250,7 +274,8 @@ def train_step(run: Run, step: int) -> dict:
     tokens, flops = n_tokens * dist.world_size, flops * dist.world_size
     return {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
             "grad_norm": distributed.as_float(grad_norm), "tok_s": tokens / dt, "flops_per_token": flops / tokens,
-            "mfu": mfu(flops / tokens, tokens / dt, run.peak.flops * dist.world_size), "dt": dt}
+            "mfu": mfu(flops / tokens, tokens / dt, run.peak.flops * dist.world_size), "dt": dt,
+            **({"text_batches": sum(on_text)} if run.text_loader is not None else {})}
 
 
 def evaluate(run: Run, step: int) -> dict:
@@ -286,6 +311,7 @@ def save(run: Run, step: int) -> None:
     if run.dist.is_main:
         checkpoint.save(run.spec.out / "checkpoint", run.net, run.spec.model, run.spec.train, run.tokenizer,
                         run.optimizers, {"step": step, "loader": run.loader.state_dict(),
+                                         **({"text_loader": run.text_loader.state_dict()} if run.text_loader else {}),
                                          "grad_accum": run.grad_accum},
                         weights=weights, optimizer_states=opt_states)
     distributed.barrier(run.dist)

@@ -84,3 +84,23 @@ def test_sft_defaults_lower_the_learning_rates_and_warm_up(base, tmp_path):
     short = sft_spec(base, tmp_path / "c", train={"data": "builtin:hops", "max_steps": 20})
     assert short.train.warmup_steps == 2  # a tenth of the schedule, whatever its length
     assert sft_spec(base, tmp_path / "b", train={"data": "builtin:hops", "lr_matrix": 0.5}).train.lr_matrix == 0.5
+
+
+def test_mix_pretrain_trains_some_steps_on_text_and_resumes_exactly(base, tmp_path):
+    common = ["sft", "--ckpt", str(base), "--quiet", "--data", "builtin:hops", "--sft-examples", "64",
+              "--max-steps", "8", "--eval-every", "0", "--dtype", "fp32", "--mix-pretrain", "0.5"]
+    straight, split = tmp_path / "a", tmp_path / "b"
+    assert main([*common, "--out", str(straight)]) == 0
+    assert main([*common, "--out", str(split), "--stop-after", "4"]) == 0
+    assert main(["sft", "--quiet", "--resume", str(split), "--out", str(split)]) == 0
+    assert losses(straight) == losses(split) and sorted(losses(split)) == list(range(1, 9))
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    on_text = [r["text_batches"] for r in records if "loss" in r]
+    assert 0 < sum(on_text) < len(on_text)  # one micro-step per step here: some steps on text, some on chats
+    assert checkpoint.load(straight).train_cfg.mix_pretrain == 0.5
+
+
+def test_mix_pretrain_is_refused_outside_sft(tmp_path, small_text, capsys):
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(tmp_path / "x"),
+                 "--max-steps", "2", "--mix-pretrain", "0.5"]) == 2
+    assert "mix_pretrain" in capsys.readouterr().err
