@@ -74,23 +74,25 @@ def run_stage(out: Path, name: str, fn) -> None:
 
 
 def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
-    """Train loss of each run and its val bpb (at the given r) on one chart."""
+    """Train loss (nats/token, left) and val bpb at the given r (bits/byte, right) of each run: two units, two axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4))
+    fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    loss_ax, bpb_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for label, (run, r) in runs.items():
         rows = read_records(run / "metrics.jsonl")
         train = [m for m in rows if "loss" in m]
-        ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=f"{label}: train loss", alpha=0.7)
+        loss_ax.plot([m["step"] for m in train], [m["loss"] for m in train], label=label, alpha=0.7)
         evals = [m for m in rows if r in m.get("val_bpb", {})]
-        ax.plot([m["step"] for m in evals], [m["val_bpb"][r] for m in evals], "o--", label=f"{label}: val bpb (r={r})")
-    ax.set_xlabel("step")
-    ax.set_title("pretraining: train loss (nats/token) and val bpb")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+        bpb_ax.plot([m["step"] for m in evals], [m["val_bpb"][r] for m in evals], "o--", label=f"{label} (r={r})")
+    for ax, unit in ((loss_ax, "train loss (nats/token)"), (bpb_ax, "val bpb (bits/byte)")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(unit)
+        ax.set_title(f"pretraining: {unit}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
