@@ -84,7 +84,7 @@ class Run:
     spec: RunSpec
     dist: distributed.DistInfo
     tokenizer: Tokenizer
-    data: PreparedData | None  # pretraining: the token streams
+    data: PreparedData | None  # the token streams (SFT: its base's pretraining text, None if that is gone)
     sft: SFTData | None  # SFT: the conversation rows
     net: RecurrentLM  # the bare model: eval, parameter counts, compile
     model: torch.nn.Module  # what trains: net, or its DDP / FSDP2 wrapping
@@ -111,13 +111,24 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
             sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
                                  spec.train.seed)
             log(f"sft data {sft.description}")
-            text = prepare_data(spec.train.pretrain_data or None, None, tokenizer=spec.tokenizer, log=log)
-            return spec.tokenizer, text, sft
+            return spec.tokenizer, pretraining_text(spec, log), sft
         data = prepare_data(spec.train.data or None, spec.model.vocab_size, tokenizer=spec.tokenizer, log=log)
     if data.tokenizer.vocab_size > spec.model.vocab_size:
         raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{spec.model.vocab_size}")
     return data.tokenizer, data, None
+
+
+def pretraining_text(spec: RunSpec, log) -> PreparedData | None:
+    """SFT's view of its base's pretraining text; None (plain-text bpb skipped, with a note) when that text is gone
+    and nothing needs it to train."""
+    try:
+        return prepare_data(spec.train.pretrain_data or None, None, tokenizer=spec.tokenizer, log=log)
+    except UserError as e:
+        if spec.train.mix_pretrain > 0:
+            raise UserError(f"--mix-pretrain needs the base's pretraining text: {e}") from None
+        log(f"note: no plain-text val bpb during SFT ({e}); pass --pretrain-data to name the text")
+        return None
 
 
 def accumulation_steps(spec: RunSpec, dist: distributed.DistInfo) -> int:
@@ -293,13 +304,13 @@ def evaluate(run: Run, step: int) -> dict:
         return evaluate_rows_bpb(run.net, run.sft.val_x, run.sft.val_y, token_bytes, t.batch_size, r, run.dtype)
 
     record = {"step": step, "val_bpb": {str(r): (rows_bpb if run.sft else text_bpb)(r) for r in run.eval_depths}}
-    if run.sft is not None:
+    if run.sft is not None and run.data is not None:
         record["val_bpb_text"] = {str(r): text_bpb(r) for r in run.eval_depths}
     distributed.reset_shards(run.model)
     run.telemetry.log(record)
     run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items())
                           + (" · plain text " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb_text"].items())
-                             if run.sft is not None else ""))
+                             if "val_bpb_text" in record else ""))
     return record
 
 

@@ -104,3 +104,21 @@ def test_mix_pretrain_is_refused_outside_sft(tmp_path, small_text, capsys):
     assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(tmp_path / "x"),
                  "--max-steps", "2", "--mix-pretrain", "0.5"]) == 2
     assert "mix_pretrain" in capsys.readouterr().err
+
+
+def test_sft_of_a_base_whose_text_is_gone_trains_without_plain_text_bpb(tmp_path, small_text, capsys):
+    text = tmp_path / "gone.txt"
+    text.write_text(small_text.read_text()[:60_000])
+    base = tmp_path / "base"
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(text), "--out", str(base),
+                 "--max-steps", "2"]) == 0
+    text.unlink()
+    out = tmp_path / "sft"
+    args = ["sft", "--ckpt", str(base), "--quiet", "--data", "builtin:hops", "--sft-examples", "32",
+            "--max-steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert "no plain-text val bpb during SFT" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("val_bpb" in r for r in records) and not any("val_bpb_text" in r for r in records)
+    assert main([*args[:-1], str(tmp_path / "mixed"), "--mix-pretrain", "0.5"]) == 2
+    assert "--mix-pretrain needs the base's pretraining text" in capsys.readouterr().err
