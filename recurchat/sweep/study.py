@@ -199,7 +199,7 @@ def work(worker: Worker, poll_s: float = 2.0) -> None:
 
 
 def sweep(study_dir: str | Path, asked: SweepSpec | None, storage: str | None = None, name: str = "recurchat",
-          heartbeat: int = 10, grace: int = 30, progress: bool = True) -> Path:
+          heartbeat: int = 10, grace: int = 60, progress: bool = True) -> Path:
     """Join (or create) the study in `study_dir` and work until its plan is done; returns summary.md's path."""
     study_dir = Path(study_dir)
     if asked is not None:

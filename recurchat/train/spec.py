@@ -26,7 +26,7 @@ SFT_DEFAULTS = dict(max_steps=300, eval_every=100, stop_after=0, recur_dist="poi
                     stage="sft", dtype="auto")  # a short schedule (warmup: SFT_WARMUP_FRAC of it); dtype per machine
 SFT_WARMUP_FRAC = 0.1
 # SFT trains at this fraction of the pretraining learning rates: at the full rates (and no warmup) a cpu-tiny model's
-# plain-text bpb went from ~1.4 to ~8 after 300 steps of SFT (the README's SFT section has the measurement).
+# plain-text bpb went from 1.31 to 8.47 after 300 steps of builtin:hops,arith; at 0.1× with warmup, to 1.37 (README).
 SFT_LR_FRAC = 0.1
 LR_FIELDS = ("lr_matrix", "lr_embed", "lr_head", "lr_scalar")
 
