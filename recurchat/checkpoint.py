@@ -5,10 +5,14 @@
     CKPT/tokenizer.json            the HF tokenizers file
     CKPT/state/optimizer.safetensors + state/trainer.json   optimizer tensors; step, data position, RNG states
 
-A run directory (`--out DIR`) keeps its latest checkpoint in DIR/checkpoint; every command that takes `--ckpt`
-accepts either. Writes go to a temporary sibling directory that is renamed into place, so a crash never leaves a
-half-written checkpoint. This module sits between model/ and infer/: serving, evaluation, benchmarks and training
-all load through it, and it imports nothing above model/. Exercise: `pytest tests/test_checkpoint.py`.
+A run directory (`--out DIR`) keeps its checkpoints as DIR/checkpoint/step-NNNNNN/ with a `latest` file naming the
+newest, and the newest `keep_checkpoints` of them (save_step). A step is written to a temporary directory, every
+file fsynced, renamed into place, the parent fsynced, and only then `latest` replaced (atomically) and older steps
+pruned; so a crash at any point leaves the previous complete step, and `resolve` never returns a partial one.
+Every command that takes `--ckpt` accepts a run directory, its checkpoint/ directory, a step directory, or the
+single-directory layout of older runs (DIR/checkpoint/ holding the files). This module sits between model/ and
+infer/: serving, evaluation, benchmarks and training all load through it, and it imports nothing above model/.
+Exercise: `pytest tests/test_checkpoint.py`.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.files import atomic_write_text
 from recurchat.model.hardware import resolve_device
 from recurchat.model.recurrent import RecurrentLM
 
@@ -46,15 +51,75 @@ class Checkpoint:
         return (self.path / "state" / "trainer.json").is_file()
 
 
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory holding one in `checkpoint/`."""
+STEP_PREFIX = "step-"
+
+
+def newest_step(root: Path) -> Path | None:
+    """The newest complete step in `root` (a checkpoint/ directory). A step directory only ever appears whole (it is
+    renamed into place), so this holds even after a crash between that rename and the update of `latest`, which is
+    there for people and tools (`cat DIR/checkpoint/latest`)."""
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "config.json").is_file())
+    return steps[-1] if steps else None
+
+
+def find(path: str | Path) -> Path | None:
+    """The checkpoint `path` points at (see resolve), or None if it holds none."""
     path = Path(path)
     for candidate in (path, path / "checkpoint"):
+        step = newest_step(candidate) if candidate.is_dir() else None
+        if step is not None:
+            return step
         if (candidate / "config.json").is_file():
-            return candidate
+            return candidate  # a step directory, or the single-directory layout of older runs
+    return None
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, a run directory, or a run's checkpoint/ directory → the newest complete checkpoint."""
+    found = find(path)
+    if found is not None:
+        return found
+    path = Path(path)
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist")
-    raise UserError(f"{path} is not a recurchat checkpoint (no config.json in it or in {path / 'checkpoint'})")
+    raise UserError(f"{path} is not a recurchat checkpoint (no complete checkpoint in it or in {path / 'checkpoint'})")
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under `root` and every directory (so the renames that follow publish whole files)."""
+    for p in sorted(root.rglob("*"), reverse=True):
+        _fsync(p)
+    _fsync(root)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_step(root: str | Path, step: int, *args, keep: int = 2, **kwargs) -> Path:
+    """Write checkpoint `root`/step-NNNNNN (args as for save), point `root`/latest at it, keep the newest `keep`."""
+    root = Path(root)
+    path = save(root / f"{STEP_PREFIX}{step:06d}", *args, **kwargs)
+    atomic_write_text(root / "latest", path.name + "\n")
+    _fsync(root)
+    prune(root, path, keep)
+    return path
+
+
+def prune(root: Path, newest: Path, keep: int) -> None:
+    """Keep `newest` and the keep − 1 steps before it. Steps after it and the files of the single-directory layout
+    belong to a run that --overwrite replaced: they go now that the new run has a checkpoint of its own."""
+    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.name <= newest.name)
+    doomed = steps[:-max(1, keep)] + [p for p in root.glob(f"{STEP_PREFIX}*") if p.name > newest.name]
+    for old in doomed:
+        shutil.rmtree(old, ignore_errors=True)
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (root / name).unlink(missing_ok=True)
+    shutil.rmtree(root / "state", ignore_errors=True)
 
 
 def _flatten_optimizers(optimizers, states: list[dict]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -126,10 +191,12 @@ def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train
         save_file(tensors, str(tmp / "state" / "optimizer.safetensors"))
         state = dict(trainer_state, optimizers=meta)
         (tmp / "state" / "trainer.json").write_text(json.dumps(state, indent=2))
+    _fsync_tree(tmp)
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)
     os.replace(tmp, path)
+    _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
 

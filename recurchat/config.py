@@ -129,6 +129,7 @@ class TrainConfig:
     eval_tokens: int = 32768
     eval_recur: str = ""  # comma list; empty = 1, r̄, 2·r̄
     save_every: int = 0  # 0 = only at the end
+    keep_checkpoints: int = 2  # the newest K of out/checkpoint/step-NNNNNN are kept
     log_every: int = 1
     compile: bool | None = None  # None = auto: on for CUDA (pays off), off for CPU (~30 s to compile, 1.1× faster)
     peak_flops: float = 0.0  # MFU denominator; 0 = measured on the model's matmuls (model/hardware.py)
@@ -147,6 +148,8 @@ class TrainConfig:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.total_batch_tokens < 1:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
+        if self.keep_checkpoints < 1:
+            raise UserError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.lr_shared_scale <= 0:
             raise UserError(f"lr_shared_scale must be > 0, got {self.lr_shared_scale}")
         if not 0 <= self.mix_pretrain < 1 or (self.mix_pretrain and self.stage != "sft"):

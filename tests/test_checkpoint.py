@@ -223,3 +223,77 @@ def test_a_failed_load_changes_nothing_on_disk(saved):
         checkpoint.load(run)
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before and leftovers(run) == []
 
+
+
+# ---- versioned checkpoints under crashes -------------------------------------------------------------------------
+CRASHING_TRAIN = """
+import os, signal, sys
+import recurchat.checkpoint as ck
+point, target = sys.argv[1], "step-000008"
+real_replace, real_latest, real_prune = ck.os.replace, ck.atomic_write_text, ck.prune
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def replace(src, dst):
+    if point == "before-rename" and str(dst).endswith(target):
+        die()
+    real_replace(src, dst)
+    if point == "after-rename" and str(dst).endswith(target):
+        die()
+
+def latest(path, text):
+    real_latest(path, text)
+    if point == "after-latest" and text.strip() == target:
+        die()
+
+ck.os.replace, ck.atomic_write_text = replace, latest
+from recurchat.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def steps_logged(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line]
+
+
+@pytest.mark.parametrize("point,resumes_from", [("before-rename", 4), ("after-rename", 8), ("after-latest", 8)])
+def test_sigkill_during_a_checkpoint_write_resumes_from_the_newest_complete_step(tmp_path, small_text, point,
+                                                                                   resumes_from):
+    import subprocess
+    import sys
+
+    from recurchat.cli import main
+
+    args = ["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--max-steps", "12",
+            "--save-every", "4", "--eval-every", "0", "--dtype", "fp32", "--keep-checkpoints", "2"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert main([*args, "--out", str(straight)]) == 0
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_TRAIN)
+    proc = subprocess.run([sys.executable, str(script), point, *args, "--out", str(crashed)], capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    found = checkpoint.resolve(crashed)
+    assert found.name == f"step-{resumes_from:06d}"
+    assert json.loads((found / "state" / "trainer.json").read_text())["step"] == resumes_from
+    assert main(["train", "--quiet", "--resume", str(crashed), "--out", str(crashed)]) == 0
+    assert steps_logged(crashed) == list(range(1, 13))  # each step once
+    assert [json.loads(line)["loss"] for line in (crashed / "metrics.jsonl").read_text().splitlines()
+            if '"loss"' in line] == [json.loads(line)["loss"] for line in
+                                     (straight / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    kept = sorted(p.name for p in (crashed / "checkpoint").glob("step-*"))
+    assert kept == ["step-000008", "step-000012"]  # the newest two
+    assert (crashed / "checkpoint" / "latest").read_text().strip() == "step-000012"
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path, small_text):
+    from recurchat.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--eval-every", "0",
+              "--out", str(run)]
+    assert main([*common, "--max-steps", "6"]) == 0
+    assert main([*common, "--max-steps", "2", "--overwrite", "--stop-after", "1", "--save-every", "0"]) == 0
+    # stop_after ends the invocation with a checkpoint at step 1: the old run's step 6 is gone only now
+    assert sorted(p.name for p in (run / "checkpoint").glob("step-*")) == ["step-000001"]

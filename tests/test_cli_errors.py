@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from recurchat import checkpoint
 from recurchat.cli import main
 
 SMOKE = ["--preset", "cpu-smoke", "--quiet"]
@@ -54,7 +55,7 @@ def test_missing_and_empty_data(tmp_path, capsys):
 def test_corrupt_and_foreign_checkpoints(tmp_path, trained, capsys):
     import shutil
     corrupt = tmp_path / "corrupt"
-    shutil.copytree(trained / "checkpoint", corrupt)
+    shutil.copytree(checkpoint.resolve(trained), corrupt)
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
     code, err = run_cli(["eval", "--ckpt", str(corrupt), "--recur", "1"], capsys)
     assert code == 2 and "corrupt" in err[0]
@@ -68,11 +69,11 @@ def test_corrupt_and_foreign_checkpoints(tmp_path, trained, capsys):
 
 
 def test_resume_with_mismatched_config_overwrites_nothing(trained, capsys):
-    before = (trained / "checkpoint" / "model.safetensors").read_bytes()
+    before = (checkpoint.resolve(trained) / "model.safetensors").read_bytes()
     code, err = run_cli(["train", "--quiet", "--resume", str(trained), "--out", str(trained), "--d-model", "128"],
                         capsys)
     assert code == 2 and "d_model" in err[0]
-    assert (trained / "checkpoint" / "model.safetensors").read_bytes() == before
+    assert (checkpoint.resolve(trained) / "model.safetensors").read_bytes() == before
 
 
 def test_existing_run_needs_resume_or_overwrite(trained, small_text, capsys):

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from recurchat import checkpoint
 from recurchat.cli import main
 from recurchat.errors import UserError
 from recurchat.sweep.space import SweepSpec, parse_grid, parse_search, plan
@@ -94,7 +95,7 @@ def test_search_samples_inside_the_range(tmp_path, small_text):
     rates = [t["params"]["lr_matrix"] for t in trials]
     assert len(trials) == 3 and all(0.001 <= r <= 0.05 for r in rates) and len(set(rates)) == 3
     for t in trials:
-        config = json.loads((study / t["run_dir"] / "checkpoint" / "config.json").read_text())
+        config = json.loads((checkpoint.resolve(study / t["run_dir"]) / "config.json").read_text())
         assert config["train"]["lr_matrix"] == t["params"]["lr_matrix"]
 
 
@@ -116,11 +117,12 @@ def test_killed_sweep_resumes_the_trial_in_flight_and_skips_finished_ones(tmp_pa
     study = tmp_path / "killed"
     grid = "adapter_init=e,mean"
     proc = sweep_process(study, small_text, 60, grid)
-    wait_for(study / "trials" / "0001" / "checkpoint" / "config.json")  # trial 0 done, trial 1 mid-run
+    wait_for(study / "trials" / "0001" / "checkpoint" / "latest")  # trial 0 done, trial 1 mid-run
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first_done = (study / "trials" / "0000" / "metrics.jsonl").read_text()
-    killed_at = json.loads((study / "trials" / "0001" / "checkpoint" / "state" / "trainer.json").read_text())["step"]
+    state = checkpoint.resolve(study / "trials" / "0001") / "state" / "trainer.json"
+    killed_at = json.loads(state.read_text())["step"]
     assert 0 < killed_at < 60
     rerun = sweep_process(study, small_text, 60, grid)
     out, _ = rerun.communicate(timeout=300)

@@ -227,6 +227,8 @@ async def generate(service: Service, request: Request, body: Common, prompt: lis
 
 def _bundle_name(path: Path) -> str:
     path = path.resolve()
+    if path.name.startswith("step-"):
+        path = path.parent
     return path.parent.name if path.name == "checkpoint" else path.name
 
 

@@ -315,16 +315,16 @@ def evaluate(run: Run, step: int) -> dict:
 
 
 def save(run: Run, step: int) -> None:
-    """Write out/checkpoint. Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the
+    """Write out/checkpoint/step-NNNNNN (and point `latest` at it). Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the
     barrier means no rank moves on (or exits) before the checkpoint is in place."""
     weights = distributed.model_state(run.model)
     opt_states = distributed.optimizer_states(run.model, run.optimizers)
     if run.dist.is_main:
-        checkpoint.save(run.spec.out / "checkpoint", run.net, run.spec.model, run.spec.train, run.tokenizer,
+        checkpoint.save_step(run.spec.out / "checkpoint", step, run.net, run.spec.model, run.spec.train, run.tokenizer,
                         run.optimizers, {"step": step, "loader": run.loader.state_dict(),
                                          **({"text_loader": run.text_loader.state_dict()} if run.text_loader else {}),
                                          "grad_accum": run.grad_accum},
-                        weights=weights, optimizer_states=opt_states)
+                        weights=weights, optimizer_states=opt_states, keep=run.spec.train.keep_checkpoints)
     distributed.barrier(run.dist)
 
 
@@ -358,5 +358,5 @@ def train(spec: RunSpec, progress: bool = True) -> dict:
 
 def train_or_resume(out: Path, fresh: Callable[[], RunSpec], progress: bool = False) -> dict:
     """Train `fresh()` into `out`, or, when `out` holds the checkpoint of an interrupted run, resume it to its end."""
-    interrupted = (out / "checkpoint" / "config.json").exists()
+    interrupted = checkpoint.find(out) is not None
     return train(resume_spec(out, out, train={"stop_after": 0}) if interrupted else fresh(), progress)

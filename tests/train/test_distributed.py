@@ -63,11 +63,11 @@ def rank_records(run: Path, rank: int) -> list[dict]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "checkpoint" / "model.safetensors"))
+    return load_file(str(checkpoint.resolve(run) / "model.safetensors"))
 
 
 def optimizer_tensors(run: Path) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in load_file(str(run / "checkpoint" / "state" / "optimizer.safetensors")).items()
+    return {k: v for k, v in load_file(str(checkpoint.resolve(run) / "state" / "optimizer.safetensors")).items()
             if not k.startswith("rng.")}
 
 
@@ -147,7 +147,7 @@ def test_checkpoint_from_two_ranks_resumes_on_one_exactly(exact):
     for step in (3, 4):  # the steps the single process ran after resuming
         assert mm[step]["loss"] == mr[step]["loss"]
         assert mm[step]["r"] == [3, 3]
-    trainer_state = json.loads((resumed / "checkpoint" / "state" / "trainer.json").read_text())
+    trainer_state = json.loads((checkpoint.resolve(resumed) / "state" / "trainer.json").read_text())
     assert trainer_state["step"] == 4 and trainer_state["grad_accum"] == 2
 
 

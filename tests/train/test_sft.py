@@ -44,7 +44,7 @@ def test_sft_jsonl(base, tmp_path):
     data.write_text("\n".join(json.dumps(c) for c in convs))
     assert main(["sft", "--ckpt", str(base), "--quiet", "--data", str(data), "--out", str(tmp_path / "s"),
                  "--max-steps", "2"]) == 0
-    assert (tmp_path / "s" / "checkpoint" / "model.safetensors").is_file()
+    assert (checkpoint.resolve(tmp_path / "s") / "model.safetensors").is_file()
 
 
 def test_sft_bad_input(base, tmp_path, capsys):

@@ -26,7 +26,7 @@ def step_losses(run_dir):
 def test_smoke_run_writes_checkpoint_and_metrics(tmp_path, small_text):
     out = tmp_path / "run"
     assert main(["train", *SMOKE, "--data", str(small_text), "--out", str(out), "--max-steps", "12"]) == 0
-    ck = out / "checkpoint"
+    ck = checkpoint.resolve(out)
     for name in ("model.safetensors", "config.json", "tokenizer.json", "state/trainer.json",
                  "state/optimizer.safetensors"):
         assert (ck / name).is_file(), name
