@@ -26,6 +26,7 @@ import torch
 from recurchat.config import get_preset
 from recurchat.errors import UserError
 from recurchat.eval.command import EvalRequest, evaluate_checkpoint
+from recurchat.eval.report import legend, save_png
 from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
 from recurchat.model.hardware import set_threads
@@ -92,9 +93,8 @@ def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
         ax.set_ylabel(unit)
         ax.set_title(f"pretraining: {unit}")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        legend(ax)
+    save_png(fig, path)
 
 
 def training_speed(run: Path) -> str:

@@ -57,14 +57,15 @@ def _figure(n_panels: int = 1):
     return fig, axes
 
 
-def _save(fig, path: Path) -> None:
+def save_png(fig, path: Path) -> None:
+    """Lay out `fig` and write it as a PNG atomically (the sweep and the speedrun save their plots through it)."""
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _legend(ax) -> None:
+def legend(ax) -> None:
     if ax.get_legend_handles_labels()[0]:  # an empty legend only draws a warning
         ax.legend(fontsize=7)
 
@@ -104,8 +105,8 @@ def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
     _depth_ticks(ax, [p for points in series.values() for p in points])
     ax.set(xlabel="recursions r", ylabel="accuracy", title="accuracy vs r")
     ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    legend(ax)
+    save_png(fig, path)
     return True
 
 
@@ -124,8 +125,8 @@ def _plot_bpb_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
         ax.axhline(base, color="gray", linestyle="--", label="standard model")
     ax.set(xlabel="recursions per token", ylabel="bits per byte", title="held-out bpb vs r")
     ax.grid(alpha=0.3)
-    _legend(ax)
-    _save(fig, path)
+    legend(ax)
+    save_png(fig, path)
     return True
 
 
@@ -168,8 +169,8 @@ def _plot_pareto(result: dict, baseline: dict | None, path: Path) -> bool:
         ax.set(xlabel="mean recursions per token", ylabel="accuracy" if title != "centered mean" else "centred acc",
                title=title)
         ax.grid(alpha=0.3)
-        _legend(ax)
-    _save(fig, path)
+        legend(ax)
+    save_png(fig, path)
     return True
 
 
@@ -203,8 +204,8 @@ def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -
     ax_acc.set(xlabel="difficulty", ylabel="accuracy", title="accuracy vs difficulty")
     for ax in (ax_r, ax_acc):
         ax.grid(alpha=0.3)
-        _legend(ax)
-    _save(fig, path)
+        legend(ax)
+    save_png(fig, path)
     return True
 
 

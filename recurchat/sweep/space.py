@@ -144,14 +144,9 @@ class SweepSpec:
         return cls(**json.loads(text))
 
 
-def recursion_only(name: str) -> bool:
-    """True if field `name` shapes only recursive models (a standard model never reads it)."""
-    return name in RECURSION_ONLY
-
-
 def swept_names(spec: SweepSpec, kind: str) -> list[str]:
     """The grid fields a trial of model `kind` takes: all for the recursive model, the regime's for a baseline."""
-    return [n for n in parse_grid(spec.grid) if kind == RECURSIVE or not recursion_only(n)]
+    return [n for n in parse_grid(spec.grid) if kind == RECURSIVE or n not in RECURSION_ONLY]
 
 
 def plan(spec: SweepSpec) -> list[dict]:

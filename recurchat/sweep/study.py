@@ -113,8 +113,9 @@ def planned_params(trial: optuna.Trial) -> dict | None:
 def suggest(trial: optuna.Trial, spec: SweepSpec) -> tuple[str, dict]:
     """(model kind, config overrides) for this trial: grid values come fixed from the plan, search values from TPE."""
     kind = trial.suggest_categorical("model", MODEL_KINDS)
+    swept = swept_names(spec, kind)
     overrides = {name: trial.suggest_categorical(name, values) for name, values in parse_grid(spec.grid).items()
-                 if name in swept_names(spec, kind)}
+                 if name in swept}
     for name, dist in parse_search(spec.search).items():
         overrides[name] = suggest_from(trial, name, dist)
     return kind, overrides
@@ -161,12 +162,12 @@ def objective(worker: Worker, trial: optuna.Trial) -> float:
     trial.set_user_attr("run_dir", str(out.relative_to(worker.study_dir)))
     print(f"[sweep] trial {trial.number} → {out.name}: {kind} "
           + " ".join(f"{k}={v}" for k, v in overrides.items()), flush=True)
-    model_cfg = fresh_spec(worker, out, kind, overrides).model
+    fresh = fresh_spec(worker, out, kind, overrides)
     with torch.device("meta"):
-        trial.set_user_attr("n_params", RecurrentLM(model_cfg).num_params()["total"])
-    trial.set_user_attr("mean_recur", model_cfg.mean_recur if kind == RECURSIVE else 1)
+        trial.set_user_attr("n_params", RecurrentLM(fresh.model).num_params()["total"])
+    trial.set_user_attr("mean_recur", fresh.model.mean_recur if kind == RECURSIVE else 1)
     try:
-        train_or_resume(out, lambda: fresh_spec(worker, out, kind, overrides), progress=worker.progress)
+        train_or_resume(out, lambda: fresh, progress=worker.progress)
     except Diverged as e:
         trial.set_user_attr("error", str(e))
         raise

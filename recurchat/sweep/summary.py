@@ -21,10 +21,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from recurchat.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from recurchat.config import TWINS
+from recurchat.eval.report import legend, save_png
+from recurchat.files import atomic_write_json, atomic_write_text
 from recurchat.sweep.space import RECURSIVE, SweepSpec, regime_of
-
-TWIN_KEYS = ("iso-params", "iso-flops")
 
 
 def trial_record(t: optuna.trial.FrozenTrial, spec: SweepSpec) -> dict:
@@ -40,7 +40,7 @@ def best_baselines(records: list[dict], regime: dict) -> dict[str, float]:
     """The lowest bpb of each baseline kind among finished trials of `regime`."""
     best: dict[str, float] = {}
     for r in records:
-        if r["model"] in TWIN_KEYS and r["regime"] == regime and r["bpb"]:
+        if r["model"] in TWINS and r["regime"] == regime and r["bpb"]:
             best[r["model"]] = min(best.get(r["model"], math.inf), r["bpb"]["1"])
     return best
 
@@ -101,6 +101,7 @@ def plots(summary: dict, out: Path) -> None:
 
     regimes = summary["regimes"] or [{}]
     fig = Figure(figsize=(6.5, 4 * len(regimes)))
+    FigureCanvasAgg(fig)
     for i, regime in enumerate(regimes):
         ax = fig.add_subplot(len(regimes), 1, i + 1)
         rows = [t for t in summary["trials"] if t["regime"] == regime and t["bpb"]]
@@ -117,27 +118,17 @@ def plots(summary: dict, out: Path) -> None:
         ax.set_xlabel("r (recursions at evaluation)")
         ax.set_ylabel("val bpb")
         ax.set_title(", ".join(f"{k}={v}" for k, v in regime.items()) or "all trials", fontsize=9)
-        if rows:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    _save(fig, FigureCanvasAgg, out / "bpb_vs_r.png")
+        legend(ax)
+    save_png(fig, out / "bpb_vs_r.png")
     fig = Figure(figsize=(6.5, 3.5))
+    FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     scored = [t for t in summary["trials"] if t.get("phi") is not None]
     ax.bar([f"#{t['number']}" for t in scored], [t["phi"] for t in scored])
     ax.axhline(0.5, linestyle="--", color="gray")
     ax.set_ylabel("φ (depth efficiency)")
     ax.set_xlabel("recursive trial")
-    fig.tight_layout()
-    _save(fig, FigureCanvasAgg, out / "phi.png")
-
-
-def _save(fig, canvas_cls, path: Path) -> None:
-    import io
-
-    buf = io.BytesIO()
-    canvas_cls(fig).print_png(buf)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, out / "phi.png")
 
 
 def write_summary(study_dir: Path, study: optuna.Study, spec: SweepSpec) -> dict:
