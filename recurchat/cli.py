@@ -77,6 +77,20 @@ def print_result(result: dict) -> None:
         print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb", "val_bpb_text") if k in result}))
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 # -- commands -------------------------------------------------------------------------------------------------------
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -143,7 +157,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recurchat.infer.server import serve_main
 
     serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-               queue_size=args.queue_size, device=args.device, dtype=args.dtype)
+               queue_size=args.queue_size, device=args.device, dtype=args.dtype,
+               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb)
     return 0
 
 
@@ -291,6 +306,11 @@ def add_serve_parser(sub) -> None:
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
     v.add_argument("--max-batch", type=int, default=8, help="requests merged into one decode batch")
     v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
+    v.add_argument("--max-recur-limit", type=positive_int, default=None,
+                   help="deepest recursion a request may ask for (default 4 × the model's r_max)")
+    v.add_argument("--kv-budget-mb", type=non_negative_float, default=0.0,
+                   help="MiB of KV cache the running batch may hold; requests wait for room, and one that can never "
+                        "fit gets a 400 (default 0: no limit)")
     v.add_argument("--device", default="auto")
     add_runtime_flags(v)
     v.set_defaults(func=cmd_serve)

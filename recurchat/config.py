@@ -128,7 +128,8 @@ class TrainConfig:
     eval_every: int = 50
     eval_tokens: int = 32768
     eval_recur: str = ""  # comma list; empty = 1, r̄, 2·r̄
-    save_every: int = 0  # 0 = only at the end
+    save_every: int = 0  # also checkpoint every N steps (0 = by time and at the end only)
+    save_every_min: float = 5.0  # also checkpoint when this many minutes passed since the last save (0 = off)
     keep_checkpoints: int = 2  # the newest K of out/checkpoint/step-NNNNNN are kept
     log_every: int = 1
     compile: bool | None = None  # None = auto: on for CUDA (pays off), off for CPU (~30 s to compile, 1.1× faster)
@@ -148,6 +149,8 @@ class TrainConfig:
             raise UserError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.batch_size < 1 or self.total_batch_tokens < 1:
             raise UserError("batch_size and total_batch_tokens must be >= 1")
+        if self.save_every < 0 or self.save_every_min < 0:
+            raise UserError(f"save_every and save_every_min must be >= 0, got {self.save_every}, {self.save_every_min}")
         if self.keep_checkpoints < 1:
             raise UserError(f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}")
         if self.lr_shared_scale <= 0:

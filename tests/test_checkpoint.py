@@ -297,3 +297,20 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_checkpoint(tmp_path
     assert main([*common, "--max-steps", "2", "--overwrite", "--stop-after", "1", "--save-every", "0"]) == 0
     # stop_after ends the invocation with a checkpoint at step 1: the old run's step 6 is gone only now
     assert sorted(p.name for p in (run / "checkpoint").glob("step-*")) == ["step-000001"]
+
+
+def test_save_every_min_checkpoints_when_the_minutes_have_passed(tmp_path, small_text, monkeypatch):
+    """A clock that moves one minute per reading: with --save-every-min 2, every second step is two minutes on."""
+    import itertools
+
+    import recurchat.train.trainer as trainer
+    from recurchat.cli import main
+
+    minutes = itertools.count()
+    monkeypatch.setattr(trainer, "monotonic", lambda: 60.0 * next(minutes))
+    run = tmp_path / "run"
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--eval-every", "0",
+                 "--max-steps", "7", "--save-every", "0", "--save-every-min", "2", "--keep-checkpoints", "10",
+                 "--out", str(run)]) == 0
+    assert sorted(p.name for p in (run / "checkpoint").glob("step-*")) == [
+        "step-000002", "step-000004", "step-000006", "step-000007"]

@@ -52,6 +52,44 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
     assert steps == list(range(1, 31))
 
 
+KILLED_SPEEDRUN = """
+import os, signal, sys
+import recurchat.checkpoint as ck
+import recurchat.speedrun as sr
+mode, out = sys.argv[1], sys.argv[2]
+real_latest, real_write = ck.atomic_write_text, sr.atomic_write_text
+
+def latest(path, text):  # first run: die once the pretraining stage has its step-10 checkpoint
+    real_latest(path, text)
+    if mode == "mid-stage" and text.strip() == "step-000010":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+def stages(path, text):  # second run: die right after the first stage is recorded as finished
+    real_write(path, text)
+    if mode == "after-stage":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+ck.atomic_write_text, sr.atomic_write_text = latest, stages
+sr.speedrun("cpu-smoke", out, dtype="fp32")
+"""
+
+
+def test_a_killed_speedrun_continues_its_training_stage_from_the_last_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    out, script = tmp_path / "sr", tmp_path / "killed.py"
+    script.write_text(KILLED_SPEEDRUN)
+    runs = [subprocess.run([sys.executable, str(script), mode, str(out)], capture_output=True, text=True)
+            for mode in ("mid-stage", "after-stage")]
+    assert [r.returncode for r in runs] == [-9, -9], runs[-1].stderr[-2000:]
+    assert "resumed from" in runs[1].stdout and "at step 10" in runs[1].stdout, runs[1].stdout
+    assert list(json.loads((out / "stages.json").read_text())) == ["pretrain recursive"]
+    steps = [m["step"] for m in map(json.loads, (out / "recursive" / "metrics.jsonl").read_text().splitlines())
+             if "loss" in m]
+    assert steps == list(range(1, 31))  # each step once: the stage went on from step 10, not from 0
+
+
 def test_speedrun_unknown_preset(tmp_path, capsys):
     assert main(["speedrun", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown speedrun preset" in capsys.readouterr().err

@@ -118,5 +118,6 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             "fixed_recursions": rbar, "exit_bpb_delta": bpb_exit / bpb_fixed - 1, "bpb_fixed": bpb_fixed,
             "bpb_exit": bpb_exit, "exit_eval_mean_recursions": mean_exit,
             "exit_speedup_measured": measured, "exit_speedup_predicted": predicted,
-            "exit_speedup_vs_predicted": measured / predicted, "cached_vs_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
+            "exit_speedup_vs_predicted": measured / predicted,
+            "cached_vs_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
             "kv_bytes_per_token": kv, "pareto": pareto}

@@ -24,7 +24,7 @@ import torch
 from recurchat.config import ModelConfig
 from recurchat.errors import UserError
 from recurchat.infer.exit import ExitCriterion, ExitTracker
-from recurchat.infer.kv_cache import KVCache, iteration_slots
+from recurchat.infer.kv_cache import KVCache, bytes_per_token, iteration_slots
 from recurchat.infer.sampling import SamplingParams, sample_next
 from recurchat.model.hardware import choose_dtype, inference_banner
 from recurchat.model.recurrent import RecurrentLM
@@ -246,6 +246,18 @@ class Engine:
 
     # -- public API ---------------------------------------------------------------------------------------------
 
+    def cache_positions(self, reach: list[int]) -> int:
+        """Positions the KV cache of a batch holds: the farthest any row can reach (prompt + max_tokens; its last
+        token is sampled, never decoded), capped at the context."""
+        return min(self.cfg.seq_len, max(reach))
+
+    def cache_bytes(self, reach: list[int], recur: RecurParams) -> int:
+        """Bytes of the KV cache `stream` allocates for rows that reach `reach` positions under `recur` (one
+        cache per batch: rows × the farthest reach × the bytes of one token at the plan's deepest iteration)."""
+        _, _, max_steps, prefill_r = self._plan(recur)
+        per_token = bytes_per_token(self.cfg, recur.kv, max(max_steps, prefill_r), self.dtype.torch_dtype)
+        return len(reach) * self.cache_positions(reach) * per_token
+
     def check(self, prompts: list[list[int]], recur: RecurParams) -> None:
         """Raise UserError for prompts or recursion settings this engine cannot run, before any compute."""
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -277,8 +289,7 @@ class Engine:
         idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-        # positions a request can reach: its prompt and max_tokens (the last token is sampled, never decoded)
-        need = min(ctx, max(len(prompt) + p.max_tokens for prompt, p in zip(prompts, params)))
+        need = self.cache_positions([len(prompt) + p.max_tokens for prompt, p in zip(prompts, params)])
         cache = KVCache(self.cfg, recur.kv, B, need, max(max_steps, prefill_r), self.device, self.dtype.torch_dtype)
         # a request without a seed gets a fresh one from the OS: the process-wide torch RNG is never reseeded
         gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else

@@ -8,6 +8,10 @@
   the oldest job plus every waiting job with the same batch key (recursion params + KV strategy: one
   `Engine.stream` call runs one depth plan and one cache layout), up to `max_batch` rows, each row keeping its
   own SamplingParams.
+- A KV budget (`kv_budget_bytes`, 0 = none) bounds the one cache a batch allocates: a job joins a batch only while
+  the batch's cache (rows × farthest reach × bytes per token, `Engine.cache_bytes`) stays within it, so concurrent
+  requests never allocate past it; a job that could not fit even alone is refused at submit (`KVBudgetExceeded`,
+  a UserError the server answers with 400 saying why) instead of waiting forever.
 - Events go back to the job's asyncio queue through `loop.call_soon_threadsafe` (asyncio queues are not
   thread-safe). A job marked cancelled (client gone, or a stop string matched) makes the engine's
   `cancelled(row)` true at the next step, so its row leaves the batch and its compute stops.
@@ -33,6 +37,10 @@ log = logging.getLogger("recurchat.server")
 
 class QueueFull(Exception):
     """Too many jobs are already waiting for the engine."""
+
+
+class KVBudgetExceeded(UserError):
+    """This request's KV cache alone is larger than the scheduler's budget: it could never run."""
 
 
 class EngineFailure(RuntimeError):
@@ -61,6 +69,11 @@ class Job:
     done: bool = False
 
     @property
+    def reach(self) -> int:
+        """Positions this job can fill: its prompt and max_tokens."""
+        return len(self.prompt) + self.sampling.max_tokens
+
+    @property
     def key(self) -> tuple:
         return dataclasses.astuple(self.recur)
 
@@ -79,10 +92,11 @@ class Job:
 class Scheduler:
     """Bounded queue + one engine thread that batches compatible jobs; `stats()` backs GET /health."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, queue_size: int = 64, batch_window_s: float = 0.005):
-        if max_batch < 1 or queue_size < 1:
-            raise ValueError("max_batch and queue_size must be >= 1")
-        self.engine = engine
+    def __init__(self, engine: Engine, max_batch: int = 8, queue_size: int = 64, batch_window_s: float = 0.005,
+                 kv_budget_bytes: int = 0):
+        if max_batch < 1 or queue_size < 1 or kv_budget_bytes < 0:
+            raise ValueError("max_batch and queue_size must be >= 1, kv_budget_bytes >= 0")
+        self.engine, self.kv_budget_bytes = engine, kv_budget_bytes
         self.max_batch, self.queue_size, self.batch_window_s = max_batch, queue_size, batch_window_s
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -90,7 +104,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self._stats = dict(submitted=0, rejected=0, completed=0, cancelled=0, stopped=0, failed=0, batches=0,
-                           tokens=0, busy_s=0.0)
+                           tokens=0, busy_s=0.0, kv_bytes_running=0, kv_bytes_peak=0)
 
     # -- event-loop side ------------------------------------------------------------------------------------------
 
@@ -101,6 +115,7 @@ class Scheduler:
     def submit(self, prompt: list[int], sampling: SamplingParams, recur: RecurParams) -> Job:
         """Queue a job; call from the event loop (its queue belongs to that loop). Raises QueueFull."""
         job = Job(prompt, sampling, recur, asyncio.get_running_loop())
+        self._check_budget(job)
         with self._cond:
             if self._closed:
                 raise SchedulerClosed("the server is shutting down")
@@ -112,10 +127,29 @@ class Scheduler:
             self._cond.notify()
         return job
 
+    def _check_budget(self, job: Job) -> None:
+        if not self.kv_budget_bytes:
+            return
+        need = self.engine.cache_bytes([job.reach], job.recur)
+        if need > self.kv_budget_bytes:
+            with self._cond:
+                self._stats["rejected"] += 1
+            mib = 2**20
+            raise KVBudgetExceeded(
+                f"this request's KV cache needs {need / mib:.1f} MiB ({job.reach} positions: prompt + max_tokens, "
+                f"kv {job.recur.kv}) but the server's KV budget is {self.kv_budget_bytes / mib:.1f} MiB; lower "
+                "max_tokens or the recursion depth, or use kv_strategy 'last'")
+
+    def _fits(self, batch: list[Job], job: Job) -> bool:
+        if len(batch) >= self.max_batch or job.key != batch[0].key:
+            return False
+        return not self.kv_budget_bytes or self.engine.cache_bytes(
+            [j.reach for j in batch] + [job.reach], job.recur) <= self.kv_budget_bytes
+
     def stats(self) -> dict:
         with self._cond:
             return dict(self._stats, queued=len(self._pending), running=len(self._running),
-                        max_batch=self.max_batch, queue_size=self.queue_size)
+                        max_batch=self.max_batch, queue_size=self.queue_size, kv_budget_bytes=self.kv_budget_bytes)
 
     def close(self, timeout: float = 10.0) -> None:
         """Stop taking jobs, cut the running batch short, fail the waiting jobs, join the worker."""
@@ -148,11 +182,14 @@ class Scheduler:
             batch, rest = [first], deque()
             while self._pending:
                 job = self._pending.popleft()
-                (batch if len(batch) < self.max_batch and job.key == first.key else rest).append(job)
+                (batch if self._fits(batch, job) else rest).append(job)
             self._pending = rest
             live = [j for j in batch if j.cancel_reason is None]
             self._stats["cancelled"] += len(batch) - len(live)  # gone before they started: never cost a step
             self._running = live
+            kv = self.engine.cache_bytes([j.reach for j in live], live[0].recur) if live else 0
+            self._stats["kv_bytes_running"] = kv
+            self._stats["kv_bytes_peak"] = max(self._stats["kv_bytes_peak"], kv)
         for job in batch:
             if job.cancel_reason is not None and job not in live:
                 job.done = True
@@ -196,6 +233,7 @@ class Scheduler:
         finally:
             with self._cond:
                 self._running = []
+                self._stats["kv_bytes_running"] = 0
                 self._stats["batches"] += 1
                 self._stats["tokens"] += tokens
                 self._stats["busy_s"] += time.perf_counter() - t0

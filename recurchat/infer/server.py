@@ -10,8 +10,8 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
 is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
-are in infer/api_schema.py, how errors leave in infer/http_errors.py, detokenizing with stop strings in infer/detokenize.py, auth and body limits in
-infer/gate.py.
+are in infer/api_schema.py, how errors leave in infer/http_errors.py, detokenizing with stop strings in
+infer/detokenize.py, auth and body limits in infer/gate.py.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ from recurchat.infer.engine import Engine, RecurError, RecurParams
 from recurchat.infer.gate import Gate
 from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
 from recurchat.infer.sampling import SamplingParams
-from recurchat.infer.scheduler import Job, QueueFull, Scheduler, SchedulerClosed
+from recurchat.infer.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
 
 WEB_DIR = Path(__file__).parent / "web"
@@ -62,14 +62,15 @@ class Service:
     """Everything a request needs: tokenizer, limits, scheduler; turns request bodies into engine jobs."""
 
     def __init__(self, ckpt: Checkpoint, model: RecurrentLM, name: str, max_batch: int, queue_size: int,
-                 max_recur_limit: int | None, dtype: str = "auto"):
+                 max_recur_limit: int | None, dtype: str = "auto", kv_budget_mb: float = 0.0):
         self.tok = ckpt.tokenizer
         self.cfg = model.cfg
         self.name = name
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
         self.engine = Engine(model, dtype=dtype)
-        self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size)
+        self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
+                                   kv_budget_bytes=int(kv_budget_mb * 2**20))
         self.created = int(time.time())
         self.chat_stops = (self.tok.special_id("assistant_end"), self.tok.bos_id)
 
@@ -131,6 +132,8 @@ class Service:
     def submit(self, prompt: list[int], sampling: SamplingParams, recur: RecurParams) -> Job:
         try:
             return self.scheduler.submit(prompt, sampling, recur)
+        except KVBudgetExceeded as e:
+            raise ApiError(400, str(e), param="max_tokens", code="kv_budget_exceeded") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
@@ -235,7 +238,7 @@ def _bundle_name(path: Path) -> str:
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
                max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
-               dtype: str = "auto") -> FastAPI:
+               dtype: str = "auto", kv_budget_mb: float = 0.0) -> FastAPI:
     """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`."""
     from recurchat.checkpoint import load_model
 
@@ -245,7 +248,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     else:
         ckpt, model = load_model(str(ckpt_path_or_model_bundle), device)
     service = Service(ckpt, model, model_name or _bundle_name(Path(ckpt.path)), max_batch, queue_size,
-                      max_recur_limit, dtype)
+                      max_recur_limit, dtype, kv_budget_mb)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -335,9 +338,11 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
 
 
 def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 8, queue_size: int = 64, device: str = "auto", dtype: str = "auto") -> None:
+               max_batch: int = 8, queue_size: int = 64, device: str = "auto", dtype: str = "auto",
+               max_recur_limit: int | None = None, kv_budget_mb: float = 0.0) -> None:
     """`recurchat serve`: load the checkpoint, serve the API and the chat page until Ctrl-C."""
-    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device, dtype=dtype)
+    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device, dtype=dtype,
+                     max_recur_limit=max_recur_limit, kv_budget_mb=kv_budget_mb)
     name = app.state.service.name
     print(app.state.service.engine.describe(), flush=True)
     print(f"serving {name!r} on http://{host}:{port}  (chat page at /, API at /v1, health at /health)", flush=True)

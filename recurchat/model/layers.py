@@ -33,8 +33,8 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and QK-norm, computed by F.scaled_dot_product_attention.
 
-    `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask or None)` working on [B, H, T, D]
-    tensors; it lets the inference engine own cache layout without this class knowing the strategy.
+    `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask or None)` working on
+    [B, H, T, D] tensors; it lets the inference engine own cache layout without this class knowing the strategy.
     """
 
     def __init__(self, d_model: int, n_head: int, n_kv_head: int):

@@ -31,7 +31,7 @@ RECURSION_ONLY = frozenset({"adapter", "adapter_init", "state_init", "state_nois
                             "r_max", "recur_dist", "recur_sigma", "curriculum_frac", "bptt_k", "lr_shared_scale"})
 # Fields the sweep owns (each trial's run directory, schedule length, evaluation depths) or that make no sense per
 # trial; a grid over them is refused.
-NOT_SWEPT = frozenset({"stage", "data", "stop_after", "wandb", "save_every", "eval_recur"})
+NOT_SWEPT = frozenset({"stage", "data", "stop_after", "wandb", "save_every", "save_every_min", "eval_recur"})
 
 
 def _field_types() -> dict[str, type]:

@@ -90,6 +90,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def main_decides(info: DistInfo, flag: bool) -> bool:
+    """Rank 0's `flag` on every rank: a decision read from a clock must be the same everywhere (a checkpoint save
+    is collective), and each rank's clock says something slightly different."""
+    if not info.distributed:
+        return flag
+    decided = torch.tensor([int(flag)], device=info.device)
+    dist.broadcast(decided, src=0)
+    return bool(decided.item())
+
+
 @contextlib.contextmanager
 def main_first(info: DistInfo) -> Iterator[None]:
     """Rank 0 runs the body first, then the others: tokenizer training and token caches are written once.

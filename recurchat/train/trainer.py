@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from time import monotonic
 from typing import TextIO
 
 import torch
@@ -315,8 +316,9 @@ def evaluate(run: Run, step: int) -> dict:
 
 
 def save(run: Run, step: int) -> None:
-    """Write out/checkpoint/step-NNNNNN (and point `latest` at it). Gathering is collective under FSDP2 (every rank takes part), writing is rank 0's; the
-    barrier means no rank moves on (or exits) before the checkpoint is in place."""
+    """Write out/checkpoint/step-NNNNNN (and point `latest` at it). Gathering is collective under FSDP2 (every
+    rank takes part), writing is rank 0's; the barrier means no rank moves on (or exits) before the checkpoint is
+    in place."""
     weights = distributed.model_state(run.model)
     opt_states = distributed.optimizer_states(run.model, run.optimizers)
     if run.dist.is_main:
@@ -328,11 +330,21 @@ def save(run: Run, step: int) -> None:
     distributed.barrier(run.dist)
 
 
+def save_due(run: Run, done: int, last_save: float) -> bool:
+    """Every `save_every` steps, and whenever `save_every_min` minutes passed since the last save (rank 0's clock)."""
+    cfg = run.spec.train
+    if cfg.save_every and done % cfg.save_every == 0:
+        return True
+    if not cfg.save_every_min:
+        return False
+    return distributed.main_decides(run.dist, monotonic() - last_save >= 60 * cfg.save_every_min)
+
+
 def train(spec: RunSpec, progress: bool = True) -> dict:
     """Train to `max_steps` (or `stop_after` more steps) and write spec.out/checkpoint; returns the last metrics
     (on rank 0; other ranks of a torchrun job return {} so only one copy is printed)."""
     run = setup(spec, progress)
-    cfg, last = spec.train, {}
+    cfg, last, last_save = spec.train, {}, monotonic()
     run.model.train()
     for step in range(run.start_step, run.end_step):
         last = train_step(run, step)
@@ -343,8 +355,9 @@ def train(spec: RunSpec, progress: bool = True) -> dict:
                                mfu=f"{100 * last['mfu']:.1f}%")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != run.end_step:
             evaluate(run, done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != run.end_step:
+        if done != run.end_step and save_due(run, done, last_save):
             save(run, done)
+            last_save = monotonic()
     if run.end_step > run.start_step:
         final = evaluate(run, run.end_step)
         last.update({k: final[k] for k in ("val_bpb", "val_bpb_text") if k in final})

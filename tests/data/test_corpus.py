@@ -56,7 +56,8 @@ def test_read_txt_jsonl_parquet_and_directory(tmp_path):
     (tmp_path / "a.txt").write_text("a whole file is one document\nwith two lines\n", encoding="utf-8")
     # ensure_ascii=False keeps a raw U+2028 inside the JSON string: legal JSON, and not a line break.
     (tmp_path / "b.jsonl").write_text(
-        json.dumps({"text": "first\u2028line"}, ensure_ascii=False) + "\r\n" + json.dumps({"text": "zweite ✓", "id": 2}),
+        json.dumps({"text": "first\u2028line"}, ensure_ascii=False) + "\r\n"
+        + json.dumps({"text": "zweite ✓", "id": 2}),
         encoding="utf-8",
     )
     pq.write_table(pa.table({"text": ["pq one", None, "pq two"], "n": [1, 2, 3]}), tmp_path / "c.parquet")

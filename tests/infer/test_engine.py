@@ -62,6 +62,45 @@ def test_last_equals_full_at_r1_and_differs_deeper(tiny_cfg):
                           atol=1e-5)
 
 
+def ring_reference_logits(engine, seq, prompt_len, r, k):
+    """What ring:K promises, built on the full cache: once a token has run its r iterations, a later token at
+    iteration i reads that token's iteration j, the last one ≡ i (mod K) — the one left in slot i mod K."""
+    m = engine.model
+    full = KVCache(m.cfg, "full", 1, m.cfg.seq_len, r)
+    from recurchat.infer.exit import ExitCriterion
+
+    def keep_only_the_ring(positions):
+        for layer in range(m.cfg.n_shared):
+            for i in range(r):
+                j = i + k * ((r - 1 - i) // k)
+                for buf in (full.k, full.v):
+                    buf[full._recur_layer(layer, i), :, :, positions] = buf[full._recur_layer(layer, j), :, :,
+                                                                             positions]
+    out = []
+    with torch.no_grad():
+        logits, _ = engine._prefill(full, torch.tensor([seq[:prompt_len]]), torch.tensor([prompt_len]), r, r)
+        keep_only_the_ring(slice(0, prompt_len))
+        out.append(logits[0])
+        for t in range(prompt_len, len(seq)):
+            logits, _, _ = engine._decode(full, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]), None,
+                                          ExitCriterion("fixed", r), 1, r)
+            keep_only_the_ring(slice(t, t + 1))
+            out.append(logits[0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("r,k", [(4, 1), (4, 2), (5, 2), (6, 4)])
+def test_ring_with_fewer_slots_than_iterations_reads_the_last_iteration_of_each_residue(tiny_cfg, r, k):
+    m = random_model(tiny_cfg, seed=4)
+    engine = Engine(m, dtype="fp32")
+    seq = torch.randint(0, tiny_cfg.vocab_size, (14,), generator=torch.Generator().manual_seed(1)).tolist()
+    ring = cached_logits(engine, seq, 5, r, f"ring:{k}")
+    assert torch.allclose(ring, ring_reference_logits(engine, seq, 5, r, k), atol=1e-5)
+    assert not torch.allclose(ring, cached_logits(engine, seq, 5, r, "full"), atol=1e-4)  # K < r is not full
+    if k == 1:
+        assert torch.allclose(ring, cached_logits(engine, seq, 5, r, "last"), atol=1e-6)
+
+
 def test_standard_model_cache(tiny_cfg):
     cfg = tiny_cfg.standard_twin()
     m = random_model(cfg)
@@ -72,19 +111,26 @@ def test_standard_model_cache(tiny_cfg):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("recur", [RecurParams(num_recur=3), RecurParams(exit="latent:0.05", max_recur=6),
-                                   RecurParams(exit="kl:0.01", max_recur=6, kv="last", warm_start=True)])
-def test_batched_greedy_equals_one_at_a_time(tiny_cfg, recur):
+@pytest.mark.parametrize("recur,lengths", [
+    (RecurParams(num_recur=3), (3, 9, 5, 1)),
+    (RecurParams(exit="latent:0.05", max_recur=6), (3, 9, 5, 1)),
+    (RecurParams(exit="kl:0.01", max_recur=6, kv="last", warm_start=True), (3, 9, 5, 1)),
+    (RecurParams(exit="kl:0.003", max_recur=8), (3, 9, 5, 1, 12, 2, 7, 4, 6, 10, 8, 1)),  # many rows, many depths
+])
+def test_batched_greedy_equals_one_at_a_time(tiny_cfg, recur, lengths):
     m = random_model(tiny_cfg, seed=1)
     engine = Engine(m, dtype="fp32")
     g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 9, 5, 1)]
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     sp = SamplingParams(max_tokens=8, temperature=0.0)
     batched = engine.generate(prompts, sp, recur)
     for p, b in zip(prompts, batched):
         single = engine.generate([p], sp, recur)[0]
         assert single.tokens == b.tokens and single.depths == b.depths
     assert all(len(b.tokens) == 8 for b in batched)
+    if len(lengths) > 4:  # rows left the iteration loop at different depths within the same steps
+        depths = [set(step) for step in zip(*(b.depths[1:] for b in batched))]
+        assert any(len(d) >= 3 for d in depths), depths
 
 
 def test_exited_row_no_longer_changes_and_compute_is_saved(tiny_cfg):

@@ -97,7 +97,8 @@ def test_chat_non_stream_fixed_depth(client):
 def test_chat_stream_with_exit(client):
     chunks = list(client.chat.completions.create(
         model="recurchat", messages=HELLO, max_tokens=10, stream=True, seed=2,
-        extra_body={"return_depths": True, "recursion": {"exit": "argmax:1000", "max_recur": 5}, "kv_strategy": "last"}))
+        extra_body={"return_depths": True, "recursion": {"exit": "argmax:1000", "max_recur": 5},
+                    "kv_strategy": "last"}))
     assert chunks[0].choices[0].delta.role == "assistant"
     finals = [c for c in chunks if c.choices[0].finish_reason]
     assert len(finals) == 1 and finals[0] is chunks[-1]
@@ -222,7 +223,7 @@ def test_bad_requests_are_4xx_and_server_survives(http):
     assert stats(http)["failed"] == 0
 
 
-# -- concurrency, back-pressure, cancellation ---------------------------------------------------------------------------
+# -- concurrency, back-pressure, cancellation ------------------------------------------------------------------------
 
 
 def test_sixteen_concurrent_streams(http, server):
@@ -313,7 +314,7 @@ def test_disconnect_cancels_non_streaming_request(http, server):
     assert now["cancelled"] == before["cancelled"] + 1 and now["completed"] == before["completed"], now
 
 
-# -- failing loudly ------------------------------------------------------------------------------------------------------
+# -- failing loudly --------------------------------------------------------------------------------------------------
 
 
 def test_engine_failure_is_a_500_with_the_traceback_in_the_log(bundle, monkeypatch, caplog):
@@ -365,3 +366,44 @@ def test_requests_without_a_seed_leave_the_global_rng_alone(client):
     torch.manual_seed(11)
     client.chat.completions.create(model="smoke", messages=HELLO, max_tokens=3, temperature=1.0)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_kv_budget_refuses_what_can_never_fit_and_batches_within_it(bundle, monkeypatch):
+    """Room for two rows of this request's cache: six at once all finish, in batches of at most two, and no cache
+    the engine allocates is larger than the budget; a request whose cache alone is too large gets a 400."""
+    import recurchat.infer.engine as engine_module
+    from recurchat.infer.engine import RecurParams
+
+    allocated: list[int] = []
+
+    class Recording(engine_module.KVCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            allocated.append(self.nbytes())
+
+    body = {"model": "smoke", "prompt": [1, 2, 3], "max_tokens": 20, "recursion": {"num_recur": 4}}
+    app = create_app(bundle, max_batch=8)
+    one_row = app.state.service.engine.cache_bytes([3 + 20], RecurParams(num_recur=4))
+    budget_mb = 2.5 * one_row / 2**20
+    app = create_app(bundle, max_batch=8, kv_budget_mb=budget_mb)
+    monkeypatch.setattr(engine_module, "KVCache", Recording)
+    srv = start_in_thread(app)
+    try:
+        codes: list[int] = []
+        threads = [threading.Thread(target=lambda: codes.append(
+            httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).status_code)) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        too_big = httpx.post(f"{srv.url}/v1/completions", json={**body, "max_tokens": 60}, timeout=60)
+        health = httpx.get(f"{srv.url}/health").json()["scheduler"]
+    finally:
+        srv.stop()
+    assert codes == [200] * 6
+    assert allocated and max(allocated) <= budget_mb * 2**20 and 2 * one_row in allocated, (allocated, one_row)
+    assert health["kv_bytes_peak"] <= health["kv_budget_bytes"] and health["kv_bytes_running"] == 0
+    assert too_big.status_code == 400
+    error = too_big.json()["error"]
+    assert error["code"] == "kv_budget_exceeded" and error["param"] == "max_tokens"
+    assert "KV budget" in error["message"] and "MiB" in error["message"]
