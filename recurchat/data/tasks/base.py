@@ -67,7 +67,8 @@ def split_of(task_name: str, prompt: str) -> Literal["train", "test"]:
 def stream(
     task: Task, split: str, seed: int, n: int, difficulty: int | None = None
 ) -> list[Example]:
-    """`n` examples of `split`, the same for the same arguments; difficulty None draws levels uniformly.
+    """`n` examples of `split`, the same for the same arguments; difficulty None takes the levels in turn, so every
+    level has n / len(levels) examples (give or take one) and accuracy by difficulty compares like with like.
 
     Each split draws from its own seeded generator and keeps only the prompts that hash to it. Prompts may repeat
     within a split when a level's instance space is small (training on repeats is harmless).
@@ -87,7 +88,8 @@ def stream(
             raise UserError(f"task {task.name!r}: found only {len(examples)} of {n} {split} examples "
                             f"at difficulty {difficulty} (the level has too few distinct prompts)")
         draws += 1
-        example = task.generate(rng.choice(task.levels) if difficulty is None else difficulty, rng)
+        level = task.levels[len(examples) % len(task.levels)] if difficulty is None else difficulty
+        example = task.generate(level, rng)
         if split_of(task.name, example.prompt) == split:
             examples.append(example)
     return examples

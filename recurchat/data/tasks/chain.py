@@ -1,11 +1,14 @@
-"""Pointer chasing: a shuffled list of aliases and constants; the answer is the digit the asked name resolves to.
+"""Pointer chasing: a shuffled list of aliases and constants; the reply names the asked variable and its digit.
 
-    difficulty 3:  "t=5, p=w, w=c, q=t, c=8, x=p. What is x?"  → "8"    (x → p → w → c, three hops)
+    difficulty 3:  "t=5;p=w;w=c;q=t;c=8;x=p;x=?"  → "x=8"    (x → p → w → c, three hops)
 
 Difficulty d is the number of alias hops from the asked name to its constant. Nothing but following pointers is
 needed (no arithmetic), so the work grows with d alone: a model that runs more iterations can, in principle, follow
 more hops. Every prompt is shuffled, and a distractor chain with its own constant (about d/2 hops) plus aliases that
 branch off the asked chain share the names, so reading left to right or taking the first digit does not work.
+The format is chosen for the tokenizer: no spaces, so a name is the same single token wherever it appears (with
+", x" a name would be " x" on the left and "x" on the right, or split in two); and the reply repeats the name, so
+the digit is predicted right after "x=", where the first hop is the copy an induction head already does in text.
 Levels 1..16: train on 1..D and test on 1..2D with `builtin:chain:1-8` (SFT) and `--tasks chain` (eval).
 Exercised by `pytest tests/data/tasks/test_task_chain.py`.
 """
@@ -39,11 +42,11 @@ class ChainTask:
         # aliases of names on the asked chain (never asked themselves): same targets, different paths
         statements += [f"{name}={rng.choice(chain[:-1])}" for name in names[difficulty + 2 + distractor_hops:]]
         rng.shuffle(statements)
-        prompt = f"{', '.join(statements)}. What is {chain[-1]}?"
-        return Example(prompt=prompt, answer=str(answer), difficulty=difficulty, task=self.name)
+        prompt = ";".join(statements + [f"{chain[-1]}=?"])
+        return Example(prompt=prompt, answer=f"{chain[-1]}={answer}", difficulty=difficulty, task=self.name)
 
     def extract(self, text: str) -> str | None:
         return last_integer(text)
 
     def check(self, text: str, example: Example) -> bool:
-        return self.extract(text) == example.answer
+        return self.extract(text) == self.extract(example.answer)

@@ -20,13 +20,14 @@ STATEMENT = re.compile(r"^([a-z])=([a-z]|\d)$")
 
 
 def parse(prompt: str) -> tuple[dict[str, str], str]:
-    body, question = prompt.split(". What is ")
+    *statements, question = prompt.split(";")
     defs = {}
-    for statement in body.split(", "):
+    for statement in statements:
         var, value = STATEMENT.match(statement).groups()
         assert var not in defs, "each name is assigned once"
         defs[var] = value
-    return defs, question.rstrip("?")
+    assert re.fullmatch(r"[a-z]=\?", question), question
+    return defs, question[0]
 
 
 def resolve(prompt: str) -> tuple[str, int]:
@@ -44,8 +45,10 @@ def test_answer_is_the_resolved_digit_after_difficulty_hops(difficulty):
     rng = random.Random(difficulty)
     for _ in range(30):
         e = TASK.generate(difficulty, rng)
-        assert resolve(e.prompt) == (e.answer, difficulty)
+        digit, hops = resolve(e.prompt)
+        assert e.answer == f"{parse(e.prompt)[1]}={digit}" and hops == difficulty
         assert e.difficulty == difficulty and e.task == "chain"
+        assert TASK.check(f"{parse(e.prompt)[1]}={digit}", e) and not TASK.check(f"x={(int(digit) + 1) % 10}", e)
 
 
 def test_prompts_are_shuffled_and_carry_a_decoy_constant():
@@ -54,7 +57,17 @@ def test_prompts_are_shuffled_and_carry_a_decoy_constant():
     digits = [re.findall(r"=(\d)", e.prompt) for e in examples]
     assert all(len(d) == 2 for d in digits)  # the answer's constant and the distractor chain's
     # the answer's constant is not always the first digit, nor is the asked chain written in order
-    assert 0.2 < sum(d[0] == e.answer for d, e in zip(digits, examples)) / len(examples) < 0.8
+    assert 0.2 < sum(d[0] == e.answer[-1] for d, e in zip(digits, examples)) / len(examples) < 0.8
+
+
+def test_every_name_is_one_token_wherever_it_appears():
+    from recurchat.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["a=b;c=d;" * 50, "the quick brown fox jumps over the lazy dog. " * 50], 300)
+    e = TASK.generate(5, random.Random(3))
+    pieces = [tok.decode([i]) for i in tok.encode(e.prompt)]
+    names = [p for p in pieces if p.isalpha()]
+    assert all(len(p) == 1 for p in names) and len(names) == len(re.findall(r"[a-z]", e.prompt))
 
 
 def test_level_range_keeps_the_split_and_only_its_levels():
