@@ -8,6 +8,7 @@
                                 "mean_recursions_by_task": {task: x}}}
     by_difficulty  {builtin task: {difficulty: {"acc": x, "mean_recursions": y}}}, under the first exit criterion,
                    else at r̄
+    acc_by_difficulty  {builtin task: {r or criterion: {difficulty: accuracy}}}: every setting, split by level
     centered_mean  {r or criterion: mean over tasks (bpb excluded) of (acc − chance) / (1 − chance)}
     chance         {task: accuracy of guessing}
     params         total parameter count
@@ -202,8 +203,8 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     settings = [str(r) for r in depths] + exits
     builtin = [s for s in parsed if s.kind == "builtin"]
     extra = builtin if diff_setting not in settings else []
-    result: dict = {"tasks": {}, "exit": {}, "by_difficulty": {}, "centered_mean": {}, "chance": {},
-                    "params": int(model.num_params()["total"]), "acc_norm": {}}
+    result: dict = {"tasks": {}, "exit": {}, "by_difficulty": {}, "acc_by_difficulty": {}, "centered_mean": {},
+                    "chance": {}, "params": int(model.num_params()["total"]), "acc_norm": {}}
     try:
         with tqdm(total=len(parsed) * len(settings) + len(extra), desc="eval", disable=not progress,
                   leave=False) as bar:
@@ -219,6 +220,8 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
                 bar.set_postfix_str(f"{spec.name} by difficulty @ {diff_setting}")
                 result["by_difficulty"][spec.name] = _by_difficulty(sweep.evaluate(spec, diff_setting))
                 bar.update(1 if spec in extra else 0)
+                result["acc_by_difficulty"][spec.name] = {  # cached: no generation beyond the settings above
+                    s: {d: v["acc"] for d, v in _by_difficulty(sweep.evaluate(spec, s)).items()} for s in settings}
     finally:
         model.train(was_training)
     result["chance"] = {name: chance for name, (_, chance) in data.items()}

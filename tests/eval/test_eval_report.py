@@ -61,8 +61,8 @@ def standard(tokenizer, val_tokens) -> dict:
 
 def test_sweep_json_layout(sweep):
     json.loads(json.dumps(sweep))  # JSON-serialisable as it is
-    assert set(sweep) == {"tasks", "exit", "by_difficulty", "centered_mean", "chance", "params", "acc_norm",
-                          "settings", "notes"}
+    assert set(sweep) == {"tasks", "exit", "by_difficulty", "acc_by_difficulty", "centered_mean", "chance",
+                          "params", "acc_norm", "settings", "notes"}
     assert list(sweep["tasks"]) == ["bpb", "hops", "arc-easy"]
     for name, values in sweep["tasks"].items():
         assert list(values) == ["1", "2"]
@@ -77,6 +77,15 @@ def test_sweep_json_layout(sweep):
     levels = {str(d) for d in get_task("hops").levels}
     for d, v in sweep["by_difficulty"]["hops"].items():
         assert d in levels and set(v) == {"acc", "mean_recursions"} and 1 <= v["mean_recursions"] <= CFG.r_max
+    # accuracy by level at every setting: each level's share of the task's examples, averaging back to the whole
+    assert set(sweep["acc_by_difficulty"]) == {"hops"}
+    by_level = sweep["acc_by_difficulty"]["hops"]
+    assert list(by_level) == ["1", "2", "latent:1e9"]
+    assert by_level["latent:1e9"] == {d: v["acc"] for d, v in sweep["by_difficulty"]["hops"].items()}
+    for setting, accs in by_level.items():
+        assert set(accs) <= levels
+        overall = entry["acc"]["hops"] if ":" in setting else sweep["tasks"]["hops"][setting]
+        assert all(0 <= a <= 1 for a in accs.values()) and (overall > 0) == any(a > 0 for a in accs.values())
     assert sweep["chance"] == {"hops": 0.0, "arc-easy": pytest.approx(ARC_CHANCE)}
     assert list(sweep["centered_mean"]) == ["1", "2", "latent:1e9"]
     for setting, value in sweep["centered_mean"].items():
