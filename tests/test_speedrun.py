@@ -18,23 +18,29 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     out = tmp_path / "sr"
     assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
     stages = json.loads((out / "stages.json").read_text())
-    assert list(stages) == ["pretrain recursive", "pretrain standard", "sft recursive", "sft standard",
-                            "eval recursive", "eval standard"]
+    models = ("recursive", "standard", "iso-params")
+    assert list(stages) == [f"{stage} {m}" for stage in ("pretrain", "sft", "eval") for m in models]
     report = (out / "report.md").read_text()
-    for section in ("## Models", "## Loss curves", "## Wall time per stage", "## Machine", "## Evaluation",
-                    "Standard model (baseline)"):
+    for section in ("| model | params | inference FLOPs/token", "At r̄ = 2 the recursive base model's held-out bpb",
+                    "Going from r̄ = 2 to 4r̄ = 8 recursions", "recursions per token per extra hop",
+                    "After SFT its plain-text bpb is", "## Models", "## Loss curves", "## Wall time per stage",
+                    "## Machine", "## Evaluation", "Standard model (baseline)"):
         assert section in report, section
+    assert "nan" not in report.lower()
     for png in ("loss_curves.png", "eval/acc_vs_r.png", "eval/bpb_vs_r.png", "eval/pareto.png",
                 "eval/depth_vs_difficulty.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
         assert f"]({png})" in report, png
-    rec, std = (json.loads((out / f"eval-{m}.json").read_text()) for m in ("recursive", "standard"))
-    assert set(rec["tasks"]["bpb"]) == {"1", "2", "4", "8", "16"} and set(std["tasks"]["bpb"]) == {"1"}
-    assert rec["params"] < std["params"]  # the recursive model shares its recurrent block's weights
+    rec, std, iso = (json.loads((out / f"eval-{m}.json").read_text()) for m in models)
+    assert set(rec["tasks"]["bpb"]) == {"1", "2", "4", "8"} and set(std["tasks"]["bpb"]) == {"1"}
+    assert set(rec["acc_by_difficulty"]["chain:1-4"]["8"]) == {"1", "2", "3", "4"}  # trained 1..2, held out 3..4
+    assert iso["params"] < rec["params"] < std["params"]  # shared weights: fewer than the twin, adapter on top
+    bases = [json.loads((out / f"eval-base-{m}.json").read_text()) for m in models]
+    assert [set(b["tasks"]["bpb"]) for b in bases] == [{"1", "2", "4", "8"}, {"1"}, {"1"}]
     capsys.readouterr()
     # a second run finds every stage done and only redraws the report
     assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("skipping") == 6
+    assert capsys.readouterr().out.count("skipping") == 9
     assert json.loads((out / "stages.json").read_text()) == stages
 
 
@@ -55,7 +61,7 @@ def test_an_interrupted_training_stage_resumes_from_its_checkpoint(tmp_path, cap
 KILLED_SPEEDRUN = """
 import os, signal, sys
 import recurchat.checkpoint as ck
-import recurchat.speedrun as sr
+import recurchat.speedrun.stages as sr
 mode, out = sys.argv[1], sys.argv[2]
 real_latest, real_write = ck.atomic_write_text, sr.atomic_write_text
 
