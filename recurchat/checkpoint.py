@@ -74,6 +74,31 @@ def find(path: str | Path) -> Path | None:
     return None
 
 
+CALIBRATION_FILE = "exit_calibration.json"  # written by `recurchat calibrate` beside the weights
+AUTO_EXIT = "auto"
+
+
+def save_calibration(path: str | Path, result: dict) -> Path:
+    """Store a calibrated exit (eval/calibrate.py) in the checkpoint it was measured on."""
+    target = resolve(path) / CALIBRATION_FILE
+    atomic_write_text(target, json.dumps(result, indent=2))
+    return target
+
+
+def resolve_exit(spec: str | None, path: str | Path) -> str | None:
+    """`auto` → the exit criterion this checkpoint was calibrated with; any other spec (or None) unchanged."""
+    if spec != AUTO_EXIT:
+        return spec
+    file = resolve(path) / CALIBRATION_FILE
+    if not file.is_file():
+        raise UserError(f"--exit auto: {resolve(path)} has no calibrated exit yet; run "
+                        f"`recurchat calibrate --ckpt {path} --criterion latent --max-bpb-loss 0.01` first")
+    try:
+        return str(json.loads(file.read_text())["exit"])
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{file} is not a calibration file (no \"exit\"); run recurchat calibrate again") from None
+
+
 def resolve(path: str | Path) -> Path:
     """A checkpoint directory, a run directory, or a run's checkpoint/ directory → the newest complete checkpoint."""
     found = find(path)

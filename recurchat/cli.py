@@ -129,6 +129,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from recurchat.eval.calibrate import calibrate_checkpoint
+
+    calibrate_checkpoint(args.ckpt, args.criterion, args.max_bpb_loss, eval_tokens=args.eval_tokens,
+                         batch_size=args.batch_size, data=args.data, dtype=args.dtype, device=args.device)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from recurchat.infer.commands import cmd_sample as run
 
@@ -194,13 +202,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                              dtype=args.dtype)
     elif args.what == "infer":
         from recurchat.bench.infer import bench_infer
+        from recurchat.checkpoint import AUTO_EXIT, resolve_exit
         from recurchat.infer.exit import ExitCriterion
 
         sweep = tuple(s for s in args.sweep.split(",") if s)
-        for spec in (args.exit, *sweep):
+        if args.exit == AUTO_EXIT and not args.ckpt:
+            raise UserError("--exit auto needs --ckpt (a checkpoint calibrated with recurchat calibrate)")
+        exit_spec = resolve_exit(args.exit, args.ckpt) if args.ckpt else args.exit
+        for spec in (exit_spec, *sweep):
             ExitCriterion.parse(spec)
-        result = bench_infer(args.ckpt, args.preset, args.exit, args.tokens, args.eval_tokens, sweep,
-                             dtype=args.dtype)
+        result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
+                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT)
     else:
         raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
@@ -244,6 +256,20 @@ def add_sft_parser(sub) -> None:
     f.set_defaults(func=cmd_sft)
 
 
+def add_calibrate_parser(sub) -> None:
+    c = sub.add_parser("calibrate", help="pick an exit threshold with a bounded bpb loss; --exit auto then uses it")
+    c.add_argument("--ckpt", required=True)
+    c.add_argument("--criterion", default="latent", help="kl | entropy | latent (latent needs no head: cheapest)")
+    c.add_argument("--max-bpb-loss", type=float, default=0.01,
+                   help="largest relative bpb loss against fixed r̄, at 95%% confidence (0.01 = 1%%)")
+    c.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens to calibrate on")
+    c.add_argument("--batch-size", type=positive_int, default=16)
+    c.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's pretraining text)")
+    add_runtime_flags(c)
+    c.add_argument("--device", default="auto")
+    c.set_defaults(func=cmd_calibrate)
+
+
 def add_eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a checkpoint at several recursion depths")
     e.add_argument("--ckpt", required=True)
@@ -263,7 +289,8 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--batch-size", type=int, default=16)
     add_runtime_flags(e)
     e.add_argument("--device", default="auto")
-    e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05")
+    e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05 "
+                                                "(auto: the checkpoint's calibrated exit)")
     e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
     e.add_argument("--kv", default="full", help="KV-cache strategy for --exit")
     e.set_defaults(func=cmd_eval)
@@ -272,7 +299,8 @@ def add_eval_parser(sub) -> None:
 def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--recur", type=int, default=None, help="fixed recursion depth (default r̄)")
-    sp.add_argument("--exit", default=None, help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N")
+    sp.add_argument("--exit", default=None,
+                    help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N | auto (calibrated)")
     sp.add_argument("--max-recur", type=int, default=None, help="depth cap with --exit (default r_max)")
     sp.add_argument("--kv", default="full", help="KV cache: full | last | ring:K")
     sp.add_argument("--warm-start", action="store_true", help="seed each token with the previous final state")
@@ -327,7 +355,7 @@ def add_driver_parsers(sub) -> None:
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
-    b.add_argument("--exit", default="kl:3e-2", help="infer: the exit criterion to time")
+    b.add_argument("--exit", default="kl:3e-2", help="infer: the exit criterion to time (auto: the calibrated one)")
     b.add_argument("--sweep", default="kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.05",
                    help="infer: criteria for the Pareto sweep")
     b.add_argument("--tokens", type=int, default=256, help="infer: continuation length")
@@ -383,6 +411,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_train_parser(sub, chosen_preset(argv))
     add_sft_parser(sub)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
     add_generation_parsers(sub)
     add_serve_parser(sub)
     add_driver_parsers(sub)

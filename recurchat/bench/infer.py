@@ -43,8 +43,34 @@ def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, rep
     return statistics.median(times), gens, engine.extra_heads
 
 
+def quality(engine: Engine, val, token_bytes: torch.Tensor, eval_tokens: int, adaptive: RecurParams,
+            sweep: tuple[str, ...], log) -> tuple[float, float, float, list[dict]]:
+    """(bpb at fixed r̄, bpb under `adaptive`, its recursions/token, the Pareto points of `sweep` and fixed depths)."""
+    model, cfg = engine.model, engine.cfg
+    rbar, bs = cfg.mean_recur, min(8, max(1, eval_tokens // cfg.seq_len))
+    bpb_fixed = evaluate_bpb(model, val, token_bytes, bs, cfg.seq_len, eval_tokens, num_recur=rbar,
+                             dtype=engine.dtype)
+    bpb_exit, mean_exit = evaluate_bpb_exit(engine, val, token_bytes, bs, cfg.seq_len, eval_tokens, adaptive)
+    log(f"  val bpb fixed r̄ {bpb_fixed:.4f}; {adaptive.exit}: {bpb_exit:.4f} at {mean_exit:.2f} recursions/token "
+        f"(Δ {100 * (bpb_exit / bpb_fixed - 1):+.2f}%)")
+    pareto = []
+    for spec in sweep:
+        b, r = evaluate_bpb_exit(engine, val, token_bytes, bs, cfg.seq_len, eval_tokens,
+                                 RecurParams(exit=spec, max_recur=adaptive.max_recur))
+        pareto.append({"exit": spec, "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
+        log(f"  sweep {spec:<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
+    for r in sorted({1, max(1, rbar // 2), rbar, 2 * rbar}):
+        b = evaluate_bpb(model, val, token_bytes, bs, cfg.seq_len, eval_tokens, num_recur=r, dtype=engine.dtype)
+        pareto.append({"exit": f"fixed:{r}", "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
+        log(f"  sweep {'fixed:' + str(r):<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
+    return bpb_fixed, bpb_exit, mean_exit, pareto
+
+
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
-                eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto") -> dict:
+                eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto",
+                calibrated: bool = False) -> dict:
+    """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
+    its figures under exit_calibrated_* keys."""
     from recurchat.checkpoint import load_model  # the loading path every command uses
 
     if ckpt:
@@ -96,21 +122,8 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
         f"FLOPs-predicted {predicted:.2f}× → ratio {measured / predicted:.2f}")
 
-    bs = min(8, max(1, eval_tokens // cfg.seq_len))
-    tb = data.tokenizer.token_bytes()
-    bpb_fixed = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=rbar, dtype=engine.dtype)
-    bpb_exit, mean_exit = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, adaptive)
-    log(f"  val bpb fixed r̄ {bpb_fixed:.4f}; {exit_spec}: {bpb_exit:.4f} at {mean_exit:.2f} recursions/token "
-        f"(Δ {100 * (bpb_exit / bpb_fixed - 1):+.2f}%)")
-    pareto = []
-    for spec in sweep:
-        b, r = evaluate_bpb_exit(engine, val, tb, bs, cfg.seq_len, eval_tokens, RecurParams(exit=spec, max_recur=rmax))
-        pareto.append({"exit": spec, "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
-        log(f"  sweep {spec:<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
-    for r in sorted({1, max(1, rbar // 2), rbar, 2 * rbar}):
-        b = evaluate_bpb(model, val, tb, bs, cfg.seq_len, eval_tokens, num_recur=r, dtype=engine.dtype)
-        pareto.append({"exit": f"fixed:{r}", "mean_recursions": r, "bpb": b, "bpb_delta": b / bpb_fixed - 1})
-        log(f"  sweep {'fixed:' + str(r):<14} recursions {r:5.2f}  bpb {b:.4f} (Δ {100 * (b / bpb_fixed - 1):+.2f}%)")
+    bpb_fixed, bpb_exit, mean_exit, pareto = quality(engine, val, data.tokenizer.token_bytes(), eval_tokens,
+                                                     adaptive, sweep, log)
     kv = {s: bytes_per_token(cfg, s, rbar, engine.dtype.torch_dtype) for s in ("full", "last", "ring:2")}
     log(f"  KV bytes/token at r̄ ({engine.dtype.name}): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
     return {**rows, "device": str(engine.device.type), "dtype": engine.dtype.name, "exit": exit_spec,
@@ -119,5 +132,9 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             "bpb_exit": bpb_exit, "exit_eval_mean_recursions": mean_exit,
             "exit_speedup_measured": measured, "exit_speedup_predicted": predicted,
             "exit_speedup_vs_predicted": measured / predicted,
-            "cached_vs_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
+            "exit_speedup_b1": rows["decode_tok_s_b1_exit"] / rows["decode_tok_s_b1"], "exit_speedup_b8": measured,
+            **({"exit_calibrated_speedup_b1": rows["decode_tok_s_b1_exit"] / rows["decode_tok_s_b1"],
+                "exit_calibrated_speedup_b8": measured, "exit_calibrated_bpb_delta": bpb_exit / bpb_fixed - 1}
+               if calibrated else {}),
+            "cached_over_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
             "kv_bytes_per_token": kv, "pareto": pareto}

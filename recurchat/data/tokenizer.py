@@ -130,6 +130,10 @@ class Tokenizer:
     def pad_id(self) -> int:
         return self._special_ids["<|pad|>"]
 
+    def special_ids(self) -> tuple[int, ...]:
+        """Every special token's id: a chat reply ends at any of them (none is ever part of a reply's text)."""
+        return tuple(self._special_ids[t] for t in SPECIAL_TOKENS)
+
     def special_id(self, name: str) -> int:
         """Id of a special token, by full form ("<|user_start|>") or bare name ("user_start")."""
         token = name if name.startswith("<|") else f"<|{name}|>"

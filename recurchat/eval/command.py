@@ -81,7 +81,7 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
     specs = [t.strip() for t in req.tasks.split(",") if t.strip()]
     parsed = parse_task_specs(specs)
     depths = parse_depths(req.recur)
-    exits = [e.strip() for e in (req.exit or "").split(",") if e.strip()]
+    exits = [checkpoint.resolve_exit(e.strip(), req.ckpt) for e in (req.exit or "").split(",") if e.strip()]
     for spec in exits:
         ExitCriterion.parse(spec)
     ckpt, model = checkpoint.load_model(req.ckpt, req.device)

@@ -108,6 +108,7 @@ class Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     recursion: Recursion | None = None
+    ignore_eos: bool = False  # vLLM's extension: run to max_tokens through end-of-text tokens (benchmarks, tests)
     kv_strategy: str | None = Field(None, min_length=1, max_length=32)
     return_depths: bool | None = False
 

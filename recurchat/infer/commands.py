@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recurchat.checkpoint import load_model
+from recurchat.checkpoint import load_model, resolve_exit
 from recurchat.config import ModelConfig
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurError, RecurParams
@@ -20,8 +20,8 @@ from recurchat.infer.sampling import SamplingParams
 
 def recur_params(args: argparse.Namespace, cfg: ModelConfig) -> RecurParams:
     try:
-        return RecurParams(num_recur=args.recur, exit=args.exit, max_recur=args.max_recur, kv=args.kv,
-                           warm_start=args.warm_start).validate(cfg)
+        return RecurParams(num_recur=args.recur, exit=resolve_exit(args.exit, args.ckpt), max_recur=args.max_recur,
+                           kv=args.kv, warm_start=args.warm_start).validate(cfg)
     except RecurError as e:
         flag = {"num_recur": "--recur", "max_recur": "--max-recur"}.get(e.param, f"--{e.param}")
         raise UserError(f"{flag}: {e}") from None
@@ -56,7 +56,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     recur = recur_params(args, model.cfg)
     engine.check([[tok.bos_id]], recur)
     print(engine.describe(), file=sys.stderr)
-    stop = (tok.special_id("assistant_end"), tok.bos_id)
+    stop = tok.special_ids()  # any special token ends the reply, so none is printed
     messages: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
 
     def reply(text: str, turn: int) -> None:

@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from recurchat.checkpoint import Checkpoint
+from recurchat.checkpoint import AUTO_EXIT, CALIBRATION_FILE, Checkpoint, resolve_exit
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
 from recurchat.infer.api_schema import (
@@ -68,11 +68,13 @@ class Service:
         self.name = name
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
+        calibrated = ckpt.path / CALIBRATION_FILE  # what "exit": "auto" means (recurchat calibrate)
+        self.auto_exit = resolve_exit(AUTO_EXIT, ckpt.path) if calibrated.is_file() else None
         self.engine = Engine(model, dtype=dtype)
         self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
                                    kv_budget_bytes=int(kv_budget_mb * 2**20))
         self.created = int(time.time())
-        self.chat_stops = (self.tok.special_id("assistant_end"), self.tok.bos_id)
+        self.chat_stops = self.tok.special_ids()  # a reply never shows <|user_start|> & co: it ends there
 
     def model_card(self) -> dict:
         c = self.cfg
@@ -117,11 +119,17 @@ class Service:
         sampling = SamplingParams(max_tokens=max_tokens or self.ctx - len(prompt),
                                   temperature=1.0 if body.temperature is None else body.temperature,
                                   top_k=body.top_k or 0, top_p=1.0 if body.top_p is None else body.top_p,
-                                  seed=body.seed, stop_ids=stop_ids)
+                                  seed=body.seed, stop_ids=() if body.ignore_eos else stop_ids)
         return sampling, self.recur_params(body.recursion or Recursion(), body.kv_strategy or "full")
 
     def recur_params(self, r: Recursion, kv: str) -> RecurParams:
-        recur = RecurParams(num_recur=r.num_recur, exit=r.exit, min_recur=r.min_recur or 1, max_recur=r.max_recur,
+        exit_spec = r.exit
+        if exit_spec == AUTO_EXIT:
+            if self.auto_exit is None:
+                raise ApiError(400, "recursion.exit: 'auto' needs a calibrated exit and this model has none (run "
+                               "recurchat calibrate on its checkpoint)", param="recursion.exit")
+            exit_spec = self.auto_exit
+        recur = RecurParams(num_recur=r.num_recur, exit=exit_spec, min_recur=r.min_recur or 1, max_recur=r.max_recur,
                             warm_start=r.warm_start, kv=kv)
         try:
             return recur.validate(self.cfg, self.recur_limit)

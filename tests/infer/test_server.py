@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 
 from recurchat.checkpoint import load_model
 from recurchat.cli import main
@@ -24,7 +25,7 @@ HELLO = [{"role": "user", "content": "Hello there"}]
 # argmax streak of 1000 never happens): a client that hangs up after the first chunk leaves ~59 deep tokens undone,
 # so the test holds whether the machine is idle or crawling.
 SLOW_R = 64
-SLOW = {"model": "smoke", "prompt": "The", "max_tokens": 60, "kv_strategy": "last",
+SLOW = {"model": "smoke", "prompt": "The", "max_tokens": 60, "kv_strategy": "last", "ignore_eos": True,
         "recursion": {"exit": "argmax:1000", "max_recur": SLOW_R}}
 
 
@@ -407,3 +408,27 @@ def test_kv_budget_refuses_what_can_never_fit_and_batches_within_it(bundle, monk
     error = too_big.json()["error"]
     assert error["code"] == "kv_budget_exceeded" and error["param"] == "max_tokens"
     assert "KV budget" in error["message"] and "MiB" in error["message"]
+
+
+def test_a_chat_reply_ends_at_any_special_token_and_never_shows_one(bundle):
+    """Head rigged so the first token is <|user_start|> or <|system_start|> (whichever the sign of one dot product
+    favours; every other logit is 0): the reply is empty and stops there instead of showing the token."""
+    ckpt, _ = bundle
+    _, model = load_model(str(ckpt.path), "cpu")
+    tok = ckpt.tokenizer
+    v = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.special_id("user_start")] = 5 * v
+        model.lm_head.weight[tok.special_id("system_start")] = -5 * v
+    srv = start_in_thread(create_app((ckpt, model)))
+    try:
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60,
+                       json={"model": "smoke", "messages": HELLO, "max_tokens": 5, "temperature": 0})
+        done = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                          json={"model": "smoke", "prompt": "Hello", "max_tokens": 2, "temperature": 0})
+    finally:
+        srv.stop()
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == "" and choice["finish_reason"] == "stop", choice
+    assert "<|" in done.json()["choices"][0]["text"]  # a raw completion is not a chat turn: it may show them

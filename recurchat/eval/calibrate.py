@@ -1,0 +1,146 @@
+"""Calibrated exit thresholds: the most permissive threshold whose bpb loss against fixed r̄ is bounded.
+
+    recurchat calibrate --ckpt runs/tiny --criterion latent --max-bpb-loss 0.01     # then: --exit auto
+
+A CALM-style calibration (Schuster et al. 2022, with Learn-then-Test's fixed-sequence testing): thresholds of one
+criterion are tested in order from the strictest (latest exit) to the most permissive on held-out text. Each test
+scores the same tokens at fixed r̄ and under the criterion through the KV-cached engine (exactly what generation
+spends) and takes the relative bpb loss Σ(nats_exit − nats_r̄) / Σ nats_r̄ with a one-sided 95% upper confidence
+bound from paired 32-token segments (delta method for the ratio). A threshold passes when that bound is ≤ the
+target; the first failure ends the sequence, which keeps the chance of choosing a threshold whose true loss exceeds
+the target at ≤ 5% without a correction for the number of thresholds. The last threshold that passed is chosen and
+written beside the weights (`exit_calibration.json`), where `--exit auto` finds it.
+Exercised by `pytest tests/eval/test_calibrate.py`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from recurchat import checkpoint
+from recurchat.data.corpus import prepare_data
+from recurchat.data.loader import eval_batches
+from recurchat.errors import UserError
+from recurchat.eval.command import heldout_source
+from recurchat.infer.engine import Engine, RecurParams
+from recurchat.model.scoring import scoring
+
+# strictest first: a smaller change between iterations is needed before a token may stop
+GRIDS = {
+    "kl": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "entropy": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
+    "latent": (1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
+}
+SEGMENT_TOKENS = 32
+Z_95 = 1.6448536269514722  # one-sided 95%
+
+
+@dataclass
+class Segments:
+    """Per-segment sums over the scored tokens: nats (fixed r̄ and exit), bytes, recursions, tokens."""
+
+    nats_fixed: np.ndarray
+    nats_exit: np.ndarray
+    nbytes: np.ndarray
+    depth: np.ndarray
+    tokens: np.ndarray
+
+    def relative_loss(self) -> tuple[float, float]:
+        """(estimate, one-sided 95% upper bound) of Σ(exit − fixed) / Σ fixed over segments."""
+        total = self.nats_fixed.sum()
+        loss = float((self.nats_exit - self.nats_fixed).sum() / total)
+        n = self.nats_fixed.size
+        residual = (self.nats_exit - self.nats_fixed) - loss * self.nats_fixed
+        se = math.sqrt(n / max(n - 1, 1) * float((residual ** 2).sum())) / float(total)
+        return loss, loss + Z_95 * se
+
+
+def segment_sums(values: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, T] → per-segment sums of `size` consecutive positions within each row (the last one may be shorter)."""
+    return torch.cat([chunk.sum(dim=1) for chunk in values.split(size, dim=1)]) if values.numel() else values
+
+
+def score_segments(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor, batch_size: int, max_tokens: int,
+                   recur: RecurParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(nats, bytes, recursions, tokens) per segment of held-out text under `recur`."""
+    token_bytes = token_bytes.to(engine.device)
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    with scoring(engine.model, engine.dtype):
+        for x, y in eval_batches(tokens, batch_size, engine.cfg.seq_len, max_tokens):
+            nll, depth = engine.score(x, y, recur)
+            b = token_bytes[y.to(engine.device)]
+            counted = (b > 0).double()
+            for store, value in zip(parts, (nll.double() * counted, b.double(), depth.double() * counted, counted)):
+                store.append(segment_sums(value, SEGMENT_TOKENS).cpu())
+    return tuple(torch.cat(p).numpy() for p in parts)  # type: ignore[return-value]
+
+
+def check_request(criterion: str, max_bpb_loss: float) -> None:
+    if criterion not in GRIDS:
+        raise UserError(f"cannot calibrate {criterion!r} (choose from {', '.join(GRIDS)})")
+    if not 0 < max_bpb_loss < 1:
+        raise UserError(f"--max-bpb-loss must be a fraction in (0, 1), e.g. 0.01 for 1%, got {max_bpb_loss}")
+
+
+def calibrate(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor, criterion: str, max_bpb_loss: float,
+              batch_size: int = 16, max_tokens: int = 8192, max_recur: int | None = None, log=print) -> dict:
+    """Test GRIDS[criterion] from strictest to most permissive; return the choice and every test (JSON-ready)."""
+    check_request(criterion, max_bpb_loss)
+    cfg = engine.cfg
+    if not cfg.recursive:
+        raise UserError("a standard model (no shared blocks) has no depth to calibrate")
+    cap = max_recur or cfg.r_max
+    fixed = score_segments(engine, tokens, token_bytes, batch_size, max_tokens, RecurParams(num_recur=cfg.mean_recur))
+    bpb_fixed = float(fixed[0].sum() / (math.log(2) * fixed[1].sum()))
+    log(f"fixed r̄ = {cfg.mean_recur}: bpb {bpb_fixed:.4f} on {int(fixed[3].sum())} tokens")
+    tested, chosen = [], None
+    for threshold in GRIDS[criterion]:
+        spec = f"{criterion}:{threshold:g}"
+        nats, _, depth, _ = score_segments(engine, tokens, token_bytes, batch_size, max_tokens,
+                                           RecurParams(exit=spec, max_recur=cap))
+        seg = Segments(fixed[0], nats, fixed[1], depth, fixed[3])
+        loss, upper = seg.relative_loss()
+        row = {"exit": spec, "bpb": float(nats.sum() / (math.log(2) * fixed[1].sum())), "bpb_loss": loss,
+               "bpb_loss_upper_95": upper, "mean_recursions": float(depth.sum() / fixed[3].sum()),
+               "passed": upper <= max_bpb_loss}
+        tested.append(row)
+        log(f"{spec:>14}: bpb {row['bpb']:.4f}, loss {100 * loss:+.2f}% (95% bound {100 * upper:+.2f}%), "
+            f"{row['mean_recursions']:.2f} recursions/token — {'pass' if row['passed'] else 'fail: stop'}")
+        if not row["passed"]:
+            break
+        chosen = row
+    result = {"criterion": criterion, "max_bpb_loss": max_bpb_loss, "max_recur": cap, "bpb_fixed": bpb_fixed,
+              "fixed_recursions": cfg.mean_recur, "tokens": int(fixed[3].sum()), "segments": int(fixed[0].size),
+              "segment_tokens": SEGMENT_TOKENS, "tested": tested}
+    if chosen is None:
+        raise UserError(f"no {criterion} threshold keeps the bpb loss within {100 * max_bpb_loss:g}% at 95% "
+                        f"confidence (strictest tested: {tested[0]['exit']}, bound "
+                        f"{100 * tested[0]['bpb_loss_upper_95']:+.2f}%); try another criterion or a larger loss")
+    result.update({k: chosen[k] for k in ("exit", "bpb", "bpb_loss", "bpb_loss_upper_95", "mean_recursions")})
+    return result
+
+
+def calibrate_checkpoint(ckpt: str, criterion: str, max_bpb_loss: float, eval_tokens: int = 8192,
+                         batch_size: int = 16, data: str | None = None, dtype: str = "auto",
+                         device: str = "auto") -> dict:
+    """`recurchat calibrate`: calibrate on the checkpoint's held-out text and save the choice beside its weights."""
+    import sys
+
+    check_request(criterion, max_bpb_loss)  # before minutes of loading and scoring
+    loaded, model = checkpoint.load_model(ckpt, device)
+    engine = Engine(model, dtype=dtype)
+    print(engine.describe(), file=sys.stderr)
+    val = prepare_data(heldout_source(loaded, data), loaded.model_cfg.vocab_size, tokenizer=loaded.tokenizer,
+                       log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val
+    result = calibrate(engine, val, loaded.tokenizer.token_bytes(), criterion, max_bpb_loss, batch_size,
+                       eval_tokens, log=lambda line: print(line, file=sys.stderr))
+    path = checkpoint.save_calibration(ckpt, {**result, "dtype": engine.dtype.name})
+    print(f"chosen: {result['exit']} — bpb loss {100 * result['bpb_loss']:+.2f}% (95% upper bound "
+          f"{100 * result['bpb_loss_upper_95']:+.2f}%, target {100 * max_bpb_loss:g}%), "
+          f"{result['mean_recursions']:.2f} recursions/token vs {result['fixed_recursions']} fixed; saved to {path}; "
+          "use it with --exit auto")
+    return result
