@@ -294,42 +294,43 @@ class Engine:
         # a request without a seed gets a fresh one from the OS: the process-wide torch RNG is never reseeded
         gens = [torch.Generator(device=self.device).manual_seed(p.seed if p.seed is not None else
                                                                 secrets.randbits(63)) for p in params]
+        # one autocast region for the whole generation: its cache keeps each weight's bf16 copy from the first
+        # step on, instead of casting every weight again at every step (~20% of a decode step on CPU)
         with self._autocast():
             logits, state = self._prefill(cache, idx, lens, prefill_r, max(max_steps, prefill_r))
-        depth = torch.full((B,), prefill_r if self.model.recur else 0, dtype=torch.long, device=self.device)
-        rows = torch.arange(B, device=self.device)
-        pos = lens.clone()
-        produced = [0] * B
-        uniform = all(p == params[0] for p in params)
-        while rows.numel():
-            row_list = rows.tolist()
-            if uniform:
-                p = params[0]
-                tok = sample_next(logits, p.temperature, p.top_k, gens[0], p.top_p)
-            else:
-                tok = torch.cat([sample_next(logits[j:j + 1], params[r].temperature, params[r].top_k, gens[r],
-                                             params[r].top_p) for j, r in enumerate(row_list)])
-            events, keep = [], []
-            for j, (row, t, d) in enumerate(zip(row_list, tok.tolist(), depth.tolist())):
-                produced[row] += 1
-                p, reason = params[row], None
-                if cancelled is not None and cancelled(row):
-                    reason = "cancelled"
-                elif t in p.stop_ids:
-                    reason = "stop"
-                elif produced[row] >= p.max_tokens or int(pos[j]) >= ctx:
-                    reason = "length"
-                events.append(Event(row, t, d, reason))
-                keep.append(reason is None)
-            yield events
-            keep_t = torch.tensor(keep, dtype=torch.bool, device=self.device)
-            if not keep_t.any():
-                break
-            rows, pos, tok = rows[keep_t], pos[keep_t], tok[keep_t]
-            warm = state[keep_t] if (recur.warm_start and state is not None) else None
-            with self._autocast():
+            depth = torch.full((B,), prefill_r if self.model.recur else 0, dtype=torch.long, device=self.device)
+            rows = torch.arange(B, device=self.device)
+            pos = lens.clone()
+            produced = [0] * B
+            uniform = all(p == params[0] for p in params)
+            while rows.numel():
+                row_list = rows.tolist()
+                if uniform:
+                    p = params[0]
+                    tok = sample_next(logits, p.temperature, p.top_k, gens[0], p.top_p)
+                else:
+                    tok = torch.cat([sample_next(logits[j:j + 1], params[r].temperature, params[r].top_k, gens[r],
+                                                 params[r].top_p) for j, r in enumerate(row_list)])
+                events, keep = [], []
+                for j, (row, t, d) in enumerate(zip(row_list, tok.tolist(), depth.tolist())):
+                    produced[row] += 1
+                    p, reason = params[row], None
+                    if cancelled is not None and cancelled(row):
+                        reason = "cancelled"
+                    elif t in p.stop_ids:
+                        reason = "stop"
+                    elif produced[row] >= p.max_tokens or int(pos[j]) >= ctx:
+                        reason = "length"
+                    events.append(Event(row, t, d, reason))
+                    keep.append(reason is None)
+                yield events
+                keep_t = torch.tensor(keep, dtype=torch.bool, device=self.device)
+                if not keep_t.any():
+                    break
+                rows, pos, tok = rows[keep_t], pos[keep_t], tok[keep_t]
+                warm = state[keep_t] if (recur.warm_start and state is not None) else None
                 logits, depth, state = self._decode(cache, tok, rows, pos, warm, crit, min_steps, max_steps)
-            pos = pos + 1
+                pos = pos + 1
 
     @torch.no_grad()
     def score(self, x: torch.Tensor, y: torch.Tensor, recur: RecurParams) -> tuple[torch.Tensor, torch.Tensor]:
