@@ -46,12 +46,33 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
+        self._fused: tuple[tuple, torch.Tensor] | None = None  # (the weights' versions, [Wq; Wk; Wv])
+
+    def fused_qkv_weight(self) -> torch.Tensor:
+        """[Wq; Wk; Wv] as one matrix, rebuilt whenever a weight was replaced or changed in place (an optimizer step
+        or load_state_dict bumps its version), so it can never go stale. A leaf that "requires grad" only so that
+        autocast caches its bf16 copy for the whole generation, as it does for parameters; nothing backpropagates
+        through it (it is used with gradients off)."""
+        weights = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
+        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        if self._fused is None or self._fused[0] != key:
+            self._fused = (key, torch.cat(weights).detach().requires_grad_(True))
+        return self._fused[1]
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v: three matmuls while gradients flow or under torch.compile (which fuses on its own), one over
+        the fused weight otherwise (eager inference and eval: a decode step is bound by the number of small ops)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return self.c_q(x), self.c_k(x), self.c_v(x)
+        kv = self.n_kv_head * self.head_dim
+        return F.linear(x, self.fused_qkv_weight()).split([self.n_head * self.head_dim, kv, kv], dim=-1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = q.reshape(B, T, self.n_head, self.head_dim)
+        k = k.reshape(B, T, self.n_kv_head, self.head_dim)
+        v = v.reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_head != self.n_head
