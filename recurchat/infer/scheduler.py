@@ -104,7 +104,7 @@ class Scheduler:
         self._running: list[Job] = []
         self._thread: threading.Thread | None = None
         self._stats = dict(submitted=0, rejected=0, completed=0, cancelled=0, stopped=0, failed=0, batches=0,
-                           tokens=0, busy_s=0.0, kv_bytes_running=0, kv_bytes_peak=0)
+                           tokens=0, busy_s=0.0, too_large=0, kv_bytes_running=0, kv_bytes_peak=0)
 
     # -- event-loop side ------------------------------------------------------------------------------------------
 
@@ -133,7 +133,7 @@ class Scheduler:
         need = self.engine.cache_bytes([job.reach], job.recur)
         if need > self.kv_budget_bytes:
             with self._cond:
-                self._stats["rejected"] += 1
+                self._stats["too_large"] += 1  # "rejected" counts queue-full refusals (429) only
             mib = 2**20
             raise KVBudgetExceeded(
                 f"this request's KV cache needs {need / mib:.1f} MiB ({job.reach} positions: prompt + max_tokens, "

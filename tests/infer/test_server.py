@@ -404,6 +404,7 @@ def test_kv_budget_refuses_what_can_never_fit_and_batches_within_it(bundle, monk
     assert codes == [200] * 6
     assert allocated and max(allocated) <= budget_mb * 2**20 and 2 * one_row in allocated, (allocated, one_row)
     assert health["kv_bytes_peak"] <= health["kv_budget_bytes"] and health["kv_bytes_running"] == 0
+    assert health["too_large"] == 1 and health["rejected"] == 0
     assert too_big.status_code == 400
     error = too_big.json()["error"]
     assert error["code"] == "kv_budget_exceeded" and error["param"] == "max_tokens"
