@@ -212,7 +212,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for spec in (exit_spec, *sweep):
             ExitCriterion.parse(spec)
         result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
-                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT)
+                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate)
     else:
         raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
     if args.json:
@@ -318,6 +318,9 @@ def add_generation_parsers(sub) -> None:
     add_generation_flags(s, 64, 0.8)
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--num-samples", type=int, default=1)
+    s.add_argument("--speculate", default=None, metavar="DRAFT_R:K",
+                   help="self-speculative greedy decoding: draft K tokens at depth DRAFT_R, verify at --recur "
+                        "(needs --temperature 0; the output is exactly fixed-depth greedy)")
     s.set_defaults(func=cmd_sample)
     c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
     add_generation_flags(c, 256, 0.6)
@@ -359,6 +362,8 @@ def add_driver_parsers(sub) -> None:
     b.add_argument("--sweep", default="kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.05",
                    help="infer: criteria for the Pareto sweep")
     b.add_argument("--tokens", type=int, default=256, help="infer: continuation length")
+    b.add_argument("--speculate", default="1:4", metavar="DRAFT_R:K",
+                   help="infer: self-speculative greedy decoding to time at batch 1")
     b.add_argument("--eval-tokens", type=int, default=2048, help="infer: held-out tokens for bpb")
     b.add_argument("--preset", default="cpu-tiny")
     b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")

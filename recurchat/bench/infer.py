@@ -23,6 +23,7 @@ from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.kv_cache import bytes_per_token
 from recurchat.infer.naive import generate_naive
 from recurchat.infer.sampling import SamplingParams
+from recurchat.infer.speculative import generate_speculative, parse_speculate
 from recurchat.model.flops import block_matrix_params, flops_per_token
 from recurchat.model.recurrent import RecurrentLM
 
@@ -66,9 +67,29 @@ def quality(engine: Engine, val, token_bytes: torch.Tensor, eval_tokens: int, ad
     return bpb_fixed, bpb_exit, mean_exit, pareto
 
 
+def speculative(engine: Engine, prompt: list[int], tokens: int, spec: str, t_fixed: float, fixed_tokens: list[int],
+                log) -> dict:
+    """Batch-1 self-speculative greedy decoding (`spec` = DRAFT_R:K) against fixed-r̄ greedy, same prompt."""
+    draft_r, k = parse_speculate(spec)
+    rbar, times = engine.cfg.mean_recur, []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        out = generate_speculative(engine, prompt, tokens, rbar, draft_r, k)
+        times.append(time.perf_counter() - t0)
+    speedup = (len(out.tokens) / statistics.median(times)) / (len(fixed_tokens) / t_fixed)
+    # identical by construction in exact arithmetic; in bf16 a near-tie can round the other way in the chunked
+    # verification (fp32: identical, tests/infer/test_speculative.py), so the first difference is reported too
+    differ = next((i for i, (a, b) in enumerate(zip(out.tokens, fixed_tokens)) if a != b), None)
+    log(f"  speculative {spec} at batch 1: {speedup:.2f}× fixed r̄, acceptance {100 * out.acceptance:.0f}%, "
+        f"identical to fixed-r̄ greedy: {out.tokens == fixed_tokens}"
+        + (f" (first difference at token {differ}, {engine.dtype.name})" if differ is not None else ""))
+    return {"speculate": spec, "speculative_speedup_b1": speedup, "speculative_acceptance": out.acceptance,
+            "speculative_greedy_identical": out.tokens == fixed_tokens, "speculative_first_difference": differ}
+
+
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto",
-                calibrated: bool = False) -> dict:
+                calibrated: bool = False, speculate: str = "1:4") -> dict:
     """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
     its figures under exit_calibrated_* keys."""
     from recurchat.checkpoint import load_model  # the loading path every command uses
@@ -102,7 +123,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
         t_naive.append(time.perf_counter() - t0)
     naive_tok_s = tokens / statistics.median(t_naive)
-    t1, _, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
+    t1, g1, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
     t8, g8_fixed, _ = timed_generate(engine, prompts8, tokens, fixed)
     t1x, g1x, _ = timed_generate(engine, prompts8[:1], tokens, adaptive)
     t8x, g8x, heads8 = timed_generate(engine, prompts8, tokens, adaptive)
@@ -119,6 +140,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     for k, v in rows.items():
         log(f"  {k:<24} {v:9.1f} tok/s")
     log(f"  cached/naive at batch 1: {rows['decode_tok_s_b1'] / naive_tok_s:.1f}×")
+    spec = speculative(engine, prompts8[0], tokens, speculate, t1, g1[0].tokens, log) if cfg.recursive else {}
     log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
         f"FLOPs-predicted {predicted:.2f}× → ratio {measured / predicted:.2f}")
 
@@ -136,5 +158,5 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             **({"exit_calibrated_speedup_b1": rows["decode_tok_s_b1_exit"] / rows["decode_tok_s_b1"],
                 "exit_calibrated_speedup_b8": measured, "exit_calibrated_bpb_delta": bpb_exit / bpb_fixed - 1}
                if calibrated else {}),
-            "cached_over_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s,
+            "cached_over_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s, **spec,
             "kv_bytes_per_token": kv, "pareto": pareto}

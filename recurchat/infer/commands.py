@@ -33,6 +33,8 @@ def sampling_params(args: argparse.Namespace, stop_ids: tuple[int, ...], seed: i
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
+    if args.speculate:
+        return sample_speculative(args)
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
@@ -45,6 +47,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for g in gens:
         print(args.prompt + tok.decode(g.tokens))
         print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
+    return 0
+
+
+def sample_speculative(args: argparse.Namespace) -> int:
+    from recurchat.infer.speculative import generate_speculative, parse_speculate
+
+    draft_r, k = parse_speculate(args.speculate)
+    if args.temperature != 0 or args.exit or args.num_samples != 1:
+        raise UserError("--speculate decodes one greedy sample at a fixed depth: use --temperature 0, no --exit, "
+                        "--num-samples 1")
+    ckpt, model = load_model(args.ckpt, args.device)
+    tok = ckpt.tokenizer
+    engine = Engine(model, dtype=args.dtype)
+    print(engine.describe(), file=sys.stderr)
+    target = args.recur or model.cfg.mean_recur
+    spec = generate_speculative(engine, [tok.bos_id] + tok.encode(args.prompt), args.max_tokens, target, draft_r, k,
+                                stop_ids=(tok.bos_id,))
+    print(args.prompt + tok.decode(spec.tokens))
+    print(f"[{len(spec.tokens)} tokens at depth {target}; {spec.accepted}/{spec.drafted} drafted at depth {draft_r} "
+          f"accepted ({100 * spec.acceptance:.0f}%) in {spec.rounds} verification passes]", file=sys.stderr)
     return 0
 
 

@@ -183,6 +183,23 @@ class Engine:
         last = lens - 1
         return logits[rows, last], (state[rows, last][:, None] if state is not None else None)
 
+    def _chunk(self, cache: KVCache, idx: torch.Tensor, start: int, r: int) -> torch.Tensor:
+        """Logits [B, T, V] for T new tokens per row at positions start..start+T−1, at fixed depth r, reading the
+        cache before `start` and writing these positions at every iteration (speculative verification)."""
+        m = self.model
+        B, T = idx.shape
+        rows = torch.arange(B, device=self.device)
+        cos, sin = m.rope(start, T)
+        view = cache.rows(rows, None, start=start, chunk=T)
+        x = m.run_prelude(idx, cos, sin, cache.prelude(view))
+        if m.recur:
+            e, s = x, m.initial_state(x)
+            for i in range(r):
+                s = m.iterate(e, s, cos, sin, cache.recur(i, view))
+            self.iterations += r * B * T
+            x = s
+        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))
+
     def _decode(self, cache: KVCache, tok: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                 warm: torch.Tensor | None, crit: ExitCriterion, min_steps: int, max_steps: int):
         """One token for each of `rows`; returns logits [n, V], depths [n], final states [n, 1, d]."""

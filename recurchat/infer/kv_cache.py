@@ -46,12 +46,21 @@ def bytes_per_token(cfg: ModelConfig, strategy: str, num_recur: int, dtype: torc
 
 class Rows:
     """Which cache rows a forward pass touches and, when decoding, each row's position; the attention length
-    and mask are computed once here and shared by every layer of the pass."""
+    and mask are computed once here and shared by every layer of the pass.
 
-    __slots__ = ("index", "pos", "length", "mask", "contiguous")
+    Three kinds of pass: a prefill (pos None, start 0: a causal block from position 0), a decode step (one new
+    token per row at that row's `pos`), and a chunk (pos None, start > 0: `chunk` new tokens per row at positions
+    start..start+chunk−1, attending to everything before them; speculative verification)."""
 
-    def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int):
-        self.index, self.pos = index, pos
+    __slots__ = ("index", "pos", "length", "mask", "contiguous", "start")
+
+    def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int, start: int = 0,
+                 chunk: int = 0):
+        self.index, self.pos, self.start = index, pos, start
+        if start:
+            self.length = start + chunk
+            i, j = torch.arange(chunk, device=index.device), torch.arange(self.length, device=index.device)
+            self.mask = (j[None, :] <= start + i[:, None])[None, None]
         # All rows in order: read keys through a slice (a view) instead of a gather (a copy).
         self.contiguous = index.numel() == batch_size and bool((index == torch.arange(
             batch_size, device=index.device)).all())
@@ -70,11 +79,14 @@ class LayerView:
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         K, V, rows = self.cache.k[self.layer], self.cache.v[self.layer], self.rows
-        if rows.pos is None:  # prefill: every row starts at 0; causal attention over the new block
-            T = k.size(2)
-            K[rows.index, :, :T] = k.to(K.dtype)
-            V[rows.index, :, :T] = v.to(V.dtype)
-            return k, v, None
+        if rows.pos is None:  # prefill (start 0: causal attention over the new block) or a chunk after `start`
+            T, s = k.size(2), rows.start
+            K[rows.index, :, s:s + T] = k.to(K.dtype)
+            V[rows.index, :, s:s + T] = v.to(V.dtype)
+            if not s:
+                return k, v, None
+            keys, values = K[rows.index, :, :rows.length], V[rows.index, :, :rows.length]
+            return keys.to(k.dtype), values.to(v.dtype), rows.mask
         # decode: one new token per row at that row's own position
         K[rows.index, :, rows.pos] = k[:, :, 0].to(K.dtype)
         V[rows.index, :, rows.pos] = v[:, :, 0].to(V.dtype)
@@ -104,8 +116,8 @@ class KVCache:
     def _recur_layer(self, j: int, iteration: int) -> int:
         return self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + iteration % self.slots
 
-    def rows(self, index: torch.Tensor, pos: torch.Tensor | None) -> Rows:
-        return Rows(index, pos, self.k.size(1))
+    def rows(self, index: torch.Tensor, pos: torch.Tensor | None, start: int = 0, chunk: int = 0) -> Rows:
+        return Rows(index, pos, self.k.size(1), start, chunk)
 
     def prelude(self, rows: Rows) -> list[LayerView]:
         return [LayerView(self, i, rows) for i in range(self.cfg.n_prelude)]

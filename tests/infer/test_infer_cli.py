@@ -65,13 +65,17 @@ def test_eval_with_exit(ckpt, tmp_path):
 def test_bench_infer_json(ckpt, tmp_path):
     out = tmp_path / "b.json"
     assert main(["bench", "infer", "--ckpt", str(ckpt), "--preset", "cpu-smoke", "--tokens", "24",
-                 "--eval-tokens", "128", "--sweep", "kl:0.1", "--json", str(out)]) == 0
+                 "--eval-tokens", "128", "--sweep", "kl:0.1", "--dtype", "fp32", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
     for key in ("decode_tok_s_b1", "decode_tok_s_b8", "exit_mean_recursions", "fixed_recursions", "exit_bpb_delta",
                 "exit_speedup_vs_predicted", "exit_speedup_b1", "exit_speedup_b8", "cached_over_naive_b1",
+                "speculative_speedup_b1", "speculative_acceptance",
                 "kv_bytes_per_token"):
         assert key in res, key
     assert not any(key.startswith("exit_calibrated_") for key in res)  # kl:3e-2 was given, not calibrated
+    # fp32: speculation gives exactly the fixed-depth greedy tokens (bf16 may round a near-tie the other way)
+    assert res["speculative_greedy_identical"] is True and res["speculative_first_difference"] is None
+    assert 0 <= res["speculative_acceptance"] <= 1
     assert res["decode_tok_s_b8"] > 0 and 1 <= res["exit_mean_recursions"] <= 8
     assert res["kv_bytes_per_token"]["last"] < res["kv_bytes_per_token"]["full"]
     # 8 prompts × 24 tokens each (no stop token at temperature 0): the measured speedup is the ratio of tok/s, and
