@@ -85,18 +85,26 @@ def save_calibration(path: str | Path, result: dict) -> Path:
     return target
 
 
-def resolve_exit(spec: str | None, path: str | Path) -> str | None:
-    """`auto` → the exit criterion this checkpoint was calibrated with; any other spec (or None) unchanged."""
-    if spec != AUTO_EXIT:
-        return spec
+def calibrated_exit(path: str | Path) -> str | None:
+    """The exit criterion this checkpoint was calibrated with (`recurchat calibrate`), or None if it was not."""
     file = resolve(path) / CALIBRATION_FILE
     if not file.is_file():
-        raise UserError(f"--exit auto: {resolve(path)} has no calibrated exit yet; run "
-                        f"`recurchat calibrate --ckpt {path} --criterion latent --max-bpb-loss 0.01` first")
+        return None
     try:
         return str(json.loads(file.read_text())["exit"])
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{file} is not a calibration file (no \"exit\"); run recurchat calibrate again") from None
+
+
+def resolve_exit(spec: str | None, path: str | Path) -> str | None:
+    """`auto` → the exit criterion this checkpoint was calibrated with; any other spec (or None) unchanged."""
+    if spec != AUTO_EXIT:
+        return spec
+    found = calibrated_exit(path)
+    if found is None:
+        raise UserError(f"--exit auto: {resolve(path)} has no calibrated exit yet; run "
+                        f"`recurchat calibrate --ckpt {path} --criterion latent --max-bpb-loss 0.01` first")
+    return found
 
 
 def resolve(path: str | Path) -> Path:

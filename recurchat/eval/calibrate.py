@@ -16,7 +16,6 @@ Exercised by `pytest tests/eval/test_calibrate.py`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,24 +38,14 @@ SEGMENT_TOKENS = 32
 Z_95 = 1.6448536269514722  # one-sided 95%
 
 
-@dataclass
-class Segments:
-    """Per-segment sums over the scored tokens: nats (fixed r̄ and exit), bytes, recursions, tokens."""
-
-    nats_fixed: np.ndarray
-    nats_exit: np.ndarray
-    nbytes: np.ndarray
-    depth: np.ndarray
-    tokens: np.ndarray
-
-    def relative_loss(self) -> tuple[float, float]:
-        """(estimate, one-sided 95% upper bound) of Σ(exit − fixed) / Σ fixed over segments."""
-        total = self.nats_fixed.sum()
-        loss = float((self.nats_exit - self.nats_fixed).sum() / total)
-        n = self.nats_fixed.size
-        residual = (self.nats_exit - self.nats_fixed) - loss * self.nats_fixed
-        se = math.sqrt(n / max(n - 1, 1) * float((residual ** 2).sum())) / float(total)
-        return loss, loss + Z_95 * se
+def relative_loss(nats_fixed: np.ndarray, nats_exit: np.ndarray) -> tuple[float, float]:
+    """(estimate, one-sided 95% upper bound) of Σ(exit − fixed) / Σ fixed over paired segments."""
+    total = nats_fixed.sum()
+    loss = float((nats_exit - nats_fixed).sum() / total)
+    n = nats_fixed.size
+    residual = (nats_exit - nats_fixed) - loss * nats_fixed
+    se = math.sqrt(n / max(n - 1, 1) * float((residual ** 2).sum())) / float(total)
+    return loss, loss + Z_95 * se
 
 
 def segment_sums(values: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,8 +91,7 @@ def calibrate(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor, cri
         spec = f"{criterion}:{threshold:g}"
         nats, _, depth, _ = score_segments(engine, tokens, token_bytes, batch_size, max_tokens,
                                            RecurParams(exit=spec, max_recur=cap))
-        seg = Segments(fixed[0], nats, fixed[1], depth, fixed[3])
-        loss, upper = seg.relative_loss()
+        loss, upper = relative_loss(fixed[0], nats)
         row = {"exit": spec, "bpb": float(nats.sum() / (math.log(2) * fixed[1].sum())), "bpb_loss": loss,
                "bpb_loss_upper_95": upper, "mean_recursions": float(depth.sum() / fixed[3].sum()),
                "passed": upper <= max_bpb_loss}

@@ -164,41 +164,32 @@ class Engine:
 
     # -- the two passes -------------------------------------------------------------------------------------------
 
-    def _prefill(self, cache: KVCache, idx: torch.Tensor, lens: torch.Tensor, r: int, max_steps: int):
+    def _chunk(self, cache: KVCache, idx: torch.Tensor, start: int, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [B, T, V], final states or None) for T new tokens per row at positions start..start+T−1, at
+        fixed depth r, reading the cache before `start` and writing these positions at every iteration: the
+        prefill (start 0) and speculative verification."""
         m = self.model
         B, T = idx.shape
-        rows = torch.arange(B, device=self.device)
-        cos, sin = m.rope(0, T)
-        view = cache.rows(rows, None)
+        cos, sin = m.rope(start, T)
+        view = cache.rows(torch.arange(B, device=self.device), None, start=start, chunk=T)
         x = m.run_prelude(idx, cos, sin, cache.prelude(view))
         state = None
         if m.recur:
             e, s = x, m.initial_state(x)
             for i in range(r):
                 s = m.iterate(e, s, cos, sin, cache.recur(i, view))
-            self.iterations += r * B
-            cache.fill_forward(rows, None, r, max_steps)
+            self.iterations += r * B * (T if start else 1)  # a prefill counts once per row, as it always has
             x = state = s
-        logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))
+        return m.head(m.run_coda(x, cos, sin, cache.coda(view))), state
+
+    def _prefill(self, cache: KVCache, idx: torch.Tensor, lens: torch.Tensor, r: int, max_steps: int):
+        """Last-position logits and states of each row's prompt (rows padded to the longest), at depth r."""
+        logits, state = self._chunk(cache, idx, 0, r)
+        rows = torch.arange(idx.size(0), device=self.device)
+        if state is not None:
+            cache.fill_forward(rows, None, r, max_steps)
         last = lens - 1
         return logits[rows, last], (state[rows, last][:, None] if state is not None else None)
-
-    def _chunk(self, cache: KVCache, idx: torch.Tensor, start: int, r: int) -> torch.Tensor:
-        """Logits [B, T, V] for T new tokens per row at positions start..start+T−1, at fixed depth r, reading the
-        cache before `start` and writing these positions at every iteration (speculative verification)."""
-        m = self.model
-        B, T = idx.shape
-        rows = torch.arange(B, device=self.device)
-        cos, sin = m.rope(start, T)
-        view = cache.rows(rows, None, start=start, chunk=T)
-        x = m.run_prelude(idx, cos, sin, cache.prelude(view))
-        if m.recur:
-            e, s = x, m.initial_state(x)
-            for i in range(r):
-                s = m.iterate(e, s, cos, sin, cache.recur(i, view))
-            self.iterations += r * B * T
-            x = s
-        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))
 
     def _decode(self, cache: KVCache, tok: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor,
                 warm: torch.Tensor | None, crit: ExitCriterion, min_steps: int, max_steps: int):

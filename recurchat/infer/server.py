@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from recurchat.checkpoint import AUTO_EXIT, CALIBRATION_FILE, Checkpoint, resolve_exit
+from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
 from recurchat.infer.api_schema import (
@@ -68,8 +68,7 @@ class Service:
         self.name = name
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
-        calibrated = ckpt.path / CALIBRATION_FILE  # what "exit": "auto" means (recurchat calibrate)
-        self.auto_exit = resolve_exit(AUTO_EXIT, ckpt.path) if calibrated.is_file() else None
+        self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
         self.engine = Engine(model, dtype=dtype)
         self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
                                    kv_budget_bytes=int(kv_budget_mb * 2**20))

@@ -82,7 +82,7 @@ def generate_speculative(engine: Engine, prompt: list[int], max_tokens: int, num
             n = min(k, max_tokens - len(out.tokens), need - pos - 1)
             proposed = draft(engine, cache, last, pos, n, draft_r) if n > 0 else []
             chunk = torch.tensor([[last, *proposed]], device=engine.device)
-            target = engine._chunk(cache, chunk, pos, num_recur)[0].argmax(-1).tolist()  # next token at each
+            target = engine._chunk(cache, chunk, pos, num_recur)[0][0].argmax(-1).tolist()  # next token at each
             agree = next((i for i, (d, t) in enumerate(zip(proposed, target)) if d != t), len(proposed))
             out.drafted, out.accepted, out.rounds = out.drafted + len(proposed), out.accepted + agree, out.rounds + 1
             for tok in proposed[:agree]:

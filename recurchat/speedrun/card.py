@@ -30,11 +30,6 @@ PROBE = "chain"
 TWO_CONSTANT_GUESS = 0.5  # a chain prompt holds two constants: the asked chain's and the distractor's
 
 
-def model_config(preset: str, name: str) -> ModelConfig:
-    cfg = get_preset(preset).model
-    return {"recursive": cfg, "standard": cfg.standard_twin(), "iso-params": cfg.iso_params_twin()}[name]
-
-
 def loss_curves(runs: dict[str, tuple[Path, str]], path: Path) -> None:
     """Train loss (nats/token, left) and val bpb at the given r (bits/byte, right) of each run: two units, two axes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -92,8 +87,8 @@ def slope(xs: list[float], ys: list[float]) -> float:
 class Numbers:
     """Everything the headline reads, for one model: from its pretraining log and its two evaluation files."""
 
-    def __init__(self, out: Path, name: str, preset: str, probe_levels: int):
-        self.name, self.cfg = name, model_config(preset, name)
+    def __init__(self, out: Path, name: str, cfg: ModelConfig, probe_levels: int):
+        self.name, self.cfg = name, cfg
         self.base = json.loads((out / f"eval-base-{name}.json").read_text())
         self.sft = json.loads((out / f"eval-{name}.json").read_text())
         self.tok_s = median_tok_s(out / name)
@@ -206,12 +201,14 @@ def machine_section(out: Path, names: list[str]) -> list[str]:
         *[training_speed(out / run) for name in names for run in (name, f"{name}-sft")], ""]
 
 
-def report_card(out: Path, preset_name: str, sp, names: list[str]) -> Path:
+def report_card(out: Path, preset_name: str, sp, runs: tuple[tuple[str, str], ...]) -> Path:
     """DIR/report.md: headline, sentences, models, loss curves, wall times, machine, then the full evaluation of the
-    recursive SFT model with the iso-FLOP twin as its baseline (DIR/eval/)."""
+    recursive SFT model with the iso-FLOP twin as its baseline (DIR/eval/). `runs`: (directory, the standard
+    baseline it is, or "" for the recursive model), recursive first, then iso-FLOP, then iso-params."""
     from recurchat.eval.report import write_report
 
-    models = [Numbers(out, name, sp.model_preset, sp.probe_levels) for name in names]
+    cfg, names = get_preset(sp.model_preset).model, [name for name, _ in runs]
+    models = [Numbers(out, name, cfg.twin(kind) if kind else cfg, sp.probe_levels) for name, kind in runs]
     rec, iso_flop, iso_params = models
     criterion = rec.sft["settings"]["by_difficulty_at"]
     write_report(rec.sft, out / "eval", title="recursive model (iso-FLOP twin as baseline)", baseline=iso_flop.sft)

@@ -121,7 +121,7 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
             run, lambda: sft_spec(base, run, train=sft_settings(sp, dtype), overwrite=True)))
     for name, _ in MODELS:
         run_stage(out, f"eval {name}", lambda name=name: evaluate_stage(out, name, sp, data, dtype))
-    path = report_card(out, preset_name, sp, [name for name, _ in MODELS])
+    path = report_card(out, preset_name, sp, MODELS)
     print(f"[speedrun] report card: {path}", flush=True)
     return path
 

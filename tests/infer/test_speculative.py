@@ -20,7 +20,7 @@ def test_a_chunk_after_a_prefill_equals_the_uncached_forward(tiny_cfg):
     cache = KVCache(tiny_cfg, "full", 1, 14, 3)
     with torch.no_grad():
         engine._prefill(cache, seq[:, :6], torch.tensor([6]), 3, 3)
-        chunk = engine._chunk(cache, seq[:, 6:11], 6, 3)
+        chunk, _ = engine._chunk(cache, seq[:, 6:11], 6, 3)
         ref = m(seq[:, :11], num_recur=3)
     assert torch.allclose(chunk[0], ref[0, 6:11], atol=1e-4), (chunk[0] - ref[0, 6:11]).abs().max()
 
