@@ -1,31 +1,16 @@
-"""The front door: `recurchat <command>` (same as `python -m recurchat <command>`). Thin: parse, call one function.
+"""The argparse side of `recurchat <command>`: config fields as flags, argument types, one parser per command.
 
-    recurchat train --preset cpu-tiny --out runs/tiny --max-steps 200
-    recurchat sft --ckpt runs/tiny --data builtin:hops,arith --out runs/tiny-sft
-    recurchat eval --ckpt runs/tiny --tasks bpb --recur 1,2,4,8 --json bpb.json
-    recurchat sample --ckpt runs/tiny -p "In the beginning"
-    recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "Hello"
-    recurchat tokenizer train --data corpus.txt --vocab-size 4096 --out tok.json
-    recurchat serve --ckpt runs/tiny-sft --port 8000
-    recurchat bench train --json bench.json
-
-A UserError (bad input) prints one line `error: ...` and exits 2; nothing is overwritten.
+Exercised by `pytest tests/test_config.py tests/test_cli_errors.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
+from recurchat.cli import commands
 from recurchat.config import DTYPES, PRESETS, RENAMED_FIELDS, TWINS, ModelConfig, TrainConfig, get_preset
-from recurchat.errors import UserError
-from recurchat.files import atomic_write_json
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 class DeprecatedFlag(argparse.Action):
@@ -35,6 +20,10 @@ class DeprecatedFlag(argparse.Action):
         new = _flag(self.dest)
         print(f"note: {option_string} is deprecated and will be removed; use {new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, note: str = "") -> None:
@@ -58,11 +47,6 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, note: 
                                action=DeprecatedFlag, help=argparse.SUPPRESS)
 
 
-def overrides(cls, args: argparse.Namespace) -> dict:
-    """The fields of dataclass `cls` that the user set on the command line."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
-
-
 def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
     """--threads everywhere torch computes; --dtype where it is not already a TrainConfig field."""
     parser.add_argument("--threads", type=int, default=0,
@@ -70,11 +54,6 @@ def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> No
     if dtype:
         parser.add_argument("--dtype", default="auto", choices=DTYPES,
                             help="auto: bf16 where the device runs it natively, else fp32")
-
-
-def print_result(result: dict) -> None:
-    if result:  # only rank 0 of a torchrun job returns metrics
-        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb", "val_bpb_text") if k in result}))
 
 
 def positive_int(text: str) -> int:
@@ -91,137 +70,6 @@ def non_negative_float(text: str) -> float:
     return value
 
 
-# -- commands -------------------------------------------------------------------------------------------------------
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from recurchat.train.spec import pretrain_spec, resume_spec
-    from recurchat.train.trainer import train
-
-    model, train_fields = overrides(ModelConfig, args), overrides(TrainConfig, args)
-    if args.resume:
-        spec = resume_spec(args.resume, args.out, model=model, train=train_fields)
-    else:
-        spec = pretrain_spec(args.preset, args.out, standard=args.standard, model=model, train=train_fields,
-                             overwrite=args.overwrite)
-    print_result(train(spec, progress=not args.quiet))
-    return 0
-
-
-def cmd_sft(args: argparse.Namespace) -> int:
-    from recurchat.train.spec import resume_spec, sft_spec
-    from recurchat.train.trainer import train
-
-    train_fields = overrides(TrainConfig, args)
-    if args.resume:
-        spec = resume_spec(args.resume, args.out, train=train_fields)
-    elif args.ckpt is None:
-        raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
-    else:
-        spec = sft_spec(args.ckpt, args.out, train=train_fields, overwrite=args.overwrite)
-    print_result(train(spec, progress=not args.quiet))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from recurchat.eval.command import EvalRequest, evaluate_checkpoint
-
-    evaluate_checkpoint(EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}))
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    from recurchat.eval.calibrate import calibrate_checkpoint
-
-    calibrate_checkpoint(args.ckpt, args.criterion, args.max_bpb_loss, eval_tokens=args.eval_tokens,
-                         batch_size=args.batch_size, data=args.data, dtype=args.dtype, device=args.device)
-    return 0
-
-
-def cmd_sample(args: argparse.Namespace) -> int:
-    from recurchat.infer.commands import cmd_sample as run
-
-    return run(args)
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    from recurchat.infer.commands import cmd_chat as run
-
-    return run(args)
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> int:
-    from recurchat.data.corpus import embedded_documents, read_documents, split_documents
-    from recurchat.data.tokenizer import Tokenizer
-
-    docs = read_documents(args.data) if args.data else embedded_documents()
-    train_docs, _ = split_documents(docs)
-    tok = Tokenizer.train(train_docs, args.vocab_size)
-    tok.save(args.out)
-    print(f"wrote {args.out}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint()}")
-    return 0
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from recurchat.infer.server import serve_main
-
-    serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-               queue_size=args.queue_size, device=args.device, dtype=args.dtype,
-               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb)
-    return 0
-
-
-def cmd_speedrun(args: argparse.Namespace) -> int:
-    from recurchat.speedrun import speedrun
-
-    speedrun(args.preset, args.out, args.data, dtype=args.dtype, threads=args.threads)
-    return 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from recurchat.sweep.space import SweepSpec
-    from recurchat.sweep.study import sweep
-
-    asked = None
-    if args.preset is not None or args.max_steps is not None:
-        if args.preset is None or args.max_steps is None:
-            raise UserError("sweep: a new study needs both --preset and --max-steps")
-        asked = SweepSpec(args.preset, args.max_steps, args.grid, args.search, args.trials,
-                          [s for s in args.standard.split(",") if s], args.data or "")
-    path = sweep(args.study, asked, args.storage, args.study_name, args.heartbeat, args.grace_period,
-                 progress=not args.quiet)
-    print(f"[sweep] summary: {path}")
-    return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    get_preset(args.preset)
-    if args.what == "train":
-        from recurchat.bench.train import bench_train
-
-        result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                             dtype=args.dtype)
-    elif args.what == "infer":
-        from recurchat.bench.infer import bench_infer
-        from recurchat.checkpoint import AUTO_EXIT, resolve_exit
-        from recurchat.infer.exit import ExitCriterion
-
-        sweep = tuple(s for s in args.sweep.split(",") if s)
-        if args.exit == AUTO_EXIT and not args.ckpt:
-            raise UserError("--exit auto needs --ckpt (a checkpoint calibrated with recurchat calibrate)")
-        exit_spec = resolve_exit(args.exit, args.ckpt) if args.ckpt else args.exit
-        for spec in (exit_spec, *sweep):
-            ExitCriterion.parse(spec)
-        result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
-                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate)
-    else:
-        raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
-    if args.json:
-        atomic_write_json(args.json, result)
-    return 0
-
-
-# -- parser ---------------------------------------------------------------------------------------------------------
-
 def add_train_parser(sub, preset: str) -> None:
     t = sub.add_parser("train", help="pretrain a recursive (or --standard) model")
     t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (defaults below: {preset})")
@@ -236,7 +84,7 @@ def add_train_parser(sub, preset: str) -> None:
     add_config_flags(t, ModelConfig, chosen.model, f"override preset {preset}")
     add_config_flags(t, TrainConfig, chosen.train, f"override preset {preset}")
     add_runtime_flags(t, dtype=False)
-    t.set_defaults(func=cmd_train)
+    t.set_defaults(func=commands.cmd_train)
 
 
 def add_sft_parser(sub) -> None:
@@ -253,7 +101,7 @@ def add_sft_parser(sub) -> None:
                  warmup_steps=f"{SFT_WARMUP_FRAC} × max_steps")
     add_config_flags(f, TrainConfig, argparse.Namespace(**shown), "override the base run's settings")
     add_runtime_flags(f, dtype=False)
-    f.set_defaults(func=cmd_sft)
+    f.set_defaults(func=commands.cmd_sft)
 
 
 def add_calibrate_parser(sub) -> None:
@@ -267,7 +115,7 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's pretraining text)")
     add_runtime_flags(c)
     c.add_argument("--device", default="auto")
-    c.set_defaults(func=cmd_calibrate)
+    c.set_defaults(func=commands.cmd_calibrate)
 
 
 def add_eval_parser(sub) -> None:
@@ -293,7 +141,7 @@ def add_eval_parser(sub) -> None:
                                                 "(auto: the checkpoint's calibrated exit)")
     e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
     e.add_argument("--kv", default="full", help="KV-cache strategy for --exit")
-    e.set_defaults(func=cmd_eval)
+    e.set_defaults(func=commands.cmd_eval)
 
 
 def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -321,12 +169,12 @@ def add_generation_parsers(sub) -> None:
     s.add_argument("--speculate", default=None, metavar="DRAFT_R:K",
                    help="self-speculative greedy decoding: draft K tokens at depth DRAFT_R, verify at --recur "
                         "(needs --temperature 0; the output is exactly fixed-depth greedy)")
-    s.set_defaults(func=cmd_sample)
+    s.set_defaults(func=commands.cmd_sample)
     c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
     add_generation_flags(c, 256, 0.6)
     c.add_argument("-p", "--prompt", default=None, help="one-shot: answer this and exit")
     c.add_argument("--system", default="", help="system message")
-    c.set_defaults(func=cmd_chat)
+    c.set_defaults(func=commands.cmd_chat)
 
 
 def add_serve_parser(sub) -> None:
@@ -344,7 +192,7 @@ def add_serve_parser(sub) -> None:
                         "fit gets a 400 (default 0: no limit)")
     v.add_argument("--device", default="auto")
     add_runtime_flags(v)
-    v.set_defaults(func=cmd_serve)
+    v.set_defaults(func=commands.cmd_serve)
 
 
 def add_driver_parsers(sub) -> None:
@@ -353,7 +201,7 @@ def add_driver_parsers(sub) -> None:
     r.add_argument("--out", required=True)
     r.add_argument("--data", default=None, help="pretraining text (default: the embedded corpus)")
     add_runtime_flags(r)
-    r.set_defaults(func=cmd_speedrun)
+    r.set_defaults(func=commands.cmd_speedrun)
     add_sweep_parser(sub)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer")
@@ -371,14 +219,14 @@ def add_driver_parsers(sub) -> None:
     b.add_argument("--device", default="auto")
     b.add_argument("--json", default=None)
     add_runtime_flags(b)
-    b.set_defaults(func=cmd_bench)
+    b.set_defaults(func=commands.cmd_bench)
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_command", required=True)
     tt = tks.add_parser("train", help="train a byte-level BPE tokenizer")
     tt.add_argument("--data", default=None, help="text source (default: the embedded corpus)")
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--out", required=True)
-    tt.set_defaults(func=cmd_tokenizer_train)
+    tt.set_defaults(func=commands.cmd_tokenizer_train)
 
 
 def add_sweep_parser(sub) -> None:
@@ -399,41 +247,4 @@ def add_sweep_parser(sub) -> None:
                    help="seconds without a heartbeat after which a trial counts as dead and is retried")
     s.add_argument("--quiet", action="store_true", help="no per-step progress bar")
     add_runtime_flags(s, dtype=False)
-    s.set_defaults(func=cmd_sweep)
-
-
-def chosen_preset(argv: list[str] | None) -> str:
-    """The --preset on the command line (so `train --preset X --help` shows X's values), else cpu-tiny."""
-    peek = argparse.ArgumentParser(add_help=False)
-    peek.add_argument("--preset", default="cpu-tiny")
-    name = peek.parse_known_args(sys.argv[1:] if argv is None else argv)[0].preset
-    return name if name in PRESETS else "cpu-tiny"
-
-
-def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recurchat", description="Recursive language models with adaptive compute.")
-    sub = p.add_subparsers(dest="command", required=True)
-    add_train_parser(sub, chosen_preset(argv))
-    add_sft_parser(sub)
-    add_eval_parser(sub)
-    add_calibrate_parser(sub)
-    add_generation_parsers(sub)
-    add_serve_parser(sub)
-    add_driver_parsers(sub)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
-    try:
-        if getattr(args, "threads", 0):
-            from recurchat.model.hardware import set_threads
-
-            set_threads(args.threads)
-        return args.func(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    s.set_defaults(func=commands.cmd_sweep)

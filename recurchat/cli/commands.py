@@ -1,0 +1,150 @@
+"""The commands behind `recurchat <command>`: each parses nothing, resolves its arguments and calls one library
+function (recurchat/cli/__init__.py builds the parser). Exercised by `pytest tests/test_cli_errors.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+
+from recurchat.config import ModelConfig, TrainConfig, get_preset
+from recurchat.errors import UserError
+from recurchat.files import atomic_write_json
+
+
+def overrides(cls, args: argparse.Namespace) -> dict:
+    """The fields of dataclass `cls` that the user set on the command line."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+
+
+def print_result(result: dict) -> None:
+    if result:  # only rank 0 of a torchrun job returns metrics
+        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb", "val_bpb_text") if k in result}))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from recurchat.train.spec import pretrain_spec, resume_spec
+    from recurchat.train.trainer import train
+
+    model, train_fields = overrides(ModelConfig, args), overrides(TrainConfig, args)
+    if args.resume:
+        spec = resume_spec(args.resume, args.out, model=model, train=train_fields)
+    else:
+        spec = pretrain_spec(args.preset, args.out, standard=args.standard, model=model, train=train_fields,
+                             overwrite=args.overwrite)
+    print_result(train(spec, progress=not args.quiet))
+    return 0
+
+
+def cmd_sft(args: argparse.Namespace) -> int:
+    from recurchat.train.spec import resume_spec, sft_spec
+    from recurchat.train.trainer import train
+
+    train_fields = overrides(TrainConfig, args)
+    if args.resume:
+        spec = resume_spec(args.resume, args.out, train=train_fields)
+    elif args.ckpt is None:
+        raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
+    else:
+        spec = sft_spec(args.ckpt, args.out, train=train_fields, overwrite=args.overwrite)
+    print_result(train(spec, progress=not args.quiet))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from recurchat.eval.command import EvalRequest, evaluate_checkpoint
+
+    evaluate_checkpoint(EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}))
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from recurchat.eval.calibrate import calibrate_checkpoint
+
+    calibrate_checkpoint(args.ckpt, args.criterion, args.max_bpb_loss, eval_tokens=args.eval_tokens,
+                         batch_size=args.batch_size, data=args.data, dtype=args.dtype, device=args.device)
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from recurchat.infer.commands import cmd_sample as run
+
+    return run(args)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from recurchat.infer.commands import cmd_chat as run
+
+    return run(args)
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> int:
+    from recurchat.data.corpus import embedded_documents, read_documents, split_documents
+    from recurchat.data.tokenizer import Tokenizer
+
+    docs = read_documents(args.data) if args.data else embedded_documents()
+    train_docs, _ = split_documents(docs)
+    tok = Tokenizer.train(train_docs, args.vocab_size)
+    tok.save(args.out)
+    print(f"wrote {args.out}: {tok.vocab_size} tokens, fingerprint {tok.fingerprint()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from recurchat.infer.server import serve_main
+
+    serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
+               queue_size=args.queue_size, device=args.device, dtype=args.dtype,
+               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb)
+    return 0
+
+
+def cmd_speedrun(args: argparse.Namespace) -> int:
+    from recurchat.speedrun import speedrun
+
+    speedrun(args.preset, args.out, args.data, dtype=args.dtype, threads=args.threads)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from recurchat.sweep.space import SweepSpec
+    from recurchat.sweep.study import sweep
+
+    asked = None
+    if args.preset is not None or args.max_steps is not None:
+        if args.preset is None or args.max_steps is None:
+            raise UserError("sweep: a new study needs both --preset and --max-steps")
+        asked = SweepSpec(args.preset, args.max_steps, args.grid, args.search, args.trials,
+                          [s for s in args.standard.split(",") if s], args.data or "")
+    path = sweep(args.study, asked, args.storage, args.study_name, args.heartbeat, args.grace_period,
+                 progress=not args.quiet)
+    print(f"[sweep] summary: {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    get_preset(args.preset)
+    if args.what == "train":
+        from recurchat.bench.train import bench_train
+
+        result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device,
+                             dtype=args.dtype)
+    elif args.what == "infer":
+        from recurchat.bench.infer import bench_infer
+        from recurchat.checkpoint import AUTO_EXIT, resolve_exit
+        from recurchat.infer.exit import ExitCriterion
+
+        sweep = tuple(s for s in args.sweep.split(",") if s)
+        if args.exit == AUTO_EXIT and not args.ckpt:
+            raise UserError("--exit auto needs --ckpt (a checkpoint calibrated with recurchat calibrate)")
+        exit_spec = resolve_exit(args.exit, args.ckpt) if args.ckpt else args.exit
+        for spec in (exit_spec, *sweep):
+            ExitCriterion.parse(spec)
+        result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
+                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate)
+    else:
+        raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
+    if args.json:
+        atomic_write_json(args.json, result)
+    return 0
