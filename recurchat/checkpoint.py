@@ -25,13 +25,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from safetensors.torch import save as safetensors_bytes
 
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
-from recurchat.files import atomic_write_text
+from recurchat.files import atomic_write_bytes, atomic_write_text
+from recurchat.model.exit_gate import ExitGate
 from recurchat.model.hardware import resolve_device
 from recurchat.model.recurrent import RecurrentLM
 
@@ -105,6 +107,34 @@ def resolve_exit(spec: str | None, path: str | Path) -> str | None:
         raise UserError(f"--exit auto: {resolve(path)} has no calibrated exit yet; run "
                         f"`recurchat calibrate --ckpt {path} --criterion latent --max-bpb-loss 0.01` first")
     return found
+
+
+EXIT_GATE_FILE = "exit_gate.safetensors"  # written by `recurchat exit-train` beside the weights
+
+
+def save_exit_gate(path: str | Path, gate: ExitGate, info: dict) -> Path:
+    """Store a trained exit gate (train/exit_gate.py) with its spec and training figures (`info`) in the checkpoint
+    it was trained on."""
+    target = resolve(path) / EXIT_GATE_FILE
+    weights = {k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}
+    metadata = {"spec": json.dumps(gate.spec), "info": json.dumps(info)}
+    atomic_write_bytes(target, safetensors_bytes(weights, metadata=metadata))
+    return target
+
+
+def load_exit_gate(path: str | Path, device: torch.device | str = "cpu") -> ExitGate | None:
+    """The exit gate trained for this checkpoint (`recurchat exit-train`), or None if it has none."""
+    file = resolve(path) / EXIT_GATE_FILE
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            spec = json.loads(f.metadata()["spec"])
+        gate = ExitGate(**spec)
+        gate.load_state_dict(load_file(str(file)))
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"{file} is not an exit gate ({e}); run recurchat exit-train again") from None
+    return gate.to(device).eval()
 
 
 def resolve(path: str | Path) -> Path:

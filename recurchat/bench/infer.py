@@ -92,10 +92,12 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
                 calibrated: bool = False, speculate: str = "1:4") -> dict:
     """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
     its figures under exit_calibrated_* keys."""
-    from recurchat.checkpoint import load_model  # the loading path every command uses
+    from recurchat.checkpoint import load_exit_gate, load_model  # the loading path every command uses
 
+    gate = None
     if ckpt:
         ck, model = load_model(ckpt)
+        gate = load_exit_gate(ck.path)
         tokenizer, data_path = ck.tokenizer, ck.train_cfg.data or None
     else:
         torch.manual_seed(0)
@@ -103,7 +105,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         tokenizer, data_path = None, None
     cfg = model.cfg
     data = prepare_data(data_path, cfg.vocab_size, tokenizer=tokenizer, log=lambda *a, **k: None)
-    engine = Engine(model, dtype=dtype)
+    engine = Engine(model, dtype=dtype, exit_gate=gate)
     log(engine.describe())
     rbar, rmax = cfg.mean_recur, cfg.r_max
     val = data.val

@@ -23,6 +23,7 @@ from recurchat.cli.parsers import (
     add_calibrate_parser,
     add_driver_parsers,
     add_eval_parser,
+    add_exit_train_parser,
     add_generation_parsers,
     add_serve_parser,
     add_sft_parser,
@@ -49,6 +50,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_sft_parser(sub)
     add_eval_parser(sub)
     add_calibrate_parser(sub)
+    add_exit_train_parser(sub)
     add_generation_parsers(sub)
     add_serve_parser(sub)
     add_driver_parsers(sub)

@@ -67,6 +67,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exit_train(args: argparse.Namespace) -> int:
+    from recurchat.train.exit_gate import train_exit_gate
+
+    train_exit_gate(args.ckpt, tau=args.tau, deep_recur=args.deep_recur, train_tokens=args.train_tokens,
+                    eval_tokens=args.eval_tokens, steps=args.steps, hidden=args.hidden, data=args.data,
+                    dtype=args.dtype, device=args.device, seed=args.seed)
+    return 0
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from recurchat.infer.commands import cmd_sample as run
 

@@ -107,7 +107,8 @@ def add_sft_parser(sub) -> None:
 def add_calibrate_parser(sub) -> None:
     c = sub.add_parser("calibrate", help="pick an exit threshold with a bounded bpb loss; --exit auto then uses it")
     c.add_argument("--ckpt", required=True)
-    c.add_argument("--criterion", default="latent", help="kl | entropy | latent (latent needs no head: cheapest)")
+    c.add_argument("--criterion", default="latent",
+                   help="kl | entropy | latent | cosine | gate (latent and cosine need no head; gate needs exit-train)")
     c.add_argument("--max-bpb-loss", type=float, default=0.01,
                    help="largest relative bpb loss against fixed r̄, at 95%% confidence (0.01 = 1%%)")
     c.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens to calibrate on")
@@ -116,6 +117,23 @@ def add_calibrate_parser(sub) -> None:
     add_runtime_flags(c)
     c.add_argument("--device", default="auto")
     c.set_defaults(func=commands.cmd_calibrate)
+
+
+def add_exit_train_parser(sub) -> None:
+    g = sub.add_parser("exit-train", help="train a learned exit gate for a frozen checkpoint (exit gate:P)")
+    g.add_argument("--ckpt", required=True)
+    g.add_argument("--tau", type=float, default=0.01,
+                   help="nats: a token may stop at iteration i when KL(p_deep ‖ p_i) <= tau")
+    g.add_argument("--deep-recur", type=positive_int, default=None, help="the deepest depth (default r_max)")
+    g.add_argument("--train-tokens", type=positive_int, default=8192, help="training-split tokens to learn from")
+    g.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens to judge the gate on")
+    g.add_argument("--steps", type=positive_int, default=400)
+    g.add_argument("--hidden", type=positive_int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--data", default=None, help="text source (default: the checkpoint's pretraining text)")
+    add_runtime_flags(g)
+    g.add_argument("--device", default="auto")
+    g.set_defaults(func=commands.cmd_exit_train)
 
 
 def add_eval_parser(sub) -> None:

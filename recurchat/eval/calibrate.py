@@ -28,11 +28,13 @@ from recurchat.eval.command import heldout_source
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.model.scoring import scoring
 
-# strictest first: a smaller change between iterations is needed before a token may stop
+# strictest first: a smaller change between iterations (or a surer gate) is needed before a token may stop
 GRIDS = {
     "kl": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "entropy": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1),
     "latent": (1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 1e-1, 2e-1, 5e-1),
+    "cosine": (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
+    "gate": (0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),  # P(safe to stop)
 }
 SEGMENT_TOKENS = 32
 Z_95 = 1.6448536269514722  # one-sided 95%
@@ -120,7 +122,7 @@ def calibrate_checkpoint(ckpt: str, criterion: str, max_bpb_loss: float, eval_to
 
     check_request(criterion, max_bpb_loss)  # before minutes of loading and scoring
     loaded, model = checkpoint.load_model(ckpt, device)
-    engine = Engine(model, dtype=dtype)
+    engine = Engine(model, dtype=dtype, exit_gate=checkpoint.load_exit_gate(loaded.path))
     print(engine.describe(), file=sys.stderr)
     val = prepare_data(heldout_source(loaded, data), loaded.model_cfg.vocab_size, tokenizer=loaded.tokenizer,
                        log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val

@@ -99,7 +99,8 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
     eval_tokens = req.eval_tokens or ckpt.train_cfg.eval_tokens
     result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=req.limit, seed=req.seed,
                        max_recur=req.max_recur, progress=not req.quiet, batch_size=req.batch_size,
-                       bpb_tokens=eval_tokens, kv=req.kv, dtype=dtype.name, max_tokens=req.max_tokens)
+                       bpb_tokens=eval_tokens, kv=req.kv, dtype=dtype.name, max_tokens=req.max_tokens,
+                       exit_gate=checkpoint.load_exit_gate(ckpt.path))
     if "bpb" in result.get("tasks", {}):
         result["bpb"] = result["tasks"]["bpb"]
     result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),

@@ -181,7 +181,7 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
               specs: Sequence[str], depths: Sequence[int], exits: Sequence[str], limit: int, seed: int = 0,
               max_recur: int | None = None, progress: bool = True, *, batch_size: int = 16,
               bpb_tokens: int | None = None, mc_mode: str = "loglik", max_tokens: int = 16, kv: str = "full",
-              dtype: str = "auto") -> dict:
+              dtype: str = "auto", exit_gate=None) -> dict:
     """Evaluate every task at every fixed depth and every exit criterion; see the module docstring for the dict.
 
     `limit` caps examples per task (builtin tasks: a seeded test stream of uniform difficulty; benchmarks: the
@@ -196,8 +196,9 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
         token_bytes = tokenizer.token_bytes() if token_bytes is None else token_bytes
     data = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
     was_training = model.training
-    sweep = Sweep(model, tokenizer, Engine(model, dtype=dtype), val_tokens, token_bytes, data, batch_size,
-                  bpb_tokens, mc_mode, max_tokens, kv, max_recur or cfg.r_max)
+    engine = Engine(model, dtype=dtype, exit_gate=exit_gate)
+    sweep = Sweep(model, tokenizer, engine, val_tokens, token_bytes, data, batch_size, bpb_tokens, mc_mode,
+                  max_tokens, kv, max_recur or cfg.r_max)
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
     diff_setting = exits[0] if exits else str(1 if cfg.n_shared == 0 else cfg.mean_recur)
     settings = [str(r) for r in depths] + exits

@@ -26,6 +26,7 @@ from recurchat.errors import UserError
 from recurchat.infer.exit import ExitCriterion, ExitTracker
 from recurchat.infer.kv_cache import KVCache, bytes_per_token, iteration_slots
 from recurchat.infer.sampling import SamplingParams, sample_next
+from recurchat.model.exit_gate import ExitGate
 from recurchat.model.hardware import choose_dtype, inference_banner
 from recurchat.model.recurrent import RecurrentLM
 
@@ -131,11 +132,13 @@ class DecodeOut:
 
 
 class Engine:
-    def __init__(self, model: RecurrentLM, dtype: str = "auto"):
-        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast)."""
+    def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None):
+        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast).
+        `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
+        self.exit_gate = exit_gate.to(self.device).eval() if exit_gate is not None else None
         self.dtype = choose_dtype(dtype, self.device)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
@@ -206,7 +209,7 @@ class Engine:
                         torch.zeros(n, dtype=torch.long, device=self.device))
         act = ActiveRows(torch.arange(n, device=self.device), x, m.initial_state(x) if warm is None else warm,
                          cos, sin, rows, pos, view)
-        tracker = ExitTracker(crit, n, self.device)
+        tracker = ExitTracker(crit, n, self.device, self.exit_gate, act.s[:, -1])
         first_check = max(1, min_steps - 1)  # kl/entropy/latent/argmax compare with the previous iteration
         for i in range(max_steps):
             step = i + 1
@@ -273,7 +276,15 @@ class Engine:
         too_long = [len(p) for p in prompts if len(p) >= self.cfg.seq_len]
         if too_long:
             raise UserError(f"prompt of {too_long[0]} tokens does not fit the context of {self.cfg.seq_len}")
-        recur.validate(self.cfg)
+        self.check_recur(recur)
+
+    def check_recur(self, recur: RecurParams, limit: int | None = None) -> RecurParams:
+        """RecurParams.validate, plus what this engine has: gate:P needs a learned exit gate."""
+        recur.validate(self.cfg, limit)
+        if recur.exit and recur.exit.startswith("gate:") and self.exit_gate is None:
+            raise RecurError(f"exit {recur.exit!r} needs this checkpoint's exit gate; run recurchat exit-train "
+                             "first", "exit")
+        return recur
 
     @torch.no_grad()
     def stream(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None,

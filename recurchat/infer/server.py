@@ -11,7 +11,7 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
 is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
 are in infer/api_schema.py, how errors leave in infer/http_errors.py, detokenizing with stop strings in
-infer/detokenize.py, auth and body limits in infer/gate.py.
+infer/detokenize.py, auth and body limits in infer/access.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit
+from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit, load_exit_gate
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
 from recurchat.infer.api_schema import (
@@ -45,7 +45,7 @@ from recurchat.infer.api_schema import (
 )
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurError, RecurParams
-from recurchat.infer.gate import Gate
+from recurchat.infer.access import AccessGuard
 from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
 from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed
@@ -69,7 +69,7 @@ class Service:
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
         self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
-        self.engine = Engine(model, dtype=dtype)
+        self.engine = Engine(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path))
         self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
                                    kv_budget_bytes=int(kv_budget_mb * 2**20))
         self.created = int(time.time())
@@ -131,7 +131,7 @@ class Service:
         recur = RecurParams(num_recur=r.num_recur, exit=exit_spec, min_recur=r.min_recur or 1, max_recur=r.max_recur,
                             warm_start=r.warm_start, kv=kv)
         try:
-            return recur.validate(self.cfg, self.recur_limit)
+            return self.engine.check_recur(recur, self.recur_limit)
         except RecurError as e:
             param = "kv_strategy" if e.param == "kv" else f"recursion.{e.param}"
             raise ApiError(400, f"{param}: {e}", param=param) from None
@@ -304,7 +304,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     # as middleware (not a wrapper) so the result is still a FastAPI app whose .state embedders can reach
-    app.add_middleware(Gate, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(AccessGuard, api_key=api_key, max_body_bytes=max_body_bytes)
     return app
 
 

@@ -157,7 +157,7 @@ class ScriptedTracker:
 
     exit_at: list[int] = []
 
-    def __init__(self, criterion, n_rows, device):
+    def __init__(self, criterion, n_rows, device, gate=None, initial_state=None):
         assert len(self.exit_at) == n_rows
         self.left = torch.tensor(self.exit_at)
 

@@ -50,6 +50,35 @@ def test_latent_relative_change():
     assert t.update(2, s2, None).tolist() == [True, False]
 
 
+def test_cosine_ignores_a_change_of_scale_that_latent_sees():
+    s1 = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    s2 = torch.tensor([[3.0, 0.0], [1.0, 1.0]])  # row 0 only grew; row 1 turned by 45°
+    t = tracker("cosine:0.01")
+    assert t.update(1, s1, None).tolist() == [False, False]
+    assert t.update(2, s2, None).tolist() == [True, False]
+    assert tracker("latent:0.01").update(1, s1, None).tolist() == [False, False]
+    t = tracker("cosine:0.3")  # 1 − cos 45° = 0.293
+    t.update(1, s1, None)
+    assert t.update(2, s2, None).tolist() == [True, True]
+
+
+def test_gate_reads_s0_at_the_first_iteration_and_can_stop_there():
+    from recurchat.model.exit_gate import ExitGate
+
+    torch.manual_seed(0)
+    gate = ExitGate(d_model=4, max_iterations=3).eval()
+    s0, s1, s2 = (torch.randn(5, 4) for _ in range(3))
+    with torch.no_grad():
+        p1, p2 = torch.sigmoid(gate(s1, s0, 1)), torch.sigmoid(gate(s2, s1, 2))
+    threshold = float(p1.median())
+    t = ExitTracker(ExitCriterion.parse(f"gate:{threshold}"), 5, torch.device("cpu"), gate, s0)
+    with torch.no_grad():
+        assert t.update(1, s1, None).tolist() == (p1 >= threshold).tolist()
+        assert t.update(2, s2, None).tolist() == (p2 >= threshold).tolist()
+    with pytest.raises(UserError, match="needs this checkpoint's exit gate"):
+        tracker("gate:0.5")
+
+
 def test_argmax_streak_and_keep():
     t = tracker("argmax:2", n=3)
     L = lambda *ids: torch.nn.functional.one_hot(torch.tensor(ids), 4).float() * 5  # noqa: E731
@@ -67,7 +96,8 @@ def test_fixed():
     assert not t.update(2, z, None).any() and t.update(3, z, None).all()
 
 
-@pytest.mark.parametrize("spec", ["kl", "kl:x", "nope:1", "argmax:0", "argmax:1.5", "fixed:0", "kl:-1"])
+@pytest.mark.parametrize("spec", ["kl", "kl:x", "nope:1", "argmax:0", "argmax:1.5", "fixed:0", "kl:-1", "gate:0",
+                                  "gate:1.5"])
 def test_bad_specs(spec):
     with pytest.raises(UserError):
         ExitCriterion.parse(spec)

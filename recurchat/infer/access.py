@@ -1,4 +1,4 @@
-"""The HTTP gate in front of the API: bearer-key check on everything but the chat page's files and /health, then a
+"""The HTTP access guard in front of the API: bearer-key check on everything but the chat page's files and /health, then a
 request-body cap (413) enforced while the body is read, not after. ASGI middleware, so a rejected upload never
 reaches FastAPI's parsing, and an unauthenticated one is answered at once, its body never read.
 
@@ -17,7 +17,7 @@ def is_public(path: str) -> bool:
     return path in ("/", "/health") or path.startswith("/web/")
 
 
-class Gate:
+class AccessGuard:
     """ASGI middleware: API-key check (all but PUBLIC paths), then a body-size cap (413) enforced while reading."""
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):

@@ -1,0 +1,138 @@
+"""Train the learned exit gate (model/exit_gate.py) on a frozen checkpoint, then store it beside the weights.
+
+    recurchat exit-train --ckpt runs/tiny [--tau 0.01] [--deep-recur 16]
+    recurchat calibrate --ckpt runs/tiny --criterion gate --max-bpb-loss 0.01     # then --exit auto
+
+Labels come from the model itself: a token at iteration i is "safe to stop" when KL(p_deep ‖ p_i) ≤ τ nats, where
+p_deep is its next-token distribution after `deep_recur` iterations (default r_max). Every training token gives one
+example per iteration 1..deep_recur (model/exit_gate.trajectory runs the uncached forward once to that depth and the
+coda and head after every iteration). The gate is fitted with AdamW on binary cross-entropy over text from the
+checkpoint's training split and judged on its held-out split: accuracy, AUC and the safe rate per iteration are
+printed and stored with the gate. Choosing the probability at which a token stops is calibration's job
+(eval/calibrate.py), which measures the bpb it costs through the KV-cached engine.
+Exercised by `pytest tests/infer/test_gate.py`.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from recurchat import checkpoint
+from recurchat.data.corpus import prepare_data
+from recurchat.errors import UserError
+from recurchat.eval.command import heldout_source
+from recurchat.model.exit_gate import ExitGate, trajectory
+from recurchat.model.hardware import choose_dtype
+from recurchat.model.recurrent import RecurrentLM
+from recurchat.model.scoring import scoring
+
+
+def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep: int, dtype,
+                  batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(state [N, d], prev_state [N, d], step [N], kl [N]) for every (token, iteration ≤ deep) of up to
+    `max_tokens` tokens of `tokens`, read as consecutive sequences of the model's context length."""
+    T = model.cfg.seq_len
+    n_seq = max(1, min(max_tokens, len(tokens) - 1) // T)
+    if len(tokens) < T + 1:
+        raise UserError(f"exit-train needs at least {T + 1} tokens of text, got {len(tokens)}")
+    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    with scoring(model, dtype) as device:
+        for first in range(0, n_seq, batch_size):
+            rows = range(first, min(first + batch_size, n_seq))
+            idx = torch.from_numpy(np.stack([tokens[i * T:(i + 1) * T] for i in rows]).astype(np.int64)).to(device)
+            states, kl = trajectory(model, idx, deep)
+            steps = torch.arange(1, deep + 1, device=device).view(deep, 1, 1).expand_as(kl)
+            for store, value in zip(parts, (states[1:], states[:-1], steps, kl)):
+                store.append(value.reshape(-1, *value.shape[3:]).cpu())
+    return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]
+
+
+def fit_gate(gate: ExitGate, examples, safe: torch.Tensor, steps: int, batch: int = 4096, lr: float = 3e-3,
+             seed: int = 0) -> float:
+    """AdamW on BCE(gate logit, safe) over random minibatches; returns the last 10% of steps' mean loss."""
+    state, prev, step, _ = examples
+    opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    gate.train()
+    for it in range(steps):
+        pick = torch.randint(len(safe), (min(batch, len(safe)),), generator=gen)
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / steps))
+        loss = F.binary_cross_entropy_with_logits(gate(state[pick], prev[pick], step[pick]), safe[pick])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    gate.eval()
+    tail = losses[-max(1, steps // 10):]
+    return sum(tail) / len(tail)
+
+
+def auc(score: torch.Tensor, label: torch.Tensor) -> float:
+    """Area under the ROC curve: the chance a random positive scores above a random negative (ties count half)."""
+    pos, neg = int(label.sum()), int((~label).sum())
+    if pos == 0 or neg == 0:
+        return float("nan")
+    _, inverse, counts = torch.unique(score, return_inverse=True, return_counts=True)
+    mean_rank = (torch.cumsum(counts, 0) - counts).double() + (counts.double() + 1) / 2  # ties share their ranks
+    ranks = mean_rank[inverse]
+    return float((ranks[label].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+@torch.no_grad()
+def judge(gate: ExitGate, examples, tau: float) -> dict:
+    """Held-out figures: accuracy at p = 0.5, AUC, and per iteration the safe rate, the gate's mean probability and
+    its AUC (NaN where every token is safe, or none is)."""
+    state, prev, step, kl = examples
+    safe = kl <= tau
+    prob = torch.cat([torch.sigmoid(gate(*(t[i:i + 65536] for t in (state, prev, step))))
+                      for i in range(0, len(step), 65536)])
+    per_iteration = {str(i): {"safe_rate": float(safe[at].float().mean()), "mean_prob": float(prob[at].mean()),
+                              "auc": auc(prob[at], safe[at])} for i in step.unique().tolist() for at in [step == i]}
+    return {"accuracy": float(((prob >= 0.5) == safe).float().mean()), "auc": auc(prob, safe),
+            "safe_rate": float(safe.float().mean()), "by_iteration": per_iteration}
+
+
+def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None, train_tokens: int = 8192,
+                    eval_tokens: int = 4096, steps: int = 400, hidden: int = 64, data: str | None = None,
+                    dtype: str = "auto", device: str = "auto", seed: int = 0) -> dict:
+    """`recurchat exit-train`: collect, fit, judge, save (exit_gate.safetensors beside the weights)."""
+    def log(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    if tau <= 0:
+        raise UserError(f"--tau must be > 0 nats, got {tau}")
+    loaded, model = checkpoint.load_model(ckpt, device)
+    cfg = model.cfg
+    if not cfg.recursive:
+        raise UserError("a standard model (no shared blocks) has no depth to gate")
+    deep = deep_recur or cfg.r_max
+    if deep < 2:
+        raise UserError(f"--deep-recur must be >= 2, got {deep}")
+    precision = choose_dtype(dtype, next(model.parameters()).device)
+    text = prepare_data(heldout_source(loaded, data), cfg.vocab_size, tokenizer=loaded.tokenizer,
+                        log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    train = gate_examples(model, text.train, train_tokens, deep, precision)
+    held = gate_examples(model, text.val, eval_tokens, deep, precision)
+    log(f"{len(train[2])} training examples ({len(train[2]) // deep} tokens × {deep} iterations), "
+        f"{len(held[2])} held out; τ = {tau:g} nats")
+    torch.manual_seed(seed)
+    gate = ExitGate(cfg.d_model, deep, hidden)
+    train_loss = fit_gate(gate, train, (train[3] <= tau).float(), steps, seed=seed)
+    figures = judge(gate, held, tau)
+    for i, row in figures["by_iteration"].items():
+        log(f"  iteration {i:>2}: safe {100 * row['safe_rate']:5.1f}% of held-out tokens, gate says "
+            f"{100 * row['mean_prob']:5.1f}% on average, AUC {row['auc']:.3f}")
+    info = {"tau": tau, "deep_recur": deep, "train_tokens": len(train[2]) // deep, "eval_tokens": len(held[2]) // deep,
+            "steps": steps, "train_loss": train_loss, "dtype": precision.name, **figures}
+    path = checkpoint.save_exit_gate(loaded.path, gate, info)
+    print(f"exit gate: held-out accuracy {100 * figures['accuracy']:.1f}% (safe rate "
+          f"{100 * figures['safe_rate']:.1f}%), AUC {figures['auc']:.3f}; saved to {path}; calibrate it with "
+          f"`recurchat calibrate --ckpt {ckpt} --criterion gate --max-bpb-loss 0.01`")
+    return info
