@@ -1,5 +1,5 @@
-"""The HTTP access guard in front of the API: bearer-key check on everything but the chat page's files and /health, then a
-request-body cap (413) enforced while the body is read, not after. ASGI middleware, so a rejected upload never
+"""The HTTP access guard in front of the API: bearer-key check on everything but the chat page's files and /health,
+then a request-body cap (413) enforced while the body is read, not after. ASGI middleware, so a rejected upload never
 reaches FastAPI's parsing, and an unauthenticated one is answered at once, its body never read.
 
 Exercised by `pytest tests/infer/test_server.py` (wrong-auth and oversized-body cases).

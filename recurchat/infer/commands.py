@@ -51,22 +51,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def sample_speculative(args: argparse.Namespace) -> int:
-    from recurchat.infer.speculative import generate_speculative, parse_speculate
+    from recurchat.infer.speculative import parse_speculate, speculate
 
     draft_r, k = parse_speculate(args.speculate)
-    if args.temperature != 0 or args.exit or args.num_samples != 1:
-        raise UserError("--speculate decodes one greedy sample at a fixed depth: use --temperature 0, no --exit, "
-                        "--num-samples 1")
+    if args.exit:
+        raise UserError("--speculate decodes at a fixed depth (--recur, default r̄): drop --exit")
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     engine = Engine(model, dtype=args.dtype)
     print(engine.describe(), file=sys.stderr)
     target = args.recur or model.cfg.mean_recur
-    spec = generate_speculative(engine, [tok.bos_id] + tok.encode(args.prompt), args.max_tokens, target, draft_r, k,
-                                stop_ids=(tok.bos_id,))
-    print(args.prompt + tok.decode(spec.tokens))
-    print(f"[{len(spec.tokens)} tokens at depth {target}; {spec.accepted}/{spec.drafted} drafted at depth {draft_r} "
-          f"accepted ({100 * spec.acceptance:.0f}%) in {spec.rounds} verification passes]", file=sys.stderr)
+    prompt = [tok.bos_id] + tok.encode(args.prompt)
+    specs = speculate(engine, [prompt] * args.num_samples, sampling_params(args, (tok.bos_id,), args.seed), target,
+                      draft_r, k)
+    for spec in specs:
+        print(args.prompt + tok.decode(spec.tokens))
+        print(f"[{len(spec.tokens)} tokens at depth {target}; {spec.accepted}/{spec.drafted} drafted at depth "
+              f"{draft_r} accepted ({100 * spec.acceptance:.0f}%) in {spec.rounds} verification passes]",
+              file=sys.stderr)
     return 0
 
 

@@ -167,21 +167,31 @@ class Engine:
 
     # -- the two passes -------------------------------------------------------------------------------------------
 
-    def _chunk(self, cache: KVCache, idx: torch.Tensor, start: int, r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits [B, T, V], final states or None) for T new tokens per row at positions start..start+T−1, at
-        fixed depth r, reading the cache before `start` and writing these positions at every iteration: the
-        prefill (start 0) and speculative verification."""
+    def _chunk(self, cache: KVCache, idx: torch.Tensor, start: int | torch.Tensor, r: int,
+               rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [n, T, V], final states or None) at fixed depth r for T new tokens in each of cache `rows`
+        (default all): the prefill (start 0, a causal block from position 0) or, with `start` a tensor of one start
+        per row, tokens at positions start..start+T−1 that read the cache before them (speculative verification).
+        Every iteration's K/V of these positions is written."""
         m = self.model
-        B, T = idx.shape
-        cos, sin = m.rope(start, T)
-        view = cache.rows(torch.arange(B, device=self.device), None, start=start, chunk=T)
+        n, T = idx.shape
+        if not isinstance(start, torch.Tensor) and start:
+            start = torch.full((n,), start, dtype=torch.long, device=self.device)
+        if isinstance(start, torch.Tensor):
+            at = start[:, None] + torch.arange(T, device=self.device)
+            if int(at.max()) >= m.cos.size(1):
+                raise ValueError(f"positions up to {int(at.max()) + 1} exceed the context length {m.cos.size(1)}")
+            cos, sin = m.cos[0, at], m.sin[0, at]  # [n, T, 1, D/2]: positions of their own per row
+        else:
+            cos, sin = m.rope(start, T)
+        view = cache.rows(torch.arange(n, device=self.device) if rows is None else rows, None, start=start, chunk=T)
         x = m.run_prelude(idx, cos, sin, cache.prelude(view))
         state = None
         if m.recur:
             e, s = x, m.initial_state(x)
             for i in range(r):
                 s = m.iterate(e, s, cos, sin, cache.recur(i, view))
-            self.iterations += r * B * (T if start else 1)  # a prefill counts once per row, as it always has
+            self.iterations += r * n * (T if isinstance(start, torch.Tensor) else 1)  # a prefill counts once per row
             x = state = s
         return m.head(m.run_coda(x, cos, sin, cache.coda(view))), state
 

@@ -49,18 +49,19 @@ class Rows:
     and mask are computed once here and shared by every layer of the pass.
 
     Three kinds of pass: a prefill (pos None, start 0: a causal block from position 0), a decode step (one new
-    token per row at that row's `pos`), and a chunk (pos None, start > 0: `chunk` new tokens per row at positions
-    start..start+chunk−1, attending to everything before them; speculative verification)."""
+    token per row at that row's `pos`), and a chunk (pos None, `start` a tensor with one start per row: `chunk` new
+    tokens per row at positions start..start+chunk−1, attending to everything before them; speculative
+    verification, where each row of a batch has accepted a different number of tokens)."""
 
-    __slots__ = ("index", "pos", "length", "mask", "contiguous", "start")
+    __slots__ = ("index", "pos", "length", "mask", "contiguous", "start", "chunk_pos")
 
-    def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int, start: int = 0,
-                 chunk: int = 0):
-        self.index, self.pos, self.start = index, pos, start
-        if start:
-            self.length = start + chunk
-            i, j = torch.arange(chunk, device=index.device), torch.arange(self.length, device=index.device)
-            self.mask = (j[None, :] <= start + i[:, None])[None, None]
+    def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int,
+                 start: int | torch.Tensor = 0, chunk: int = 0):
+        self.index, self.pos, self.start, self.chunk_pos = index, pos, start, None
+        if isinstance(start, torch.Tensor):
+            self.chunk_pos = start[:, None] + torch.arange(chunk, device=index.device)  # [n, chunk]
+            self.length = int(self.chunk_pos.max()) + 1
+            self.mask = (torch.arange(self.length, device=index.device) <= self.chunk_pos[..., None])[:, None]
         # All rows in order: read keys through a slice (a view) instead of a gather (a copy).
         self.contiguous = index.numel() == batch_size and bool((index == torch.arange(
             batch_size, device=index.device)).all())
@@ -79,14 +80,16 @@ class LayerView:
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
         K, V, rows = self.cache.k[self.layer], self.cache.v[self.layer], self.rows
-        if rows.pos is None:  # prefill (start 0: causal attention over the new block) or a chunk after `start`
-            T, s = k.size(2), rows.start
-            K[rows.index, :, s:s + T] = k.to(K.dtype)
-            V[rows.index, :, s:s + T] = v.to(V.dtype)
-            if not s:
-                return k, v, None
+        if rows.chunk_pos is not None:  # a chunk per row after its own start
+            at = (rows.index[:, None], slice(None), rows.chunk_pos)  # K[at] is [n, chunk, heads, head_dim]
+            K[at] = k.transpose(1, 2).to(K.dtype)
+            V[at] = v.transpose(1, 2).to(V.dtype)
             keys, values = K[rows.index, :, :rows.length], V[rows.index, :, :rows.length]
             return keys.to(k.dtype), values.to(v.dtype), rows.mask
+        if rows.pos is None:  # prefill: causal attention over the new block from position 0
+            K[rows.index, :, :k.size(2)] = k.to(K.dtype)
+            V[rows.index, :, :v.size(2)] = v.to(V.dtype)
+            return k, v, None
         # decode: one new token per row at that row's own position
         K[rows.index, :, rows.pos] = k[:, :, 0].to(K.dtype)
         V[rows.index, :, rows.pos] = v[:, :, 0].to(V.dtype)
@@ -116,7 +119,8 @@ class KVCache:
     def _recur_layer(self, j: int, iteration: int) -> int:
         return self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + iteration % self.slots
 
-    def rows(self, index: torch.Tensor, pos: torch.Tensor | None, start: int = 0, chunk: int = 0) -> Rows:
+    def rows(self, index: torch.Tensor, pos: torch.Tensor | None, start: int | torch.Tensor = 0,
+             chunk: int = 0) -> Rows:
         return Rows(index, pos, self.k.size(1), start, chunk)
 
     def prelude(self, rows: Rows) -> list[LayerView]:

@@ -35,6 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit, load_exit_gate
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
+from recurchat.infer.access import AccessGuard
 from recurchat.infer.api_schema import (
     ApiError,
     ChatRequest,
@@ -45,7 +46,6 @@ from recurchat.infer.api_schema import (
 )
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurError, RecurParams
-from recurchat.infer.access import AccessGuard
 from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
 from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed

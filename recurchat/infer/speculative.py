@@ -1,16 +1,23 @@
-"""Self-speculative decoding by loop count: the same weights draft k tokens at a shallow depth, then one chunked
-forward at the target depth checks them all; the longest agreeing prefix is kept, plus the target's own next token.
+"""Self-speculative decoding by loop count: the same weights draft K tokens at a shallow depth, then one chunked
+forward at the target depth checks them all, for every row of a batch at once.
 
-    recurchat sample --ckpt runs/tiny -p "In the beginning" --recur 4 --speculate 1:4 --temperature 0
+    recurchat sample --ckpt runs/tiny -p "In the beginning" --recur 4 --speculate 1:4 [--temperature 0.8]
 
-Greedy only: every kept token is the target depth's argmax given the tokens before it, so the output is exactly
-fixed-depth greedy decoding (tested), whatever the draft proposes. One row; the `full` cache, whose per-iteration
-slots let a draft write iterations 0..d−1 of a position that verification then rewrites at every iteration.
+Acceptance is speculative sampling (Leviathan et al. 2023; Chen et al. 2023): draft token x, drawn from the draft
+distribution q, is kept with probability min(1, p(x)/q(x)) under the target distribution p; at the first rejection
+the row takes a token from normalise(max(p − q, 0)) instead, and when all K are kept it takes one from p after them.
+Every emitted token is then distributed exactly as fixed-depth sampling from p would give it (tested), with the
+row's temperature, top-k and top-p applied to both p and q. With temperature 0 both are one-hot on their argmax, so
+this is the longest agreeing prefix plus the target's own token: the output is fixed-depth greedy decoding exactly
+(in fp32; tested). Rows keep their own positions: each verifies a chunk that starts where it stands (the KV cache's
+per-row chunk mode). The `full` cache, whose per-iteration slots let a draft write iterations 0..d−1 of a position
+that verification then rewrites at every iteration.
 Exercised by `pytest tests/infer/test_speculative.py`.
 """
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +26,7 @@ from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
 from recurchat.infer.kv_cache import KVCache
+from recurchat.infer.sampling import SamplingParams, next_token_probs
 
 
 @dataclass
@@ -45,52 +53,120 @@ def parse_speculate(spec: str) -> tuple[int, int]:
     return draft_r, k
 
 
-def draft(engine: Engine, cache: KVCache, last: int, pos: int, k: int, draft_r: int) -> list[int]:
-    """k greedy tokens at depth `draft_r`, starting by feeding `last` at `pos`."""
-    one, out = torch.zeros(1, dtype=torch.long, device=engine.device), []
-    crit = ExitCriterion("fixed", draft_r)
+class Rows:
+    """The rows still decoding: cache row, position of the decided-but-uncached token `last`, their sampling."""
+
+    def __init__(self, params: list[SamplingParams], gens: list[torch.Generator], device: torch.device):
+        self.params, self.gens, self.device = params, gens, device
+        self.uniform = all(p == params[0] for p in params)
+
+    def probs(self, logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """Each row's sampling distribution from its logits [n, ..., V]."""
+        if self.uniform:
+            p = self.params[0]
+            return next_token_probs(logits, p.temperature, p.top_k, p.top_p)
+        return torch.stack([next_token_probs(logits[j], self.params[r].temperature, self.params[r].top_k,
+                                             self.params[r].top_p) for j, r in enumerate(rows)])
+
+    def draw(self, probs: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """One token per row from its distribution [n, V] and its own generator (argmax when greedy)."""
+        return torch.stack([probs[j].argmax() if self.params[r].temperature <= 0 else
+                            torch.multinomial(probs[j], 1, generator=self.gens[r])[0] for j, r in enumerate(rows)])
+
+
+def draft(engine: Engine, cache: KVCache, rows: torch.Tensor, last: torch.Tensor, pos: torch.Tensor, k: int,
+          draft_r: int, sampling: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens [n, k], their draft distributions [n, k, V]): k tokens per row at depth `draft_r`, feeding `last` at
+    `pos` first."""
+    crit, row_list, tokens, dists = ExitCriterion("fixed", draft_r), rows.tolist(), [], []
     for i in range(k):
-        tok = torch.tensor([last if i == 0 else out[-1]], device=engine.device)
-        logits, _, _ = engine._decode(cache, tok, one, torch.tensor([pos + i], device=engine.device), None, crit,
-                                      1, draft_r)
-        out.append(int(logits[0].argmax()))
-    return out
+        logits, _, _ = engine._decode(cache, last if i == 0 else tokens[-1], rows, pos + i, None, crit, 1, draft_r)
+        dists.append(sampling.probs(logits.float(), row_list))
+        tokens.append(sampling.draw(dists[-1], row_list))
+    return torch.stack(tokens, dim=1), torch.stack(dists, dim=1)
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, rows: list[int],
+           sampling: Rows) -> tuple[list[int], list[int]]:
+    """Speculative sampling per row (see the module doc): (drafted tokens kept, the token that follows them).
+    p [n, K+1, V] target distributions, q [n, K, V] draft distributions, drafted [n, K]."""
+    kept, follow = [], []
+    K = drafted.size(1)
+    for j, r in enumerate(rows):
+        x = drafted[j]
+        ratio = p[j, torch.arange(K), x] / q[j, torch.arange(K), x]
+        u = torch.rand(K, generator=sampling.gens[r], device=p.device)
+        rejected = (u >= ratio).nonzero()
+        n = int(rejected[0]) if rejected.numel() else K
+        dist = p[j, n]
+        if n < K and sampling.params[r].temperature > 0:
+            residual = (p[j, n] - q[j, n]).clamp_min(0)
+            dist = residual if float(residual.sum()) > 0 else dist
+        kept.append(n)
+        follow.append(int(dist.argmax()) if sampling.params[r].temperature <= 0 else
+                      int(torch.multinomial(dist / dist.sum(), 1, generator=sampling.gens[r])))
+    return kept, follow
+
+
+def emit(out: Speculation, tokens: list[int], params: SamplingParams, pos: int, ctx: int) -> bool:
+    """Append decided tokens to a row's output until a stop token, max_tokens or the context; True if it goes on."""
+    for i, tok in enumerate(tokens):
+        if tok in params.stop_ids:
+            out.finish_reason = "stop"
+            return False
+        out.tokens.append(tok)
+        if len(out.tokens) >= params.max_tokens or pos + i >= ctx:
+            out.finish_reason = "length"
+            return False
+    return True
+
+
+def check(engine: Engine, prompts: list[list[int]], num_recur: int, draft_r: int) -> None:
+    if not engine.cfg.recursive or not 1 <= draft_r < num_recur:
+        raise UserError(f"speculation needs a recursive model and 1 <= DRAFT_R < the target depth {num_recur}")
+    engine.check(prompts, RecurParams(num_recur=num_recur))
 
 
 @torch.no_grad()
-def generate_speculative(engine: Engine, prompt: list[int], max_tokens: int, num_recur: int, draft_r: int, k: int,
-                         stop_ids: tuple[int, ...] = ()) -> Speculation:
-    """Greedy decoding at depth `num_recur`, drafted `k` tokens at a time at depth `draft_r` (see module doc)."""
-    cfg = engine.cfg
-    if not cfg.recursive or not 1 <= draft_r < num_recur:
-        raise UserError(f"speculation needs a recursive model and 1 <= DRAFT_R < the target depth {num_recur}")
-    engine.check([prompt], RecurParams(num_recur=num_recur))
-    need = min(cfg.seq_len, len(prompt) + max_tokens + k + 1)
-    cache = KVCache(cfg, "full", 1, need, num_recur, engine.device, engine.dtype.torch_dtype)
-    out = Speculation()
+def speculate(engine: Engine, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams],
+              num_recur: int, draft_r: int, k: int) -> list[Speculation]:
+    """Decode every prompt at depth `num_recur`, drafted `k` tokens at a time at depth `draft_r` (see the module
+    doc); `sampling` is one SamplingParams for all rows or one per row."""
+    check(engine, prompts, num_recur, draft_r)
+    cfg, dev, B = engine.cfg, engine.device, len(prompts)
+    params = sampling if isinstance(sampling, list) else [sampling] * B
+    need = min(cfg.seq_len, max(len(p) + s.max_tokens for p, s in zip(prompts, params)) + k + 1)
+    cache = KVCache(cfg, "full", B, need, num_recur, dev, engine.dtype.torch_dtype)
+    gens = [torch.Generator(device=dev).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            for p in params]
+    rowset, out = Rows(params, gens, dev), [Speculation() for _ in prompts]
+    lens = torch.tensor([len(p) for p in prompts], device=dev)
+    idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
+    for b, p in enumerate(prompts):
+        idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
     with engine._autocast():
-        logits, _ = engine._prefill(cache, torch.tensor([prompt], device=engine.device),
-                                    torch.tensor([len(prompt)], device=engine.device), num_recur, num_recur)
-        last, pos = int(logits[0].argmax()), len(prompt)  # `last` is decided, its K/V not yet in the cache
+        logits, _ = engine._prefill(cache, idx, lens, num_recur, num_recur)
+        last = [int(t) for t in rowset.draw(rowset.probs(logits.float(), list(range(B))), list(range(B)))]
+        going, pos = list(range(B)), lens.tolist()  # `last[b]` is decided, its K/V not yet in the cache
         while True:
-            if last in stop_ids:
-                out.finish_reason = "stop"
+            going = [b for b in going if emit(out[b], [last[b]], params[b], pos[b], cfg.seq_len)]
+            if not going:
                 return out
-            out.tokens.append(last)
-            if len(out.tokens) >= max_tokens or pos >= cfg.seq_len:
-                return out
-            n = min(k, max_tokens - len(out.tokens), need - pos - 1)
-            proposed = draft(engine, cache, last, pos, n, draft_r) if n > 0 else []
-            chunk = torch.tensor([[last, *proposed]], device=engine.device)
-            target = engine._chunk(cache, chunk, pos, num_recur)[0][0].argmax(-1).tolist()  # next token at each
-            agree = next((i for i, (d, t) in enumerate(zip(proposed, target)) if d != t), len(proposed))
-            out.drafted, out.accepted, out.rounds = out.drafted + len(proposed), out.accepted + agree, out.rounds + 1
-            for tok in proposed[:agree]:
-                if tok in stop_ids:
-                    out.finish_reason = "stop"
-                    return out
-                out.tokens.append(tok)
-                if len(out.tokens) >= max_tokens:
-                    return out
-            last, pos = target[agree], pos + agree + 1
-
+            n = min(k, need - 1 - max(pos[b] for b in going))
+            rows, at = torch.tensor(going, device=dev), torch.tensor([pos[b] for b in going], device=dev)
+            first = torch.tensor([last[b] for b in going], device=dev)
+            drafted, q = draft(engine, cache, rows, first, at, n, draft_r, rowset) if n > 0 else \
+                (torch.zeros(len(going), 0, dtype=torch.long, device=dev), None)
+            logits, _ = engine._chunk(cache, torch.cat((first[:, None], drafted), dim=1), at, num_recur, rows)
+            p = rowset.probs(logits.float(), going)
+            kept, follow = accept(p, q, drafted, going, rowset) if n > 0 else ([0] * len(going), None)
+            if follow is None:
+                follow = [int(t) for t in rowset.draw(p[:, 0], going)]
+            still = []
+            for j, b in enumerate(going):
+                o = out[b]
+                o.drafted, o.accepted, o.rounds = o.drafted + n, o.accepted + kept[j], o.rounds + 1
+                if emit(o, drafted[j, :kept[j]].tolist(), params[b], pos[b] + 1, cfg.seq_len):
+                    still.append(b)
+                last[b], pos[b] = follow[j], pos[b] + kept[j] + 1
+            going = still

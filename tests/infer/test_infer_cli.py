@@ -27,6 +27,21 @@ def test_sample_fixed_and_exit(ckpt, capsys):
     assert "mean recursion depth" in capsys.readouterr().err
 
 
+def test_sample_speculative_greedy_and_sampled(ckpt, capsys):
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "The", "--max-tokens", "12", "--temperature", "0",
+                 "--dtype", "fp32"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "The", "--max-tokens", "12", "--temperature", "0",
+                 "--speculate", "1:3", "--dtype", "fp32"]) == 0
+    cap = capsys.readouterr()
+    assert cap.out == plain and "verification passes" in cap.err
+    assert main(["sample", "--ckpt", str(ckpt), "-p", "The", "--max-tokens", "6", "--temperature", "0.9",
+                 "--speculate", "1:2", "--num-samples", "3"]) == 0
+    assert capsys.readouterr().err.count("verification passes") == 3
+    assert main(["sample", "--ckpt", str(ckpt), "--speculate", "1:2", "--exit", "kl:0.1"]) == 2
+    assert "drop --exit" in capsys.readouterr().err
+
+
 def test_chat_one_shot_and_interactive(ckpt, capsys, monkeypatch):
     assert main(["chat", "--ckpt", str(ckpt), "-p", "hello", "--max-tokens", "8", "--exit", "kl:0.5"]) == 0
     assert "mean recursion depth" in capsys.readouterr().err
@@ -69,13 +84,13 @@ def test_bench_infer_json(ckpt, tmp_path):
     res = json.loads(out.read_text())
     for key in ("decode_tok_s_b1", "decode_tok_s_b8", "exit_mean_recursions", "fixed_recursions", "exit_bpb_delta",
                 "exit_speedup_vs_predicted", "exit_speedup_b1", "exit_speedup_b8", "cached_over_naive_b1",
-                "speculative_speedup_b1", "speculative_acceptance",
-                "kv_bytes_per_token"):
+                "speculative_speedup_b1", "speculative_speedup_b8", "speculative_acceptance",
+                "speculative_sampling_speedup_b1", "speculative_sampling_acceptance", "kv_bytes_per_token"):
         assert key in res, key
     assert not any(key.startswith("exit_calibrated_") for key in res)  # kl:3e-2 was given, not calibrated
     # fp32: speculation gives exactly the fixed-depth greedy tokens (bf16 may round a near-tie the other way)
     assert res["speculative_greedy_identical"] is True and res["speculative_first_difference"] is None
-    assert 0 <= res["speculative_acceptance"] <= 1
+    assert 0 <= res["speculative_acceptance"] <= 1 and 0 <= res["speculative_sampling_acceptance"] <= 1
     assert res["decode_tok_s_b8"] > 0 and 1 <= res["exit_mean_recursions"] <= 8
     assert res["kv_bytes_per_token"]["last"] < res["kv_bytes_per_token"]["full"]
     # 8 prompts × 24 tokens each (no stop token at temperature 0): the measured speedup is the ratio of tok/s, and
