@@ -166,7 +166,8 @@ def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperatu
     sp.add_argument("--ckpt", required=True)
     sp.add_argument("--recur", type=int, default=None, help="fixed recursion depth (default r̄)")
     sp.add_argument("--exit", default=None,
-                    help="adaptive depth: kl:T | entropy:T | latent:T | argmax:N | auto (calibrated)")
+                    help="adaptive depth: kl:T | entropy:T | latent:T | cosine:T | argmax:N | gate:P (exit-train) "
+                         "| auto (calibrated)")
     sp.add_argument("--max-recur", type=int, default=None, help="depth cap with --exit (default r_max)")
     sp.add_argument("--kv", default="full", help="KV cache: full | last | ring:K")
     sp.add_argument("--warm-start", action="store_true", help="seed each token with the previous final state")
@@ -185,8 +186,8 @@ def add_generation_parsers(sub) -> None:
     s.add_argument("-p", "--prompt", default="")
     s.add_argument("--num-samples", type=int, default=1)
     s.add_argument("--speculate", default=None, metavar="DRAFT_R:K",
-                   help="self-speculative greedy decoding: draft K tokens at depth DRAFT_R, verify at --recur "
-                        "(needs --temperature 0; the output is exactly fixed-depth greedy)")
+                   help="self-speculative decoding: draft K tokens at depth DRAFT_R, verify at --recur (default "
+                        "r̄); greedy output is fixed-depth greedy, sampled tokens follow the fixed-depth distribution")
     s.set_defaults(func=commands.cmd_sample)
     c = sub.add_parser("chat", help="chat with a checkpoint (interactive, or one-shot with -p)")
     add_generation_flags(c, 256, 0.6)

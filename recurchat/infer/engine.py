@@ -129,6 +129,7 @@ class DecodeOut:
     logits: torch.Tensor  # [n, V] at each row's exit
     state: torch.Tensor  # [n, 1, d] final recurrent state (for warm starts)
     depth: torch.Tensor  # [n] iterations each row ran
+    headless: torch.Tensor  # [n] bool: stopped without logits yet (the coda and head run once, after the loop)
 
 
 class Engine:
@@ -216,7 +217,8 @@ class Engine:
             logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1]
             return logits, torch.zeros(n, dtype=torch.long, device=self.device), None
         out = DecodeOut(torch.empty(n, self.cfg.vocab_size, device=self.device), torch.empty_like(x),
-                        torch.zeros(n, dtype=torch.long, device=self.device))
+                        torch.zeros(n, dtype=torch.long, device=self.device),
+                        torch.zeros(n, dtype=torch.bool, device=self.device))
         act = ActiveRows(torch.arange(n, device=self.device), x, m.initial_state(x) if warm is None else warm,
                          cos, sin, rows, pos, view)
         tracker = ExitTracker(crit, n, self.device, self.exit_gate, act.s[:, -1])
@@ -238,6 +240,12 @@ class Engine:
                 break
             act.keep(~done, cache)
             tracker.keep(~done)
+        if bool(out.headless.any()):
+            # one coda + head pass for every row that stopped without logits, whatever its depth: on a
+            # memory-bound step a pass per exit depth would read the coda's and the head's weights once per depth
+            at = out.headless.nonzero().squeeze(1)
+            hidden = m.run_coda(out.state[at], cos[at], sin[at], cache.coda(cache.rows(rows[at], pos[at])))
+            out.logits[at] = m.head(hidden)[:, -1].float()
         return out.logits, out.depth, out.state
 
     def _check_exit(self, act: ActiveRows, cache: KVCache, tracker: ExitTracker, crit: ExitCriterion, step: int,
@@ -253,14 +261,13 @@ class Engine:
 
     def _retire(self, act: ActiveRows, done: torch.Tensor, logits: torch.Tensor | None, cache: KVCache,
                 out: DecodeOut, step: int, max_steps: int) -> None:
-        """Write the output of the rows that stop at `step` and fill their K/V forward for deeper readers."""
-        m, ex = self.model, act.local[done]
+        """Write the output of the rows that stop at `step` and fill their K/V forward for deeper readers. Rows
+        without logits (the criterion did not run the head) get theirs after the loop, all in one pass."""
+        ex = act.local[done]
         if logits is None:  # the coda has not run on this state yet (its K/V for this position too)
-            logits = m.head(m.run_coda(act.s[done], act.cos[done], act.sin[done],
-                                       cache.coda(cache.rows(act.rows[done], act.pos[done]))))[:, -1]
+            out.headless[ex] = True
         else:
-            logits = logits[done]
-        out.logits[ex] = logits.float()
+            out.logits[ex] = logits[done].float()
         out.state[ex] = act.s[done].to(out.state.dtype)
         out.depth[ex] = step
         cache.fill_forward(act.rows[done], act.pos[done], step, max_steps)

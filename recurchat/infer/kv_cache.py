@@ -140,12 +140,16 @@ class KVCache:
         if self.slots <= 1 or done >= upto or done < 1:
             return
         targets = sorted({i % self.slots for i in range(done, upto)} - {(done - 1) % self.slots})
+        if not targets:
+            return
+        base = self.cfg.n_prelude + self.cfg.n_coda
         for j in range(self.cfg.n_shared):
             src = self._recur_layer(j, done - 1)
-            for t in targets:
-                dst = self.cfg.n_prelude + self.cfg.n_coda + j * self.slots + t
-                for buf in (self.k, self.v):
-                    if pos is None:
-                        buf[dst, rows] = buf[src, rows]
-                    else:
-                        buf[dst, rows, :, pos] = buf[src, rows, :, pos]
+            dst = torch.tensor([base + j * self.slots + t for t in targets], device=rows.device)[:, None]
+            for buf in (self.k, self.v):  # one copy into every target slot at once
+                if pos is None:
+                    value = buf[src, rows]
+                    buf[dst, rows[None, :]] = value.expand(len(targets), *value.shape)
+                else:
+                    value = buf[src, rows, :, pos]  # [n, heads, head_dim]
+                    buf[dst, rows[None, :], :, pos[None, :]] = value.expand(len(targets), *value.shape)
