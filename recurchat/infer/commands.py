@@ -43,7 +43,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     recur = recur_params(args, model.cfg)
     engine.check(prompts, recur)
     print(engine.describe(), file=sys.stderr)
-    gens = engine.generate(prompts, sampling_params(args, (tok.bos_id,), args.seed), recur)
+    # one seed per sample (seed, seed + 1, ...): each row draws from its own generator
+    gens = engine.generate(prompts, [sampling_params(args, (tok.bos_id,), args.seed + i) for i in range(len(prompts))],
+                           recur)
     for g in gens:
         print(args.prompt + tok.decode(g.tokens))
         print(f"[{len(g.tokens)} tokens, mean recursion depth {g.mean_depth:.2f}]", file=sys.stderr)
@@ -62,7 +64,8 @@ def sample_speculative(args: argparse.Namespace) -> int:
     print(engine.describe(), file=sys.stderr)
     target = args.recur or model.cfg.mean_recur
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    specs = speculate(engine, [prompt] * args.num_samples, sampling_params(args, (tok.bos_id,), args.seed), target,
+    specs = speculate(engine, [prompt] * args.num_samples,
+                      [sampling_params(args, (tok.bos_id,), args.seed + i) for i in range(args.num_samples)], target,
                       draft_r, k)
     for spec in specs:
         print(args.prompt + tok.decode(spec.tokens))

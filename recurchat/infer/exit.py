@@ -27,7 +27,7 @@ KINDS = ("fixed", "kl", "entropy", "latent", "cosine", "argmax", "gate")
 STATE_KINDS = ("latent", "cosine")  # compare the state with the previous iteration's
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExitCriterion:
     kind: str
     value: float

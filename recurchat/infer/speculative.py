@@ -26,6 +26,7 @@ from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
 from recurchat.infer.kv_cache import KVCache
+from recurchat.infer.plan import DepthPlan, RowPlans
 from recurchat.infer.sampling import SamplingParams, next_token_probs
 
 
@@ -78,9 +79,10 @@ def draft(engine: Engine, cache: KVCache, rows: torch.Tensor, last: torch.Tensor
           draft_r: int, sampling: Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """(tokens [n, k], their draft distributions [n, k, V]): k tokens per row at depth `draft_r`, feeding `last` at
     `pos` first."""
-    crit, row_list, tokens, dists = ExitCriterion("fixed", draft_r), rows.tolist(), [], []
+    plans = RowPlans.same(DepthPlan(ExitCriterion("fixed", draft_r), 1, draft_r, draft_r), rows.numel(), rows.device)
+    row_list, tokens, dists = rows.tolist(), [], []
     for i in range(k):
-        logits, _, _ = engine._decode(cache, last if i == 0 else tokens[-1], rows, pos + i, None, crit, 1, draft_r)
+        logits, _, _ = engine._decode(cache, last if i == 0 else tokens[-1], rows, pos + i, None, plans)
         dists.append(sampling.probs(logits.float(), row_list))
         tokens.append(sampling.draw(dists[-1], row_list))
     return torch.stack(tokens, dim=1), torch.stack(dists, dim=1)

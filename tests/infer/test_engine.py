@@ -11,9 +11,15 @@ import torch
 from support import random_model
 
 from recurchat.infer.engine import Engine, RecurParams
+from recurchat.infer.exit import ExitCriterion
 from recurchat.infer.kv_cache import KVCache, bytes_per_token
 from recurchat.infer.naive import generate_naive
+from recurchat.infer.plan import DepthPlan, RowPlans
 from recurchat.infer.sampling import SamplingParams
+
+
+def fixed_plans(r: int, n: int = 1) -> RowPlans:
+    return RowPlans.same(DepthPlan(ExitCriterion("fixed", r), 1, r, r), n, torch.device("cpu"))
 
 
 def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
@@ -23,14 +29,13 @@ def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
     cache = KVCache(m.cfg, kv, 1, m.cfg.seq_len, max_steps)
     idx = torch.tensor([seq[:prompt_len]])
     lens = torch.tensor([prompt_len])
-    from recurchat.infer.exit import ExitCriterion
     out = []
     with torch.no_grad():
         logits, _ = engine._prefill(cache, idx, lens, r, max_steps)
         out.append(logits[0])
         for t in range(prompt_len, len(seq)):
             logits, depth, _ = engine._decode(cache, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]),
-                                             None, ExitCriterion("fixed", r), 1, r)
+                                             None, fixed_plans(r))
             assert int(depth[0]) == (r if m.recur else 0)
             out.append(logits[0])
     return torch.stack(out)
@@ -67,7 +72,6 @@ def ring_reference_logits(engine, seq, prompt_len, r, k):
     iteration i reads that token's iteration j, the last one ≡ i (mod K) — the one left in slot i mod K."""
     m = engine.model
     full = KVCache(m.cfg, "full", 1, m.cfg.seq_len, r)
-    from recurchat.infer.exit import ExitCriterion
 
     def keep_only_the_ring(positions):
         for layer in range(m.cfg.n_shared):
@@ -83,7 +87,7 @@ def ring_reference_logits(engine, seq, prompt_len, r, k):
         out.append(logits[0])
         for t in range(prompt_len, len(seq)):
             logits, _, _ = engine._decode(full, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]), None,
-                                          ExitCriterion("fixed", r), 1, r)
+                                          fixed_plans(r))
             keep_only_the_ring(slice(t, t + 1))
             out.append(logits[0])
     return torch.stack(out)
@@ -171,7 +175,7 @@ class ScriptedTracker:
 def test_exited_rows_state_frozen(tiny_cfg, monkeypatch):
     """In one decode step, a row that exits early keeps its logits, state and K/V while other rows iterate on."""
     from recurchat.infer.exit import ExitCriterion
-    monkeypatch.setattr("recurchat.infer.engine.ExitTracker", ScriptedTracker)
+    monkeypatch.setattr("recurchat.infer.plan.ExitTracker", ScriptedTracker)
     m = random_model(tiny_cfg, seed=3)
     engine = Engine(m, dtype="fp32")
     idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
@@ -185,7 +189,8 @@ def test_exited_rows_state_frozen(tiny_cfg, monkeypatch):
             engine._prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
             rows = torch.tensor(rows)
             logits, depth, state = engine._decode(cache, torch.tensor([7, 8])[rows], rows, torch.tensor([3, 3])[rows],
-                                                  None, crit, 1, 6)
+                                                  None, RowPlans.same(DepthPlan(crit, 1, 6, 6), len(rows),
+                                                                      torch.device("cpu")))
         return logits, depth, state, cache
 
     logits, depth, state, cache = decode([0, 1], [2, 99])  # row 0 exits at 2, row 1 runs on to 6
@@ -284,7 +289,7 @@ def test_per_row_sampling_params_and_cancel(tiny_cfg):
 
 def test_kv_cache_is_sized_to_prompt_plus_max_tokens(tiny_cfg, monkeypatch):
     """A short request allocates the positions it can reach, not the whole context, and decodes the same."""
-    import recurchat.infer.engine as engine_module
+    import recurchat.infer.batcher as engine_module  # where the engine allocates its caches
 
     sizes = []
 

@@ -71,7 +71,7 @@ def test_requests_without_a_seed_leave_the_global_rng_alone(client):
 def test_kv_budget_refuses_what_can_never_fit_and_batches_within_it(bundle, monkeypatch):
     """Room for two rows of this request's cache: six at once all finish, in batches of at most two, and no cache
     the engine allocates is larger than the budget; a request whose cache alone is too large gets a 400."""
-    import recurchat.infer.engine as engine_module
+    import recurchat.infer.batcher as engine_module  # where the engine allocates its caches
     from recurchat.infer.engine import RecurParams
 
     allocated: list[int] = []
