@@ -105,7 +105,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                queue_size=args.queue_size, device=args.device, dtype=args.dtype,
-               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb)
+               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb, batching=args.batching,
+               prefill_chunk=args.prefill_chunk)
     return 0
 
 

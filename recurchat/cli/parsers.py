@@ -202,13 +202,18 @@ def add_serve_parser(sub) -> None:
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    v.add_argument("--max-batch", type=int, default=8, help="requests merged into one decode batch")
+    v.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most")
+    v.add_argument("--batching", default="continuous", choices=("continuous", "static"),
+                   help="continuous: requests join and leave the running batch at every step; static: a batch runs "
+                        "to its end and only requests with the same recursion settings share one")
+    v.add_argument("--prefill-chunk", type=positive_int, default=256,
+                   help="continuous: prompt tokens prefilled per step (longer prompts take several steps)")
     v.add_argument("--queue-size", type=int, default=64, help="waiting requests before 429")
     v.add_argument("--max-recur-limit", type=positive_int, default=None,
                    help="deepest recursion a request may ask for (default 4 × the model's r_max)")
     v.add_argument("--kv-budget-mb", type=non_negative_float, default=0.0,
-                   help="MiB of KV cache the running batch may hold; requests wait for room, and one that can never "
-                        "fit gets a 400 (default 0: no limit)")
+                   help="MiB of KV cache the server may hold (continuous: its row pools; static: the running batch); "
+                        "requests wait for room, and one that can never fit gets a 400 (default 0: no limit)")
     v.add_argument("--device", default="auto")
     add_runtime_flags(v)
     v.set_defaults(func=commands.cmd_serve)

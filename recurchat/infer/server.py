@@ -44,6 +44,7 @@ from recurchat.infer.api_schema import (
     Recursion,
     parse_body,
 )
+from recurchat.infer.continuous import ContinuousScheduler
 from recurchat.infer.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurError, RecurParams
 from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
@@ -62,7 +63,8 @@ class Service:
     """Everything a request needs: tokenizer, limits, scheduler; turns request bodies into engine jobs."""
 
     def __init__(self, ckpt: Checkpoint, model: RecurrentLM, name: str, max_batch: int, queue_size: int,
-                 max_recur_limit: int | None, dtype: str = "auto", kv_budget_mb: float = 0.0):
+                 max_recur_limit: int | None, dtype: str = "auto", kv_budget_mb: float = 0.0,
+                 batching: str = "continuous", prefill_chunk: int = 256):
         self.tok = ckpt.tokenizer
         self.cfg = model.cfg
         self.name = name
@@ -70,8 +72,14 @@ class Service:
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
         self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
         self.engine = Engine(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path))
-        self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
-                                   kv_budget_bytes=int(kv_budget_mb * 2**20))
+        budget = int(kv_budget_mb * 2**20)
+        if batching == "continuous":
+            self.scheduler: Scheduler = ContinuousScheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
+                                                            kv_budget_bytes=budget, prefill_chunk=prefill_chunk)
+        elif batching == "static":
+            self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size, kv_budget_bytes=budget)
+        else:
+            raise UserError(f"batching must be 'static' or 'continuous', got {batching!r}")
         self.created = int(time.time())
         self.chat_stops = self.tok.special_ids()  # a reply never shows <|user_start|> & co: it ends there
 
@@ -245,8 +253,10 @@ def _bundle_name(path: Path) -> str:
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
                queue_size: int = 64, device: str = "auto", model_name: str | None = None,
                max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
-               dtype: str = "auto", kv_budget_mb: float = 0.0) -> FastAPI:
-    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`."""
+               dtype: str = "auto", kv_budget_mb: float = 0.0, batching: str = "continuous",
+               prefill_chunk: int = 256) -> FastAPI:
+    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`.
+    `batching`: continuous (requests join the running batch at every step) or static (a batch runs to its end)."""
     from recurchat.checkpoint import load_model
 
     api_key = api_key or os.environ.get(API_KEY_ENV) or None
@@ -255,7 +265,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
     else:
         ckpt, model = load_model(str(ckpt_path_or_model_bundle), device)
     service = Service(ckpt, model, model_name or _bundle_name(Path(ckpt.path)), max_batch, queue_size,
-                      max_recur_limit, dtype, kv_budget_mb)
+                      max_recur_limit, dtype, kv_budget_mb, batching, prefill_chunk)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -346,10 +356,12 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
 
 def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
                max_batch: int = 8, queue_size: int = 64, device: str = "auto", dtype: str = "auto",
-               max_recur_limit: int | None = None, kv_budget_mb: float = 0.0) -> None:
+               max_recur_limit: int | None = None, kv_budget_mb: float = 0.0, batching: str = "continuous",
+               prefill_chunk: int = 256) -> None:
     """`recurchat serve`: load the checkpoint, serve the API and the chat page until Ctrl-C."""
     app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device, dtype=dtype,
-                     max_recur_limit=max_recur_limit, kv_budget_mb=kv_budget_mb)
+                     max_recur_limit=max_recur_limit, kv_budget_mb=kv_budget_mb, batching=batching,
+                     prefill_chunk=prefill_chunk)
     name = app.state.service.name
     print(app.state.service.engine.describe(), flush=True)
     print(f"serving {name!r} on http://{host}:{port}  (chat page at /, API at /v1, health at /health)", flush=True)

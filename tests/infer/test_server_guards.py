@@ -10,6 +10,7 @@ import json
 import threading
 
 import httpx
+import pytest
 import torch
 from server_support import HELLO, stats
 
@@ -17,14 +18,15 @@ from recurchat.checkpoint import load_model
 from recurchat.infer.server import create_app, start_in_thread
 
 
-def test_engine_failure_is_a_500_with_the_traceback_in_the_log(bundle, monkeypatch, caplog):
-    app = create_app(bundle)
+@pytest.mark.parametrize("batching", ["continuous", "static"])
+def test_engine_failure_is_a_500_with_the_traceback_in_the_log(bundle, monkeypatch, caplog, batching):
+    app = create_app(bundle, batching=batching)
     srv = start_in_thread(app)
     try:
         def broken(*args, **kwargs):
             raise RuntimeError("boom: an engine bug")
 
-        monkeypatch.setattr(app.state.service.engine, "stream", broken)
+        monkeypatch.setattr(app.state.service.engine, "_chunk", broken)  # the prefill, in either scheduler
         with httpx.Client(base_url=srv.url, timeout=60) as http, caplog.at_level("ERROR", "recurchat.server"):
             r = http.post("/v1/chat/completions", json={"model": "smoke", "messages": HELLO, "max_tokens": 3})
             health = http.get("/health").json()["scheduler"]
@@ -85,7 +87,7 @@ def test_kv_budget_refuses_what_can_never_fit_and_batches_within_it(bundle, monk
     app = create_app(bundle, max_batch=8)
     one_row = app.state.service.engine.cache_bytes([3 + 20], RecurParams(num_recur=4))
     budget_mb = 2.5 * one_row / 2**20
-    app = create_app(bundle, max_batch=8, kv_budget_mb=budget_mb)
+    app = create_app(bundle, max_batch=8, kv_budget_mb=budget_mb, batching="static")
     monkeypatch.setattr(engine_module, "KVCache", Recording)
     srv = start_in_thread(app)
     try:
