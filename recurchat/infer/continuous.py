@@ -8,9 +8,9 @@ admit waiting jobs into free rows, run one step (infer/batcher.py: decode, chunk
 token to its job at once. Jobs with different recursion settings share a step (each row runs its own depth plan);
 only the KV layout splits them: a pool per (kv strategy, iteration slots), its slots the next power of two of the
 deepest plan it serves and at least r_max's, so a deeper pool also takes shallower jobs. A pool is allocated when
-first needed, reused while it has work, and dropped when idle. With a KV budget, a pool holds as many rows as the budget has room for
-(each row the whole context at the pool's depth); a job that could not fit even one row of its own is refused at
-submit with a 400. Exercised by `pytest tests/infer/test_continuous.py`.
+first needed, reused while it has work, and dropped when idle. With a KV budget, a pool holds as many rows as the
+budget has room for (each row the whole context at the pool's depth); a job that could not fit even one row of
+its own is refused at submit with a 400. Exercised by `pytest tests/infer/test_continuous.py`.
 """
 
 from __future__ import annotations
