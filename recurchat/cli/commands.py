@@ -153,8 +153,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ExitCriterion.parse(spec)
         result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
                              dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate)
+    elif args.what == "serve":
+        from recurchat.bench.serve import MODES, bench_serve
+
+        modes = tuple(m for m in args.batching.split(",") if m)
+        if not args.ckpt or not modes or any(m not in MODES for m in modes) or args.rate <= 0:
+            raise UserError("bench serve needs --ckpt, --rate > 0 and --batching from static,continuous")
+        result = bench_serve(args.ckpt, clients=args.clients, requests=args.requests, rate=args.rate,
+                             max_batch=args.max_batch, modes=modes, dtype=args.dtype)
     else:
-        raise UserError(f"unknown benchmark {args.what!r} (available: train, infer)")
+        raise UserError(f"unknown benchmark {args.what!r} (available: train, infer, serve)")
     if args.json:
         atomic_write_json(args.json, result)
     return 0

@@ -228,8 +228,9 @@ def add_driver_parsers(sub) -> None:
     r.set_defaults(func=commands.cmd_speedrun)
     add_sweep_parser(sub)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
-    b.add_argument("what", help="train | infer")
-    b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights)")
+    b.add_argument("what", help="train | infer | serve")
+    b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights); "
+                                                "serve: the checkpoint to serve (required)")
     b.add_argument("--exit", default="kl:3e-2", help="infer: the exit criterion to time (auto: the calibrated one)")
     b.add_argument("--sweep", default="kl:1e-3,kl:1e-2,kl:3e-2,kl:1e-1,latent:0.05",
                    help="infer: criteria for the Pareto sweep")
@@ -237,6 +238,11 @@ def add_driver_parsers(sub) -> None:
     b.add_argument("--speculate", default="1:4", metavar="DRAFT_R:K",
                    help="infer: self-speculative greedy decoding to time at batch 1")
     b.add_argument("--eval-tokens", type=int, default=2048, help="infer: held-out tokens for bpb")
+    b.add_argument("--clients", type=positive_int, default=16, help="serve: requests in flight at most")
+    b.add_argument("--requests", type=positive_int, default=64, help="serve: requests per mode")
+    b.add_argument("--rate", type=float, default=8.0, help="serve: Poisson arrivals per second")
+    b.add_argument("--max-batch", type=positive_int, default=16, help="serve: the server's --max-batch")
+    b.add_argument("--batching", default="static,continuous", help="serve: modes to measure, in order")
     b.add_argument("--preset", default="cpu-tiny")
     b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")
     b.add_argument("--batch-size", type=int, default=8)
