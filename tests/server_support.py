@@ -16,6 +16,19 @@ SLOW = {"model": "smoke", "prompt": "The", "max_tokens": 60, "kv_strategy": "las
         "recursion": {"exit": "argmax:1000", "max_recur": SLOW_R}}
 
 
+def post_once(ckpt, body: dict, path: str = "/v1/completions"):
+    """Start a server for checkpoint `ckpt`, POST `body` once, stop it; the response."""
+    import httpx
+
+    from recurchat.infer.server import create_app, start_in_thread
+
+    srv = start_in_thread(create_app(str(ckpt)))
+    try:
+        return httpx.post(f"{srv.url}{path}", json=body, timeout=60)
+    finally:
+        srv.stop()
+
+
 def stats(http) -> dict:
     return http.get("/health").json()["scheduler"]
 

@@ -10,6 +10,16 @@ from recurchat.config import ModelConfig
 from recurchat.model.recurrent import RecurrentLM
 
 
+def smoke_run(tmp_path, small_text, steps: int = 4):
+    """A cpu-smoke run directory trained for `steps` steps on `small_text` (no validation): a real checkpoint."""
+    from recurchat.cli import main
+
+    run = tmp_path / "smoke"
+    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(run),
+                 "--max-steps", str(steps), "--eval-every", "0"]) == 0
+    return run
+
+
 def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
     """Random weights with non-zero output projections, so depth changes the logits (the init makes r a no-op)."""
     torch.manual_seed(seed)

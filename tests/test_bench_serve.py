@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from support import smoke_run
 
 from recurchat.bench.serve import Sample, summarize, workload
 from recurchat.cli import main
@@ -35,9 +36,7 @@ def test_summary_measures_first_token_gaps_and_throughput():
 
 
 def test_bench_serve_runs_both_modes_through_the_http_api(tmp_path, small_text):
-    run = tmp_path / "smoke"
-    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(run),
-                 "--max-steps", "4", "--eval-every", "0"]) == 0
+    run = smoke_run(tmp_path, small_text)
     out = tmp_path / "serve.json"
     assert main(["bench", "serve", "--ckpt", str(run), "--requests", "6", "--rate", "40", "--clients", "3",
                  "--max-batch", "4", "--json", str(out)]) == 0

@@ -10,7 +10,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from support import random_model
+from server_support import post_once
+from support import random_model, smoke_run
 
 from recurchat import checkpoint
 from recurchat.cli import main
@@ -77,13 +78,7 @@ def test_an_unreachable_target_is_a_user_error_naming_the_strictest_bound(scored
 
 
 def test_calibrate_then_exit_auto_in_sample_eval_and_server(tmp_path, small_text, capsys):
-    import httpx
-
-    from recurchat.infer.server import create_app, start_in_thread
-
-    run = tmp_path / "smoke"
-    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(run),
-                 "--max-steps", "4", "--eval-every", "0"]) == 0
+    run = smoke_run(tmp_path, small_text)
     assert main(["sample", "--ckpt", str(run), "-p", "The", "--exit", "auto", "--max-tokens", "3"]) == 2
     assert "has no calibrated exit yet" in capsys.readouterr().err
     assert main(["calibrate", "--ckpt", str(run), "--criterion", "nope"]) == 2  # before loading anything
@@ -104,16 +99,8 @@ def test_calibrate_then_exit_auto_in_sample_eval_and_server(tmp_path, small_text
     assert res["exit"] == saved["exit"]
     assert res["exit_calibrated_speedup_b1"] == res["exit_speedup_b1"] > 0
     assert res["exit_calibrated_bpb_delta"] == pytest.approx(res["bpb_exit"] / res["bpb_fixed"] - 1)
-    srv = start_in_thread(create_app(str(run)))
-    try:
-        body = {"model": "smoke", "prompt": "The", "max_tokens": 3, "recursion": {"exit": "auto"}}
-        assert httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).status_code == 200
-    finally:
-        srv.stop()
+    body = {"model": "smoke", "prompt": "The", "max_tokens": 3, "recursion": {"exit": "auto"}}
+    assert post_once(run, body).status_code == 200
     (checkpoint.resolve(run) / checkpoint.CALIBRATION_FILE).unlink()
-    srv = start_in_thread(create_app(str(run)))
-    try:
-        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
-    finally:
-        srv.stop()
+    r = post_once(run, body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "recursion.exit"

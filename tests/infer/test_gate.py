@@ -5,11 +5,11 @@ Run: `pytest tests/infer/test_gate.py`.
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 import torch
-from support import random_model
+from server_support import post_once
+from support import random_model, smoke_run
 
 from recurchat import checkpoint
 from recurchat.cli import main
@@ -103,11 +103,7 @@ def test_auc_counts_pairs_ordered_right_and_ties_as_half():
 
 
 def test_exit_train_then_gate_in_sample_calibrate_and_the_server(tmp_path, small_text, capsys):
-    from recurchat.infer.server import create_app, start_in_thread
-
-    run = tmp_path / "smoke"
-    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(run),
-                 "--max-steps", "4", "--eval-every", "0"]) == 0
+    run = smoke_run(tmp_path, small_text)
     assert main(["sample", "--ckpt", str(run), "-p", "The", "--exit", "gate:0.5", "--max-tokens", "3"]) == 2
     assert "needs this checkpoint's exit gate; run recurchat exit-train" in capsys.readouterr().err
     assert main(["exit-train", "--ckpt", str(run), "--tau", "0.001", "--deep-recur", "4", "--train-tokens", "256",
@@ -120,19 +116,11 @@ def test_exit_train_then_gate_in_sample_calibrate_and_the_server(tmp_path, small
                  "--eval-tokens", "256", "--dtype", "fp32"]) == 0
     assert checkpoint.calibrated_exit(run).startswith("gate:")
     body = {"model": "smoke", "prompt": "The", "max_tokens": 3, "recursion": {"exit": "gate:0.5"}}
-    srv = start_in_thread(create_app(str(run)))
-    try:
-        assert httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).status_code == 200
-    finally:
-        srv.stop()
+    assert post_once(run, body).status_code == 200
     gate_file = checkpoint.resolve(run) / checkpoint.EXIT_GATE_FILE
     gate_file.write_bytes(b"not safetensors")
     assert main(["sample", "--ckpt", str(run), "-p", "The", "--exit", "gate:0.5", "--max-tokens", "3"]) == 2
     assert "is not an exit gate" in capsys.readouterr().err
     gate_file.unlink()
-    srv = start_in_thread(create_app(str(run)))
-    try:
-        r = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60)
-    finally:
-        srv.stop()
+    r = post_once(run, body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "recursion.exit"
