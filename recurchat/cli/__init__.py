@@ -54,12 +54,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     add_generation_parsers(sub)
     add_serve_parser(sub)
     add_driver_parsers(sub)
+    sub.add_parser("lm-eval", help="lm-evaluation-harness's command line with the recurchat model registered: "
+                                   "recurchat lm-eval --model recurchat --model_args ckpt=DIR,recur=8 --tasks T")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser(argv).parse_args(argv)
+    given = sys.argv[1:] if argv is None else argv
     try:
+        if given[:1] == ["lm-eval"]:  # lm_eval's own flags, passed through untouched
+            from recurchat.cli.commands import lm_eval_main
+
+            return lm_eval_main(given[1:])
+        args = build_parser(argv).parse_args(argv)
         if getattr(args, "threads", 0):
             from recurchat.model.hardware import set_threads
 

@@ -67,6 +67,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def lm_eval_main(argv: list[str]) -> int:
+    try:
+        from recurchat.eval.harness import main
+    except ImportError as e:
+        raise UserError(f"recurchat lm-eval needs lm-evaluation-harness (pip install lm-eval): {e}") from None
+    return main(argv)
+
+
 def cmd_exit_train(args: argparse.Namespace) -> int:
     from recurchat.train.exit_gate import train_exit_gate
 

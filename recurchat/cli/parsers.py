@@ -159,6 +159,9 @@ def add_eval_parser(sub) -> None:
                                                 "(auto: the checkpoint's calibrated exit)")
     e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
     e.add_argument("--kv", default="full", help="KV-cache strategy for --exit")
+    e.add_argument("--harness", default=None, help="lm-evaluation-harness tasks (comma list) instead of --tasks, "
+                                                    "at each --recur and --exit")
+    e.add_argument("--harness-include", default=None, help="a directory of extra lm-eval task YAMLs")
     e.set_defaults(func=commands.cmd_eval)
 
 

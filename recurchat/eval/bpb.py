@@ -59,7 +59,7 @@ def evaluate_bpb_exit(engine, tokens: np.ndarray, token_bytes: torch.Tensor, bat
     depth_sum = count = 0
     with scoring(engine.model, engine.dtype):
         for x, y in eval_batches(tokens, batch_size, seq_len, max_tokens):
-            nll, depth = engine.score(x, y, recur)
+            nll, depth, _ = engine.score(x, y, recur)
             b = token_bytes[y.to(engine.device)]
             nats += float((nll.double() * (b > 0)).sum())
             nbytes += float(b.sum())

@@ -62,7 +62,7 @@ def score_segments(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     with scoring(engine.model, engine.dtype):
         for x, y in eval_batches(tokens, batch_size, engine.cfg.seq_len, max_tokens):
-            nll, depth = engine.score(x, y, recur)
+            nll, depth, _ = engine.score(x, y, recur)
             b = token_bytes[y.to(engine.device)]
             counted = (b > 0).double()
             for store, value in zip(parts, (nll.double() * counted, b.double(), depth.double() * counted, counted)):

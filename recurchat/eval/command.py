@@ -46,6 +46,8 @@ class EvalRequest:
     device: str = "auto"
     max_recur: int | None = None
     kv: str = "full"
+    harness: str | None = None  # lm-evaluation-harness tasks instead of --tasks
+    harness_include: str | None = None  # a directory of extra lm-eval task YAMLs (local tasks)
 
 
 def parse_depths(text: str) -> list[int]:
@@ -76,8 +78,39 @@ def read_baseline(path: str | None) -> dict | None:
         raise UserError(f"--baseline {path}: cannot read JSON ({e})") from None
 
 
+def evaluate_with_harness(req: EvalRequest) -> dict:
+    """`recurchat eval --harness TASKS`: lm-evaluation-harness on this checkpoint at each --recur and each --exit;
+    {"harness": {"r=4" | "kl:0.001": lm-eval's results per task}}."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+        from lm_eval.utils import make_table
+
+        from recurchat.eval.harness import RecurchatLM
+    except ImportError as e:
+        raise UserError(f"--harness needs lm-evaluation-harness (pip install lm-eval): {e}") from None
+    tasks = [t.strip() for t in req.harness.split(",") if t.strip()]
+    settings = [{"recur": r} for r in parse_depths(req.recur)] + \
+        [{"exit": e.strip()} for e in (req.exit or "").split(",") if e.strip()]
+    manager = TaskManager(include_path=req.harness_include) if req.harness_include else None
+    out: dict = {"harness": {}, "checkpoint": str(checkpoint.resolve(req.ckpt)), "tasks": tasks}
+    for setting in settings:
+        lm = RecurchatLM(req.ckpt, **setting, max_recur=req.max_recur, kv=req.kv, dtype=req.dtype,
+                         device=req.device, batch_size=req.batch_size, max_gen_toks=req.max_tokens)
+        name = f"r={setting['recur']}" if "recur" in setting else lm.recur.exit
+        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=req.limit or None,
+                                          log_samples=False)
+        out["harness"][name] = results["results"]
+        print(f"# {name}\n{make_table(results)}")
+    if req.json:
+        atomic_write_json(req.json, out)
+    return out
+
+
 def evaluate_checkpoint(req: EvalRequest) -> dict:
     """Run the sweep `req` describes; bad task names, depths and exit criteria fail before the model loads."""
+    if req.harness:
+        return evaluate_with_harness(req)
     specs = [t.strip() for t in req.tasks.split(",") if t.strip()]
     parsed = parse_task_specs(specs)
     depths = parse_depths(req.recur)

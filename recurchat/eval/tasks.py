@@ -185,16 +185,22 @@ class _Row:
     n_scored: int  # how many trailing tokens are the continuation
 
 
+def token_rows(bos_id: int, pairs: Sequence[tuple[list[int], list[int]]], seq_len: int) -> list[_Row]:
+    """Rows of BOS + context + continuation tokens, cropped from the left to seq_len + 1 (the choice must be
+    seen), scoring the continuation's tokens."""
+    rows = []
+    for ctx, cont in pairs:
+        ids = ([bos_id] + list(ctx) + list(cont))[-(seq_len + 1):]
+        rows.append(_Row(ids, min(len(cont), len(ids) - 1)))
+    return rows
+
+
 def _rows(tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]], seq_len: int) -> list[_Row]:
     # Context and continuation are encoded separately, so the continuation's tokens are the same whatever
     # precedes them; BOS first because pretraining documents start with it.
     contexts = tokenizer.encode_batch([c for c, _ in pairs])
     conts = tokenizer.encode_batch([c for _, c in pairs])
-    rows = []
-    for ctx, cont in zip(contexts, conts):
-        ids = ([tokenizer.bos_id] + ctx + cont)[-(seq_len + 1):]  # crop from the left: the choice must be seen
-        rows.append(_Row(ids, min(len(cont), len(ids) - 1)))
-    return rows
+    return token_rows(tokenizer.bos_id, list(zip(contexts, conts)), seq_len)
 
 
 def _batches(rows: list[_Row], batch_size: int, pad_id: int):
@@ -213,33 +219,47 @@ def _batches(rows: list[_Row], batch_size: int, pad_id: int):
         yield chunk, x, y
 
 
+@dataclass
+class RowScore:
+    logprob: float  # summed log-prob of the continuation's tokens
+    depth: float  # mean recursions over them
+    greedy: bool  # every continuation token is the argmax given what precedes it
+
+
+def score_rows(model: RecurrentLM, rows: list[_Row], pad_id: int, num_recur: int | None = None,
+               batch_size: int = 32, engine: Engine | None = None, recur: RecurParams | None = None,
+               dtype: DtypeChoice | None = None) -> list[RowScore]:
+    """Score each row's continuation. At a fixed depth one forward scores a batch (depth = num_recur, or 0 for the
+    standard model); with `engine` and `recur`, `Engine.score` decodes teacher-forced so each token exits by the
+    criterion."""
+    cfg = model.cfg
+    out: list[RowScore] = [RowScore(0.0, 0.0, True)] * len(rows)
+    fixed_depth = float(num_recur or cfg.mean_recur) if cfg.n_shared else 0.0
+    with scoring(model, dtype) as device:
+        for chunk, x, y in _batches(rows, batch_size, pad_id):
+            scored = y >= 0
+            if engine is not None and recur is not None:
+                nll, depth, top = (t.cpu() for t in engine.score(x, y.clamp(min=0), recur))
+                nll, depth = nll * scored, depth.float()
+            else:
+                logp = torch.log_softmax(model(x.to(device), num_recur=num_recur).float(), dim=-1).cpu()
+                nll = -logp.gather(-1, y.clamp(min=0)[..., None])[..., 0] * scored
+                depth, top = torch.full(x.shape, fixed_depth), logp.argmax(dim=-1)
+            for j, i in enumerate(chunk):
+                n, mask = int(scored[j].sum()), scored[j]
+                out[i] = RowScore(-float(nll[j][mask].double().sum()), float(depth[j][mask].mean()) if n
+                                  else fixed_depth, bool((top[j][mask] == y[j][mask]).all()))
+    return out
+
+
 def continuation_logprobs(model: RecurrentLM, tokenizer: Tokenizer, pairs: Sequence[tuple[str, str]],
                           num_recur: int | None = None, batch_size: int = 32, engine: Engine | None = None,
                           recur: RecurParams | None = None,
                           dtype: DtypeChoice | None = None) -> list[tuple[float, float]]:
-    """For each (context, continuation): (summed log-prob of the continuation's tokens, mean depth over them).
-
-    At a fixed depth one forward scores a batch (depth = num_recur, or 0 for the standard model); with `engine`
-    and `recur`, `Engine.score` decodes teacher-forced so each token exits by the criterion.
-    """
-    cfg = model.cfg
-    rows = _rows(tokenizer, pairs, cfg.seq_len)
-    out: list[tuple[float, float]] = [(0.0, 0.0)] * len(rows)
-    fixed_depth = float(num_recur or cfg.mean_recur) if cfg.n_shared else 0.0
-    with scoring(model, dtype) as device:
-        for chunk, x, y in _batches(rows, batch_size, tokenizer.pad_id):
-            scored = y >= 0
-            if engine is not None and recur is not None:
-                nll, depth = engine.score(x, y.clamp(min=0), recur)
-                nll, depth = nll.cpu() * scored, depth.cpu().float()
-            else:
-                nll = model(x.to(device), y.to(device), num_recur=num_recur, loss_reduction="none")
-                nll, depth = nll.float().cpu(), torch.full(x.shape, fixed_depth)
-            for j, i in enumerate(chunk):
-                n = int(scored[j].sum())
-                out[i] = (-float(nll[j][scored[j]].double().sum()),
-                          float(depth[j][scored[j]].mean()) if n else fixed_depth)
-    return out
+    """For each (context, continuation): (summed log-prob of the continuation's tokens, mean depth over them)."""
+    scores = score_rows(model, _rows(tokenizer, pairs, model.cfg.seq_len), tokenizer.pad_id, num_recur, batch_size,
+                        engine, recur, dtype)
+    return [(s.logprob, s.depth) for s in scores]
 
 
 def _letter_logprobs(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQuestion],

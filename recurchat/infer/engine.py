@@ -256,8 +256,10 @@ class Engine:
                 yield batch.step(test)
 
     @torch.no_grad()
-    def score(self, x: torch.Tensor, y: torch.Tensor, recur: RecurParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced scoring with per-token adaptive depth: (nll [B, T] in nats, depth [B, T]).
+    def score(self, x: torch.Tensor, y: torch.Tensor,
+              recur: RecurParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced scoring with per-token adaptive depth: (nll [B, T] in nats, depth [B, T], the argmax
+        token at each position [B, T]).
 
         Position 0 comes from a one-token prefill (its depth is the prefill depth); every later position is a
         cached decode step that exits by the criterion, exactly as generation would.
@@ -270,6 +272,7 @@ class Engine:
         rows, plans = torch.arange(B, device=self.device), RowPlans.same(plan, B, self.device)
         nll = torch.empty(B, T, device=self.device)
         depth = torch.empty(B, T, dtype=torch.long, device=self.device)
+        top = torch.empty(B, T, dtype=torch.long, device=self.device)
         with self._autocast():
             logits, state = self._prefill(cache, x[:, :1], torch.ones(B, dtype=torch.long, device=self.device),
                                           prefill_r, plan.depth)
@@ -280,8 +283,8 @@ class Engine:
                     warm = state if recur.warm_start else None
                     logits, d, state = self._decode(cache, x[:, t], rows, pos, warm, plans)
                 nll[:, t] = torch.nn.functional.cross_entropy(logits.float(), y[:, t], reduction="none")
-                depth[:, t] = d
-        return nll, depth
+                depth[:, t], top[:, t] = d, logits.argmax(dim=-1)
+        return nll, depth, top
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | None = None,
                  recur: RecurParams | None = None) -> list[Generation]:
