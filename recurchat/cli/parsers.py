@@ -230,6 +230,14 @@ def add_driver_parsers(sub) -> None:
     add_runtime_flags(r)
     r.set_defaults(func=commands.cmd_speedrun)
     add_sweep_parser(sub)
+    x = sub.add_parser("export", help="export a checkpoint: hf (a folder transformers loads with trust_remote_code)")
+    x.add_argument("format", choices=("hf",))
+    x.add_argument("--ckpt", required=True)
+    x.add_argument("--out", required=True, help="the folder to write")
+    x.add_argument("--push", default=None, metavar="REPO", help="also upload it to this Hugging Face repo")
+    x.add_argument("--card-eval-tokens", type=int, default=8192,
+                   help="held-out tokens for the model card's bpb at each r (0: skip)")
+    x.set_defaults(func=commands.cmd_export)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer | serve")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights); "
