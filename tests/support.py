@@ -20,10 +20,11 @@ def smoke_run(tmp_path, small_text, steps: int = 4):
     return run
 
 
-def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
-    """Random weights with non-zero output projections, so depth changes the logits (the init makes r a no-op)."""
-    torch.manual_seed(seed)
-    model = RecurrentLM(cfg)
+def perturbed(model: RecurrentLM, seed: int | None = None) -> RecurrentLM:
+    """Noise on the output projections and the adapter, a wide head: depth then changes the logits (recurchat's
+    init, and a few training steps, leave r nearly a no-op). `seed` None draws from the current RNG."""
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "c_proj" in name or "adapter" in name:
@@ -31,6 +32,12 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
             if "lm_head" in name:
                 p.normal_(0, 0.3)
     return model.eval()
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> RecurrentLM:
+    """Random weights with non-zero output projections, so depth changes the logits."""
+    torch.manual_seed(seed)
+    return perturbed(RecurrentLM(cfg))
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from support import smoke_run
+from support import perturbed, smoke_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recurchat import checkpoint
@@ -28,13 +28,7 @@ def exported(tmp_path_factory, small_text):
     """A smoke checkpoint whose output projections are perturbed (so r changes the logits), and its export."""
     root = tmp_path_factory.mktemp("export")
     loaded, model = checkpoint.load_model(smoke_run(root, small_text, steps=2), "cpu")
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "c_proj" in name or "adapter" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-            if "lm_head" in name:
-                p.normal_(0, 0.3)
+    model = perturbed(model, seed=0)
     ckpt = checkpoint.save(root / "perturbed", model, loaded.model_cfg, TrainConfig(), loaded.tokenizer)
     out = root / "hf"
     assert main(["export", "hf", "--ckpt", str(ckpt), "--out", str(out), "--card-eval-tokens", "256"]) == 0
