@@ -109,7 +109,7 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto",
-                calibrated: bool = False, speculate: str = "1:4") -> dict:
+                calibrated: bool = False, speculate: str = "1:6") -> dict:
     """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
     its figures under exit_calibrated_* keys."""
     from recurchat.checkpoint import load_exit_gate, load_model  # the loading path every command uses
