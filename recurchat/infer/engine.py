@@ -10,7 +10,10 @@
   results are scattered back — so a batch in which easy tokens stop early does less work, not just masks it.
   A row that stopped at iteration j has its K/V filled forward so deeper iterations of later tokens read it.
 - Warm start (option): the previous token's final recurrent state seeds the next token instead of init(e).
-- `stream()` yields the tokens of each step as they are decided (for the server); `generate()` collects them.
+- Per-row plans: each row of a decode step has its own criterion, minimum and maximum (infer/plan.py), so rows of
+  different fixed depths and exit criteria share one step.
+- `stream()` yields the tokens of each step as they are decided, running the prompts as one continuous batch
+  (infer/batcher.py, which the server's continuous scheduler drives too); `generate()` collects them.
 """
 
 from __future__ import annotations
