@@ -98,6 +98,11 @@ class ContinuousScheduler(Scheduler):
                 continue
             seq = Sequence(job.id, job.prompt, job.sampling, plan, new_generator(job.sampling.seed, self.engine.device),
                            job.recur.warm_start)
+            if not pool.fits(seq):  # the server checks prompts first; a direct caller may not have
+                job.done = True
+                job._post(UserError(f"a prompt of {len(job.prompt)} tokens does not fit the context of "
+                                    f"{pool.max_len}"))
+                continue
             pool.add(seq)
             self._jobs[job.id] = job
         self._stats["cancelled"] += len(dropped)
