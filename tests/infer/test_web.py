@@ -63,6 +63,9 @@ def test_chat_streams_depth_tinted_tokens(server, page, tmp_path):
     page.goto(f"{server.url}/")
     page.wait_for_function("document.querySelector('#model-name').textContent.startsWith('smoke')")
 
+    # greedy, so every run shows the same reply: a sampled first token can be a special token, which ends the
+    # reply with no text at all
+    page.fill("#temperature", "0")
     # fixed depth: every token (prefill included) ran exactly r = 3 iterations
     page.fill("#num-recur", "3")
     page.fill("#max-tokens", "16")
