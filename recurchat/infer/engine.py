@@ -175,13 +175,12 @@ class Engine:
         m, done = self.model, act.plans.max_steps <= step
         with_logits = torch.zeros_like(done)
         for g, crit in checks.due(step):
-            rows = act.plans.group == g
-            if not bool(rows.any()):
+            rows = slice(None) if checks.single else act.plans.group == g
+            if not checks.single and not bool(rows.any()):
                 continue
-            everyone = bool(rows.all())
             logits = None
             if crit.needs_logits:
-                view = act.view if everyone else cache.rows(act.rows[rows], act.pos[rows])
+                view = act.view if checks.single else cache.rows(act.rows[rows], act.pos[rows])
                 logits = m.head(m.run_coda(act.s[rows], act.cos[rows], act.sin[rows], cache.coda(view)))[:, -1]
             stop = checks.trackers[g].update(step, act.s[rows][:, -1], logits) & (act.plans.min_steps[rows] <= step)
             stop = stop | done[rows]

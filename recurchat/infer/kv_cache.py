@@ -53,11 +53,11 @@ class Rows:
     tokens per row at positions start..start+chunk−1, attending to everything before them; speculative
     verification, where each row of a batch has accepted a different number of tokens)."""
 
-    __slots__ = ("index", "pos", "length", "mask", "contiguous", "start", "chunk_pos")
+    __slots__ = ("index", "pos", "length", "mask", "contiguous", "chunk_pos")
 
     def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int,
                  start: int | torch.Tensor = 0, chunk: int = 0):
-        self.index, self.pos, self.start, self.chunk_pos = index, pos, start, None
+        self.index, self.pos, self.chunk_pos = index, pos, None
         if isinstance(start, torch.Tensor):
             self.chunk_pos = start[:, None] + torch.arange(chunk, device=index.device)  # [n, chunk]
             self.length = int(self.chunk_pos.max()) + 1

@@ -134,13 +134,16 @@ class ExitChecks:
 
     def __init__(self, plans: RowPlans, initial_state: torch.Tensor, gate=None):
         self.criteria, self.trackers, self.first = plans.criteria, {}, {}
+        # RowPlans lists only the criteria its rows use: with one, every row is in its group, so checks need no mask
+        self.single = len(plans.criteria) == 1
         self.steps = set(plans.max_steps.tolist())
         self.last_step = max(self.steps)
         for g, crit in enumerate(plans.criteria):
-            rows = plans.group == g
-            if crit.kind == "fixed" or not bool(rows.any()):
+            if crit.kind == "fixed":
                 continue
-            self.trackers[g] = ExitTracker(crit, int(rows.sum()), initial_state.device, gate, initial_state[rows])
+            rows = slice(None) if self.single else plans.group == g
+            states = initial_state[rows]
+            self.trackers[g] = ExitTracker(crit, states.size(0), initial_state.device, gate, states)
             # criteria that compare with the previous iteration start recording one step before the minimum; the
             # gate reads s_{i−1} as a feature, so it records from the first iteration on
             self.first[g] = 1 if crit.kind == "gate" else max(1, int(plans.min_steps[rows].min()) - 1)
@@ -152,4 +155,4 @@ class ExitChecks:
     def keep(self, group: torch.Tensor, mask: torch.Tensor) -> None:
         """Drop the rows that stopped: `group` and `mask` (rows that stay) over the step's active rows."""
         for g, tracker in self.trackers.items():
-            tracker.keep(mask[group == g])
+            tracker.keep(mask if self.single else mask[group == g])
