@@ -30,7 +30,6 @@ from recurchat import checkpoint
 from recurchat.eval.tasks import RowScore, score_rows, token_rows
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.sampling import SamplingParams
-from recurchat.model.hardware import choose_dtype
 
 log = logging.getLogger("recurchat.harness")
 
@@ -49,7 +48,6 @@ class RecurchatLM(LM):
         self.tok, self.cfg = loaded.tokenizer, self.model.cfg
         self.engine = Engine(self.model, dtype=dtype, exit_gate=checkpoint.load_exit_gate(loaded.path))
         self._device = self.engine.device
-        self.dtype = choose_dtype(dtype, self.engine.device)
         exit = checkpoint.resolve_exit(exit, loaded.path)
         self.recur = self.engine.check_recur(RecurParams(num_recur=None if exit else (int(recur) if recur else None),
                                                          exit=exit, max_recur=int(max_recur) if max_recur else None,
@@ -63,7 +61,7 @@ class RecurchatLM(LM):
         rows = token_rows(self.tok.bos_id, pairs, self.cfg.seq_len)
         adaptive = self.recur.exit is not None
         return score_rows(self.model, rows, self.tok.pad_id, self.recur.num_recur, self.batch_size,
-                          self.engine if adaptive else None, self.recur if adaptive else None, self.dtype)
+                          self.engine if adaptive else None, self.recur if adaptive else None, self.engine.dtype)
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
         pairs = [(self.tok.encode(ctx), self.tok.encode(cont)) for ctx, cont in (r.args for r in requests)]

@@ -27,7 +27,7 @@ import torch
 
 from recurchat.infer.kv_cache import KVCache
 from recurchat.infer.plan import DepthPlan, RowPlans
-from recurchat.infer.sampling import SamplingParams, sample_next
+from recurchat.infer.sampling import SamplingParams, finish_reason, sample_next
 
 if TYPE_CHECKING:  # the engine runs batches; a batch only calls its passes
     from recurchat.infer.engine import Engine
@@ -170,13 +170,8 @@ class ContinuousBatch:
             p = s.params
             token = int(sample_next(s.logits[None], p.temperature, p.top_k, s.generator, p.top_p))
             s.produced, s.logits = s.produced + 1, None
-            reason = None
-            if cancelled is not None and cancelled(s):
-                reason = "cancelled"
-            elif token in p.stop_ids:
-                reason = "stop"
-            elif s.produced >= p.max_tokens or s.pos >= self.engine.cfg.seq_len:
-                reason = "length"
+            reason = "cancelled" if cancelled is not None and cancelled(s) else \
+                finish_reason(token, p, s.produced, s.pos, self.engine.cfg.seq_len)
             events.append(Event(s.id, token, s.depth, reason))
             if reason is None:
                 s.token = token

@@ -44,3 +44,13 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, generator:
         return logits.argmax(dim=-1)
     probs = next_token_probs(logits, temperature, top_k, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def finish_reason(token: int, params: SamplingParams, produced: int, pos: int, ctx: int) -> str | None:
+    """Why a row ends with `token`, its `produced`-th, to be fed at position `pos` of a `ctx`-token context: "stop"
+    (a stop token: not part of the output), "length" (max_tokens or the context reached), or None: it goes on."""
+    if token in params.stop_ids:
+        return "stop"
+    if produced >= params.max_tokens or pos >= ctx:
+        return "length"
+    return None

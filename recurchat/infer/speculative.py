@@ -17,17 +17,17 @@ Exercised by `pytest tests/infer/test_speculative.py`.
 
 from __future__ import annotations
 
-import secrets
 from dataclasses import dataclass, field
 
 import torch
 
 from recurchat.errors import UserError
+from recurchat.infer.batcher import new_generator
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
 from recurchat.infer.kv_cache import KVCache
 from recurchat.infer.plan import DepthPlan, RowPlans
-from recurchat.infer.sampling import SamplingParams, next_token_probs
+from recurchat.infer.sampling import SamplingParams, finish_reason, next_token_probs
 
 
 @dataclass
@@ -113,12 +113,11 @@ def accept(p: torch.Tensor, q: torch.Tensor, drafted: torch.Tensor, rows: list[i
 def emit(out: Speculation, tokens: list[int], params: SamplingParams, pos: int, ctx: int) -> bool:
     """Append decided tokens to a row's output until a stop token, max_tokens or the context; True if it goes on."""
     for i, tok in enumerate(tokens):
-        if tok in params.stop_ids:
-            out.finish_reason = "stop"
-            return False
-        out.tokens.append(tok)
-        if len(out.tokens) >= params.max_tokens or pos + i >= ctx:
-            out.finish_reason = "length"
+        reason = finish_reason(tok, params, len(out.tokens) + 1, pos + i, ctx)
+        if reason != "stop":
+            out.tokens.append(tok)
+        if reason is not None:
+            out.finish_reason = reason
             return False
     return True
 
@@ -139,8 +138,7 @@ def speculate(engine: Engine, prompts: list[list[int]], sampling: SamplingParams
     params = sampling if isinstance(sampling, list) else [sampling] * B
     need = min(cfg.seq_len, max(len(p) + s.max_tokens for p, s in zip(prompts, params)) + k + 1)
     cache = KVCache(cfg, "full", B, need, num_recur, dev, engine.dtype.torch_dtype)
-    gens = [torch.Generator(device=dev).manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
-            for p in params]
+    gens = [new_generator(p.seed, dev) for p in params]
     rowset, out = Rows(params, gens, dev), [Speculation() for _ in prompts]
     lens = torch.tensor([len(p) for p in prompts], device=dev)
     idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)

@@ -74,7 +74,7 @@ def test_a_local_task_scores_every_choice_as_recurchat_eval_does(local_task, set
     theirs = [[float(r[0][0]) for r in s["resps"]] for s in samples]
     questions = load_benchmark("arc-easy", local_task.data)
     adaptive = "exit" in setting
-    ours = score_mc(lm.model, lm.tok, questions, setting.get("recur"), batch_size=4, dtype=lm.dtype,
+    ours = score_mc(lm.model, lm.tok, questions, setting.get("recur"), batch_size=4, dtype=lm.engine.dtype,
                     engine=lm.engine if adaptive else None,
                     recur=RecurParams(exit=setting["exit"]) if adaptive else None)
     for mine, lm_evals in zip(ours, theirs):
