@@ -47,13 +47,15 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, defaults=None, note: 
                                action=DeprecatedFlag, help=argparse.SUPPRESS)
 
 
-def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True) -> None:
-    """--threads everywhere torch computes; --dtype where it is not already a TrainConfig field."""
+def add_runtime_flags(parser: argparse.ArgumentParser, dtype: bool = True, device: bool = False) -> None:
+    """--threads everywhere torch computes; --dtype and --device where they are not already TrainConfig fields."""
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads (default 0: what torch sees)")
     if dtype:
         parser.add_argument("--dtype", default="auto", choices=DTYPES,
                             help="auto: bf16 where the device runs it natively, else fp32")
+    if device:
+        parser.add_argument("--device", default="auto")
 
 
 def positive_int(text: str) -> int:
@@ -114,8 +116,7 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens to calibrate on")
     c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's pretraining text)")
-    add_runtime_flags(c)
-    c.add_argument("--device", default="auto")
+    add_runtime_flags(c, device=True)
     c.set_defaults(func=commands.cmd_calibrate)
 
 
@@ -131,8 +132,7 @@ def add_exit_train_parser(sub) -> None:
     g.add_argument("--hidden", type=positive_int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data", default=None, help="text source (default: the checkpoint's pretraining text)")
-    add_runtime_flags(g)
-    g.add_argument("--device", default="auto")
+    add_runtime_flags(g, device=True)
     g.set_defaults(func=commands.cmd_exit_train)
 
 
@@ -153,8 +153,7 @@ def add_eval_parser(sub) -> None:
     e.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's training data)")
     e.add_argument("--eval-tokens", type=int, default=0, help="tokens of held-out text (default: the checkpoint's)")
     e.add_argument("--batch-size", type=int, default=16)
-    add_runtime_flags(e)
-    e.add_argument("--device", default="auto")
+    add_runtime_flags(e, device=True)
     e.add_argument("--exit", default=None, help="also score with adaptive depth: comma list like kl:1e-3,latent:0.05 "
                                                 "(auto: the checkpoint's calibrated exit)")
     e.add_argument("--max-recur", type=int, default=None, help="depth cap for --exit (default r_max)")
@@ -179,8 +178,7 @@ def add_generation_flags(sp: argparse.ArgumentParser, max_tokens: int, temperatu
     sp.add_argument("--top-k", type=int, default=50)
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
-    add_runtime_flags(sp)
-    sp.add_argument("--device", default="auto")
+    add_runtime_flags(sp, device=True)
 
 
 def add_generation_parsers(sub) -> None:
@@ -217,8 +215,7 @@ def add_serve_parser(sub) -> None:
     v.add_argument("--kv-budget-mb", type=non_negative_float, default=0.0,
                    help="MiB of KV cache the server may hold (continuous: its row pools; static: the running batch); "
                         "requests wait for room, and one that can never fit gets a 400 (default 0: no limit)")
-    v.add_argument("--device", default="auto")
-    add_runtime_flags(v)
+    add_runtime_flags(v, device=True)
     v.set_defaults(func=commands.cmd_serve)
 
 
@@ -258,9 +255,8 @@ def add_driver_parsers(sub) -> None:
     b.add_argument("--preset", default="cpu-tiny")
     b.add_argument("--steps", type=int, default=8, help="timed steps per case (median reported)")
     b.add_argument("--batch-size", type=int, default=8)
-    b.add_argument("--device", default="auto")
     b.add_argument("--json", default=None)
-    add_runtime_flags(b)
+    add_runtime_flags(b, device=True)
     b.set_defaults(func=commands.cmd_bench)
     tk = sub.add_parser("tokenizer", help="tokenizer tools")
     tks = tk.add_subparsers(dest="tokenizer_command", required=True)

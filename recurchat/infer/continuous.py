@@ -41,6 +41,9 @@ class ContinuousScheduler(Scheduler):
         self._jobs: dict[int, Job] = {}  # running jobs by id (the Sequence id)
         self._stats.update(steps=0, pools=0)
 
+    def _running_jobs(self) -> list[Job]:
+        return list(self._jobs.values())
+
     # -- memory ---------------------------------------------------------------------------------------------------
 
     def row_bytes(self, kv: str, slots: int) -> int:
@@ -106,7 +109,6 @@ class ContinuousScheduler(Scheduler):
             pool.add(seq)
             self._jobs[job.id] = job
         self._stats["cancelled"] += len(dropped)
-        self._running = list(self._jobs.values())
         kv = self._pool_bytes()
         self._stats["kv_bytes_running"] = kv
         self._stats["kv_bytes_peak"] = max(self._stats["kv_bytes_peak"], kv)
@@ -158,7 +160,6 @@ class ContinuousScheduler(Scheduler):
             with self._cond:
                 self._stats[key] += 1
                 del self._jobs[job.id]
-                self._running = list(self._jobs.values())
         job._post(Event(0, ev.token, ev.depth, ev.finish_reason))  # a job is one row: its events say row 0
 
     def _fail_pool(self, key: tuple[str, int], pool: ContinuousBatch, e: Exception) -> None:
@@ -170,7 +171,6 @@ class ContinuousScheduler(Scheduler):
             jobs = [self._jobs.pop(s.id) for s in pool.sequences]
             self._pools.pop(key, None)
             self._stats["failed"] += len(jobs)
-            self._running = list(self._jobs.values())
         for job in jobs:
             job.done = True
             job._post(e)
@@ -180,7 +180,6 @@ class ContinuousScheduler(Scheduler):
             jobs = list(self._jobs.values())
             self._jobs.clear()
             self._pools.clear()
-            self._running = []
         for job in jobs:
             job.done = True
             job._post(e)

@@ -146,9 +146,13 @@ class Scheduler:
         return not self.kv_budget_bytes or self.engine.cache_bytes(
             [j.reach for j in batch] + [job.reach], job.recur) <= self.kv_budget_bytes
 
+    def _running_jobs(self) -> list[Job]:
+        """The jobs generating now (call under the lock)."""
+        return self._running
+
     def stats(self) -> dict:
         with self._cond:
-            return dict(self._stats, queued=len(self._pending), running=len(self._running),
+            return dict(self._stats, queued=len(self._pending), running=len(self._running_jobs()),
                         max_batch=self.max_batch, queue_size=self.queue_size, kv_budget_bytes=self.kv_budget_bytes)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -157,7 +161,7 @@ class Scheduler:
             self._closed = True
             waiting = list(self._pending)
             self._pending.clear()
-            for job in self._running:
+            for job in self._running_jobs():
                 job.cancel("shutdown")
             self._cond.notify_all()
         for job in waiting:
