@@ -145,7 +145,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             generate_naive(model, prompts8[0], tokens, num_recur=rbar, temperature=0.0)
         t_naive.append(time.perf_counter() - t0)
     naive_tok_s = tokens / statistics.median(t_naive)
-    t1, g1, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
+    t1, _, _ = timed_generate(engine, prompts8[:1], tokens, fixed)
     t8, g8_fixed, _ = timed_generate(engine, prompts8, tokens, fixed)
     t1x, g1x, _ = timed_generate(engine, prompts8[:1], tokens, adaptive)
     t8x, g8x, heads8 = timed_generate(engine, prompts8, tokens, adaptive)

@@ -122,7 +122,7 @@ def calibrate_checkpoint(ckpt: str, criterion: str, max_bpb_loss: float, eval_to
 
     check_request(criterion, max_bpb_loss)  # before minutes of loading and scoring
     loaded, model = checkpoint.load_model(ckpt, device)
-    engine = Engine(model, dtype=dtype, exit_gate=checkpoint.load_exit_gate(loaded.path))
+    engine = Engine.for_checkpoint(loaded, model, dtype)
     print(engine.describe(), file=sys.stderr)
     val = prepare_data(heldout_source(loaded, data), loaded.model_cfg.vocab_size, tokenizer=loaded.tokenizer,
                        log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val

@@ -46,7 +46,7 @@ class RecurchatLM(LM):
             device = "auto"
         loaded, self.model = checkpoint.load_model(str(ckpt), device or "auto")
         self.tok, self.cfg = loaded.tokenizer, self.model.cfg
-        self.engine = Engine(self.model, dtype=dtype, exit_gate=checkpoint.load_exit_gate(loaded.path))
+        self.engine = Engine.for_checkpoint(loaded, self.model, dtype)
         self._device = self.engine.device
         exit = checkpoint.resolve_exit(exit, loaded.path)
         self.recur = self.engine.check_recur(RecurParams(num_recur=None if exit else (int(recur) if recur else None),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recurchat.checkpoint import load_exit_gate, load_model, resolve_exit
+from recurchat.checkpoint import load_model, resolve_exit
 from recurchat.config import ModelConfig
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurError, RecurParams
@@ -38,7 +38,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    engine = Engine(model, dtype=args.dtype, exit_gate=load_exit_gate(ckpt.path))
+    engine = Engine.for_checkpoint(ckpt, model, args.dtype)
     prompts = [prompt] * args.num_samples
     recur = recur_params(args, model.cfg)
     engine.check(prompts, recur)
@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from recurchat.data.chat import render_prompt
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
-    engine = Engine(model, dtype=args.dtype, exit_gate=load_exit_gate(ckpt.path))
+    engine = Engine.for_checkpoint(ckpt, model, args.dtype)
     recur = recur_params(args, model.cfg)
     engine.check([[tok.bos_id]], recur)
     print(engine.describe(), file=sys.stderr)

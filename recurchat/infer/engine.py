@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from recurchat.checkpoint import Checkpoint, load_exit_gate
 from recurchat.errors import UserError
 from recurchat.infer.batcher import ContinuousBatch, Event, Generation, Sequence, new_generator
 from recurchat.infer.kv_cache import KVCache, bytes_per_token
@@ -79,6 +80,11 @@ class Engine:
         self.dtype = choose_dtype(dtype, self.device)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
+
+    @classmethod
+    def for_checkpoint(cls, ckpt: Checkpoint, model: RecurrentLM, dtype: str = "auto") -> "Engine":
+        """The engine for a loaded checkpoint (checkpoint.load_model), with the exit gate trained for it, if any."""
+        return cls(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path))
 
     def _autocast(self):
         return self.dtype.autocast(self.device)

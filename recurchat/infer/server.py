@@ -32,7 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit, load_exit_gate
+from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
 from recurchat.infer.access import AccessGuard
@@ -71,7 +71,7 @@ class Service:
         self.ctx = self.cfg.seq_len
         self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
         self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
-        self.engine = Engine(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path))
+        self.engine = Engine.for_checkpoint(ckpt, model, dtype)
         budget = int(kv_budget_mb * 2**20)
         if batching == "continuous":
             self.scheduler: Scheduler = ContinuousScheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
