@@ -9,7 +9,10 @@ computes exactly what recurchat computes. Per call:
     model.generate(ids, max_new_tokens=40, num_recur=8)         # cached decoding at depth 8
     model.generate(ids, max_new_tokens=40, exit="kl:1e-3", max_recur=16, kv="last")   # per-token early exit
 
-Batches must be unpadded (equal-length prompts): positions are the token's index, as in recurchat.
+Batches must be unpadded (equal-length prompts): positions are the token's index, as in recurchat. The cached
+passes (_chunk, _decode_with_exit) are a smaller restatement of infer/engine.py's: exporting the engine itself would
+pull the continuous batcher, depth plans, sampling and hardware probes into the folder; the parity tests hold the
+two to the same numbers.
 Exercised by `pytest tests/test_export_hf.py`.
 """
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from recurchat import checkpoint
 from recurchat.data.corpus import prepare_data
+from recurchat.data.loader import eval_batches
 from recurchat.errors import UserError
 from recurchat.eval.command import heldout_source
 from recurchat.model.exit_gate import ExitGate, trajectory
@@ -35,17 +36,14 @@ from recurchat.model.scoring import scoring
 def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep: int, dtype,
                   batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(state [N, d], prev_state [N, d], step [N], kl [N]) for every (token, iteration ≤ deep) of up to
-    `max_tokens` tokens of `tokens`, read as consecutive sequences of the model's context length."""
+    `max_tokens` tokens of `tokens`, read as consecutive sequences of the model's context length (eval_batches)."""
     T = model.cfg.seq_len
-    n_seq = max(1, min(max_tokens, len(tokens) - 1) // T)
     if len(tokens) < T + 1:
         raise UserError(f"exit-train needs at least {T + 1} tokens of text, got {len(tokens)}")
     parts: list[list[torch.Tensor]] = [[], [], [], []]
     with scoring(model, dtype) as device:
-        for first in range(0, n_seq, batch_size):
-            rows = range(first, min(first + batch_size, n_seq))
-            idx = torch.from_numpy(np.stack([tokens[i * T:(i + 1) * T] for i in rows]).astype(np.int64)).to(device)
-            states, kl = trajectory(model, idx, deep)
+        for x, _ in eval_batches(tokens, batch_size, T, max_tokens):
+            states, kl = trajectory(model, x.to(device), deep)
             steps = torch.arange(1, deep + 1, device=device).view(deep, 1, 1).expand_as(kl)
             for store, value in zip(parts, (states[1:], states[:-1], steps, kl)):
                 store.append(value.reshape(-1, *value.shape[3:]).cpu())
