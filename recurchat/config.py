@@ -1,4 +1,4 @@
-"""ModelConfig and TrainConfig dataclasses plus the named presets (cpu-smoke, cpu-tiny, gpu-d20).
+"""ModelConfig and TrainConfig dataclasses plus the named presets (cpu-smoke, cpu-tiny, probe, gpu-d20).
 
 Every field is also a command-line flag (see `recurchat train --help`). Naming: R, the number of shared blocks, is
 `n_shared`; r, the number of iterations, is everything named `*_recur` (`num_recur` per call, `mean_recur` = r̄,
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from recurchat.errors import UserError
 
-ADAPTERS = ("concat", "add")
+ADAPTERS = ("concat", "add", "parcae")  # parcae: constrained injection Ā ⊙ s + Δ ⊙ (B e), 0 < Ā < 1
 # Initial weight of the concat adapter u = W·[e, s]: e = [I | 0] (reads e only), s = [0 | I] (reads the state only:
 # an unrolled deep net), mean = [I/2 | I/2], random = uniform with std 1/sqrt(2d) (Huginn-like).
 ADAPTER_INITS = ("e", "s", "mean", "random")
@@ -26,7 +26,8 @@ DTYPES = ("auto", "bf16", "fp32")  # resolved per device by model/hardware.py
 RENAMED_FIELDS = {"n_recur": "n_shared"}
 # Fields added after checkpoints were already written, with the value that reproduces those checkpoints' model
 # (their defaults today may differ: a saved config without the field meant the behaviour before it existed).
-ADDED_FIELDS = {"adapter_init": "e", "state_norm": False, "sandwich_norm": False}
+ADDED_FIELDS = {"adapter_init": "e", "state_norm": False, "sandwich_norm": False, "qk_gain": False,
+                "attn_window": 0}
 
 
 @dataclass
@@ -49,6 +50,10 @@ class ModelConfig:
     state_noise_std: float = 1.0  # scale of the noise state (state_init = noise)
     state_norm: bool = True  # RMS-normalise the state after every iteration (its scale cannot drift with r)
     sandwich_norm: bool = False  # shared blocks normalise after each residual add (Huginn): x ← norm(x + f(norm(x)))
+    qk_gain: bool = False  # a learned gain per attention head on the QK-normed logits (sharper attention)
+    # > 0: every block attends to the last attn_window positions only, so information travels attn_window − 1
+    # positions per layer and an answer t positions away needs iterations, not one wide look (0 = full causal)
+    attn_window: int = 0
     seq_len: int = 256
     logit_softcap: float = 15.0
     rope_base: float = 10000.0
@@ -72,6 +77,8 @@ class ModelConfig:
         if self.d_model % self.n_head or self.n_head % self.n_kv_head or (self.d_model // self.n_head) % 2:
             raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
                             "need d_model % n_head == 0, n_head % n_kv_head == 0 and an even head dim")
+        if self.attn_window < 0:
+            raise UserError(f"attn_window must be >= 0 (0 = full causal attention), got {self.attn_window}")
         if self.seq_len < 2:
             raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
         return self
@@ -124,6 +131,11 @@ class TrainConfig:
     curriculum_frac: float = 0.0  # ramp r̄ from 1 over this fraction of max_steps
     lr_shared_scale: float = 1.0  # multiplies lr_matrix for the shared blocks (they get r gradient contributions)
     bptt_k: int = 4  # gradient flows through the last k iterations only
+    # Recipes that keep depth working on probes (docs/ablations/probes/): Bansal et al.'s progressive loss mixes in,
+    # with weight α, the loss after n ~ U{0..r−1} no-grad iterations and k ~ U{1..r−n} with gradients; loss_reach ≥ 0
+    # supervises only the probe labels r iterations can reach (difficulty ≤ r + loss_reach; −1 = every label).
+    progressive_loss: float = 0.0
+    loss_reach: int = -1
     dtype: str = "auto"  # auto (bf16 where the device runs it natively, else fp32) | bf16 (autocast) | fp32
     eval_every: int = 50
     eval_tokens: int = 32768
@@ -157,6 +169,10 @@ class TrainConfig:
             raise UserError(f"lr_shared_scale must be > 0, got {self.lr_shared_scale}")
         if not 0 <= self.mix_pretrain < 1 or (self.mix_pretrain and self.stage != "sft"):
             raise UserError(f"mix_pretrain must be in [0, 1) and is for sft only, got {self.mix_pretrain}")
+        if not 0 <= self.progressive_loss < 1:
+            raise UserError(f"progressive_loss must be in [0, 1), got {self.progressive_loss}")
+        if self.loss_reach < -1:
+            raise UserError(f"loss_reach must be >= 0, or -1 for every label, got {self.loss_reach}")
         if not 0 <= self.curriculum_frac <= 1:
             raise UserError(f"curriculum_frac must be in [0, 1], got {self.curriculum_frac}")
         if self.dtype not in DTYPES:
@@ -187,6 +203,15 @@ PRESETS: dict[str, Preset] = {
     "cpu-tiny": _preset("2-core CPU, minutes", dict(vocab_size=4096, d_model=256, n_head=4, n_kv_head=2,
                         n_prelude=2, n_shared=2, n_coda=2, mean_recur=4, r_max=16, seq_len=256),
                         dict(max_steps=200, batch_size=8, total_batch_tokens=2048, bptt_k=4)),
+    # Labelled-sequence probes (data/tasks/probes.py): width 64, one block each for prelude, shared stack and coda,
+    # and attention to the previous position only (attn_window = 2), so an answer t steps away needs about t
+    # iterations: with full attention the model solves the trained lengths in 1-2 iterations by a shortcut that does
+    # not extrapolate (docs/ablations/probes/). ~75 s per 2000 steps on 2 cores.
+    "probe": _preset("depth probes on 2 CPU cores, minutes", dict(vocab_size=64, d_model=64, n_head=2, n_kv_head=2,
+                     n_prelude=1, n_shared=1, n_coda=1, mean_recur=6, r_max=32, seq_len=128, attn_window=2),
+                     dict(max_steps=2000, batch_size=64, total_batch_tokens=64 * 128, bptt_k=32, eval_every=500,
+                          eval_tokens=256 * 256, eval_recur="1,6,24", warmup_steps=50, data="probe:parity:1-8",
+                          loss_reach=2, save_every_min=0)),
     # The seed's setting: (P,R,C) = (2,4,2), r̄ = 4, r_max = 16, k = 4, d = 1280; iso-FLOP twin has 20 layers.
     "gpu-d20": _preset("8×H100-class, hours", dict(vocab_size=65536, d_model=1280, n_head=10, n_kv_head=10,
                        n_prelude=2, n_shared=4, n_coda=2, mean_recur=4, r_max=16, seq_len=2048),

@@ -93,4 +93,4 @@ def test_python_dash_m_exit_code(tmp_path):
     p = subprocess.run([sys.executable, "-m", "recurchat", "train", "--preset", "nope", "--out", str(tmp_path)],
                        capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == ["error: unknown preset 'nope' (choose from "
-                                                                   "cpu-smoke, cpu-tiny, gpu-d20)"]
+                                                                   "cpu-smoke, cpu-tiny, probe, gpu-d20)"]

@@ -25,7 +25,7 @@ from recurchat.errors import UserError
 
 # ---- validation -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("changes, message", [
-    (dict(adapter="mul"), "unknown adapter 'mul' (choose from concat, add)"),
+    (dict(adapter="mul"), "unknown adapter 'mul' (choose from concat, add, parcae)"),
     (dict(state_init="ones"), "unknown state init 'ones' (choose from e, zeros, noise)"),
     (dict(r_max=0, mean_recur=1), "r_max must be >= 1, got 0"),
     (dict(mean_recur=0), "mean_recur must be in [1, r_max=16], got 0"),
@@ -87,7 +87,7 @@ def test_preset_values_the_docs_rely_on():
 
 def test_unknown_preset():
     with pytest.raises(UserError, match=re.escape("unknown preset 'cpu-huge' (choose from cpu-smoke, cpu-tiny, "
-                                                  "gpu-d20)")):
+                                                  "probe, gpu-d20)")):
         get_preset("cpu-huge")
 
 

@@ -19,15 +19,20 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
     stages = json.loads((out / "stages.json").read_text())
     models = ("recursive", "standard", "iso-params")
-    assert list(stages) == [f"{stage} {m}" for stage in ("pretrain", "sft", "eval") for m in models]
+    probe_stages = [*(f"probe parity {m}" for m in models), "calibrate probe parity",
+                    *(f"eval probe parity {m}" for m in models)]
+    assert list(stages) == [f"{stage} {m}" for stage in ("pretrain", "sft", "eval") for m in models] + probe_stages
     report = (out / "report.md").read_text()
-    for section in ("| model | params | inference FLOPs/token", "At r̄ = 2 the recursive base model's held-out bpb",
+    assert report.index("## Depth that does work: the probes") < report.index("| model | params | inference")
+    for section in ("| parity:1-4 | recursive |", "| parity:1-4 | iso-FLOP twin |", "| parity:1-4 | iso-params |",
+                    "![parity:1-4: accuracy by difficulty × r](heatmap-parity.png)",
+                    "| model | params | inference FLOPs/token", "At r̄ = 2 the recursive base model's held-out bpb",
                     "Going from r̄ = 2 to 4r̄ = 8 recursions", "recursions per token per extra hop",
                     "After SFT its plain-text bpb is", "## Models", "## Loss curves", "## Wall time per stage",
                     "## Machine", "## Evaluation", "Standard model (baseline)"):
         assert section in report, section
     assert "nan" not in report.lower()
-    for png in ("loss_curves.png", "eval/acc_vs_r.png", "eval/bpb_vs_r.png", "eval/pareto.png",
+    for png in ("heatmap-parity.png", "loss_curves.png", "eval/acc_vs_r.png", "eval/bpb_vs_r.png", "eval/pareto.png",
                 "eval/depth_vs_difficulty.png"):
         assert (out / png).read_bytes()[:8] == PNG_MAGIC, png
         assert f"]({png})" in report, png
@@ -35,12 +40,16 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert set(rec["tasks"]["bpb"]) == {"1", "2", "4", "8"} and set(std["tasks"]["bpb"]) == {"1"}
     assert set(rec["acc_by_difficulty"]["chain:1-4"]["8"]) == {"1", "2", "3", "4"}  # trained 1..2, held out 3..4
     assert iso["params"] < rec["params"] < std["params"]  # shared weights: fewer than the twin, adapter on top
+    probe = [json.loads((out / f"eval-probe-parity-{m}.json").read_text()) for m in models]
+    assert set(probe[0]["acc_by_difficulty"]["probe:parity:1-8"]) >= {"1", "2", "6", "12", "24"}
+    assert [set(p["tasks"]["probe:parity:1-8"]) for p in probe[1:]] == [{"1"}, {"1"}]
+    assert list(probe[0]["trajectory"]["probe:parity:1-8"]["settle"]) == [str(d) for d in range(1, 9)]
     bases = [json.loads((out / f"eval-base-{m}.json").read_text()) for m in models]
     assert [set(b["tasks"]["bpb"]) for b in bases] == [{"1", "2", "4", "8"}, {"1"}, {"1"}]
     capsys.readouterr()
     # a second run finds every stage done and only redraws the report
     assert main(["speedrun", "--preset", "cpu-smoke", "--out", str(out)]) == 0
-    assert capsys.readouterr().out.count("skipping") == 9
+    assert capsys.readouterr().out.count("skipping") == 9 + len(probe_stages)
     assert json.loads((out / "stages.json").read_text()) == stages
 
 

@@ -176,3 +176,20 @@ def test_recursion_only_fields_leave_a_standard_model_unchanged(tiny_cfg):
     reference = RecurrentLM(std)(idx)
     torch.manual_seed(0)
     assert torch.equal(RecurrentLM(dataclasses.replace(std, **other))(idx), reference)
+
+
+def test_probe_study_scores_extrapolation_and_tabulates_accuracies(tmp_path):
+    study = tmp_path / "probe"
+    assert main(["sweep", "--study", str(study), "--preset", "probe", "--quiet", "--max-steps", "40",
+                 "--data", "probe:parity:1-4", "--grid", "attn_window=0,2", "--standard", "iso-params"]) == 0
+    trials = summary(study)["trials"]
+    assert sorted(t["model"] for t in trials) == ["iso-params", "iso-params", "recursive", "recursive"]
+    assert all(t["state"] == "COMPLETE" for t in trials)  # attn_window shapes the baseline too: one per value
+    for t in trials:
+        depths = {"1", "2", "6", "12", "24"} if t["model"] == "recursive" else {"1"}
+        assert set(t["acc"]) == set(t["acc_long"]) == depths
+        r = "24" if t["model"] == "recursive" else "1"
+        finished = optuna.load_study(study_name="recurchat", storage=f"sqlite:///{study / 'study.db'}").trials
+        assert next(f for f in finished if f.number == t["number"]).value == pytest.approx(1 - t["acc_long"][r])
+    md = (study / "summary.md").read_text()
+    assert "Label accuracy on the trained levels / on the held-out levels" in md and "attn_window=2" in md

@@ -60,8 +60,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from recurchat.eval.calibrate import calibrate_checkpoint
+    from recurchat.eval.calibrate import calibrate_checkpoint, calibrate_probe_checkpoint
 
+    if args.probe:
+        calibrate_probe_checkpoint(args.ckpt, args.probe, args.criterion, args.max_acc_loss, limit=args.limit,
+                                   reference_recur=args.reference_recur, max_recur=args.max_recur,
+                                   dtype=args.dtype, device=args.device)
+        return 0
     calibrate_checkpoint(args.ckpt, args.criterion, args.max_bpb_loss, eval_tokens=args.eval_tokens,
                          batch_size=args.batch_size, data=args.data, dtype=args.dtype, device=args.device)
     return 0

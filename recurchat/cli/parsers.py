@@ -116,6 +116,13 @@ def add_calibrate_parser(sub) -> None:
     c.add_argument("--eval-tokens", type=positive_int, default=8192, help="held-out tokens to calibrate on")
     c.add_argument("--batch-size", type=positive_int, default=16)
     c.add_argument("--data", default=None, help="held-out text source (default: the checkpoint's pretraining text)")
+    c.add_argument("--probe", default=None, metavar="probe:NAME:LO-HI",
+                   help="calibrate on a labelled-sequence probe instead of text: accuracy loss against fixed r")
+    c.add_argument("--max-acc-loss", type=float, default=0.01,
+                   help="with --probe: largest accuracy loss, at 95%% confidence (0.01 = 1 point)")
+    c.add_argument("--reference-recur", type=positive_int, default=None, help="with --probe: fixed r (default 4r̄)")
+    c.add_argument("--limit", type=positive_int, default=256, help="with --probe: held-out sequences")
+    c.add_argument("--max-recur", type=positive_int, default=None, help="with --probe: cap on r under the exit")
     add_runtime_flags(c, device=True)
     c.set_defaults(func=commands.cmd_calibrate)
 

@@ -169,3 +169,34 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor
     # One fancy-index read per batch; memmap pages are touched only for the rows used.
     index = starts[:, None] + np.arange(length, dtype=np.int64)[None, :]
     return torch.from_numpy(np.asarray(tokens[index], dtype=np.int64))
+
+
+class ProbeLoader:
+    """Fresh labelled-sequence batches (data/tasks/probes.py) for one rank, generated from (seed, batch index,
+    rank): nothing to store, exactly resumable from the batch count alone. next_batch returns (x, y, difficulty)."""
+
+    def __init__(self, probe, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size}")
+        self.probe, self.batch_size, self.seed = probe, batch_size, seed
+        self.rank, self.world_size, self.global_rows = rank, world_size, world_size * batch_size
+        self.batches = 0  # global batches drawn so far
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seed = ((self.seed * 1_000_003 + self.batches) * 1_009 + self.rank) % (2**62)
+        self.batches += 1
+        batch = self.probe.batch(self.batch_size, seed)
+        return batch.x, batch.y, batch.difficulty
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "probe": self.probe.name, "seed": self.seed, "batches": self.batches,
+                "global_batch_rows": self.global_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION or state.get("probe") != self.probe.name:
+            raise UserError(f"cannot resume: the checkpoint's data is {state.get('probe', 'not a probe')!r}, "
+                            f"now {self.probe.name!r}")
+        if state["global_batch_rows"] != self.global_rows:
+            raise UserError(f"cannot resume: checkpoint's global batch is {state['global_batch_rows']} rows, now "
+                            f"{self.global_rows}; keep world_size x batch_size the same")
+        self.seed, self.batches = int(state["seed"]), int(state["batches"])

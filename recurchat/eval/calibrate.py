@@ -70,11 +70,11 @@ def score_segments(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor
     return tuple(torch.cat(p).numpy() for p in parts)  # type: ignore[return-value]
 
 
-def check_request(criterion: str, max_bpb_loss: float) -> None:
+def check_request(criterion: str, max_loss: float, flag: str = "--max-bpb-loss") -> None:
     if criterion not in GRIDS:
         raise UserError(f"cannot calibrate {criterion!r} (choose from {', '.join(GRIDS)})")
-    if not 0 < max_bpb_loss < 1:
-        raise UserError(f"--max-bpb-loss must be a fraction in (0, 1), e.g. 0.01 for 1%, got {max_bpb_loss}")
+    if not 0 < max_loss < 1:
+        raise UserError(f"{flag} must be a fraction in (0, 1), e.g. 0.01 for 1%, got {max_loss}")
 
 
 def calibrate(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor, criterion: str, max_bpb_loss: float,
@@ -133,4 +133,79 @@ def calibrate_checkpoint(ckpt: str, criterion: str, max_bpb_loss: float, eval_to
           f"{100 * result['bpb_loss_upper_95']:+.2f}%, target {100 * max_bpb_loss:g}%), "
           f"{result['mean_recursions']:.2f} recursions/token vs {result['fixed_recursions']} fixed; saved to {path}; "
           "use it with --exit auto")
+    return result
+
+
+def accuracy_loss(correct_ref: np.ndarray, correct_exit: np.ndarray) -> tuple[float, float]:
+    """(estimate, one-sided 95% upper bound) of the accuracy lost, mean(ref − exit), over paired labels."""
+    diff = correct_ref.astype(np.float64) - correct_exit.astype(np.float64)
+    n = diff.size
+    se = float(diff.std(ddof=1)) / math.sqrt(n) if n > 1 else 0.0
+    return float(diff.mean()), float(diff.mean()) + Z_95 * se
+
+
+def calibrate_probe(engine: Engine, batch, criterion: str, max_acc_loss: float, reference_recur: int,
+                    max_recur: int, log=print) -> dict:
+    """The probe analogue of `calibrate`: thresholds strictest first, each scored teacher-forced on the same held-out
+    sequences, passing while the one-sided 95% bound on the accuracy lost against fixed `reference_recur` stays
+    ≤ `max_acc_loss`; the first failure ends the sequence. Returns the choice with every test and its recursions
+    by difficulty."""
+    from recurchat.eval import probes
+
+    check_request(criterion, max_acc_loss, "--max-acc-loss")
+    if not engine.cfg.recursive:
+        raise UserError("a standard model (no shared blocks) has no depth to calibrate")
+    ref = probes.score_exit(engine, batch, RecurParams(num_recur=reference_recur).validate(engine.cfg))
+    ref_ok = np.array([r["correct"] for r in ref])
+    log(f"fixed r = {reference_recur}: accuracy {ref_ok.mean():.4f} on {ref_ok.size} labels")
+    tested, chosen = [], None
+    for threshold in GRIDS[criterion]:
+        spec = f"{criterion}:{threshold:g}"
+        out = probes.score_exit(engine, batch, RecurParams(exit=spec, max_recur=max_recur).validate(engine.cfg))
+        ok = np.array([r["correct"] for r in out])
+        loss, upper = accuracy_loss(ref_ok, ok)
+        row = {"exit": spec, "acc": float(ok.mean()), "acc_loss": loss, "acc_loss_upper_95": upper,
+               "mean_recursions": float(np.mean([r["mean_depth"] for r in out])),
+               "recursions_by_difficulty": probes.mean_by_difficulty(out, "mean_depth"),
+               "passed": upper <= max_acc_loss}
+        tested.append(row)
+        log(f"{spec:>14}: accuracy {row['acc']:.4f}, loss {100 * loss:+.2f} points (95% bound {100 * upper:+.2f}), "
+            f"{row['mean_recursions']:.2f} recursions/label — {'pass' if row['passed'] else 'fail: stop'}")
+        if not row["passed"]:
+            break
+        chosen = row
+    if chosen is None:
+        raise UserError(f"no {criterion} threshold keeps the accuracy loss within {100 * max_acc_loss:g} points at "
+                        f"95% confidence (strictest tested: {tested[0]['exit']}); try another criterion")
+    return {"criterion": criterion, "max_acc_loss": max_acc_loss, "max_recur": max_recur,
+            "reference_recursions": reference_recur, "acc_reference": float(ref_ok.mean()), "labels": int(ref_ok.size),
+            "tested": tested, **{k: chosen[k] for k in ("exit", "acc", "acc_loss", "acc_loss_upper_95",
+                                                         "mean_recursions", "recursions_by_difficulty")}}
+
+
+def calibrate_probe_checkpoint(ckpt: str, probe: str, criterion: str, max_acc_loss: float, limit: int = 256,
+                               reference_recur: int | None = None, max_recur: int | None = None,
+                               dtype: str = "auto", device: str = "auto") -> dict:
+    """`recurchat calibrate --probe probe:NAME:LO-HI`: calibrate on held-out probe sequences (a seed range the eval
+    does not use) against fixed r = 4r̄ by default, and save the choice beside the weights for `--exit auto`."""
+    import sys
+
+    from recurchat.data.tasks.probes import parse_probe
+    from recurchat.eval import probes
+
+    check_request(criterion, max_acc_loss, "--max-acc-loss")
+    spec = parse_probe(probe)
+    loaded, model = checkpoint.load_model(ckpt, device)
+    probes.check_vocabulary(spec, loaded.tokenizer, model)
+    engine = Engine.for_checkpoint(loaded, model, dtype)
+    print(engine.describe(), file=sys.stderr)
+    cfg = loaded.model_cfg
+    reference = reference_recur or 4 * cfg.mean_recur
+    result = calibrate_probe(engine, probes.eval_batch(spec, limit, seed=probes.CALIBRATION_SEED), criterion,
+                             max_acc_loss, reference, max_recur or max(cfg.r_max, reference),
+                             log=lambda line: print(line, file=sys.stderr))
+    path = checkpoint.save_calibration(ckpt, {**result, "probe": spec.name, "dtype": engine.dtype.name})
+    print(f"chosen: {result['exit']} — accuracy loss {100 * result['acc_loss']:+.2f} points (95% bound "
+          f"{100 * result['acc_loss_upper_95']:+.2f}, target {100 * max_acc_loss:g}), {result['mean_recursions']:.2f} "
+          f"recursions/label vs {reference} fixed; saved to {path}; use it with --exit auto")
     return result

@@ -3,8 +3,9 @@ standard model's result as the baseline.
 
     recurchat eval --ckpt DIR --tasks bpb,hops --recur 1,2,4,8 --exit kl:0.03 --report out/
 
-Writes report.md plus acc_vs_r.png, bpb_vs_r.png, pareto.png and depth_vs_difficulty.png, each only when its data
-is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global is switched and
+Writes report.md plus acc_vs_r.png, bpb_vs_r.png, pareto.png, depth_vs_difficulty.png, acc_heatmap.png (accuracy
+by difficulty × r) and trajectory.png (state change per iteration and the settling iteration, by difficulty), each
+only when its data is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global is switched and
 no display is needed. Every file is written atomically. Exercised by `pytest tests/eval/test_eval_report.py`.
 """
 
@@ -209,10 +210,66 @@ def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -
     return True
 
 
+def _heatmap_grid(levels_by_setting: dict) -> tuple[list[str], list[int], list[list[float]]] | None:
+    """(fixed depths, difficulties, accuracy[difficulty][depth]) from acc_by_difficulty's fixed-r entries."""
+    depths = sorted((k for k in levels_by_setting if str(k).isdigit()), key=int)
+    levels = sorted({int(d) for k in depths for d in levels_by_setting[k]})
+    if not depths or not levels:
+        return None
+    grid = [[_num(levels_by_setting[k].get(str(d))) for k in depths] for d in levels]
+    return depths, levels, [[math.nan if v is None else v for v in row] for row in grid]
+
+
+def plot_accuracy_heatmaps(result: dict, path: Path, names: list[str] | None = None, title: str = "") -> bool:
+    """One panel per probe (or task with levels): accuracy by difficulty (rows) × fixed r (columns)."""
+    grids = {n: g for n, v in (result.get("acc_by_difficulty") or {}).items()
+             if (names is None or n in names) and (g := _heatmap_grid(v or {}))}
+    if not grids:
+        return False
+    fig, axes = _figure(len(grids))
+    for ax, (name, (depths, levels, grid)) in zip(axes, grids.items()):
+        im = ax.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(depths)), [str(r) for r in depths])
+        step = max(1, len(levels) // 8)
+        ax.set_yticks(range(0, len(levels), step), [str(d) for d in levels[::step]])
+        ax.set(xlabel="recursions r", ylabel="difficulty", title=f"{title}{name}")
+        fig.colorbar(im, ax=ax, label="accuracy")
+    save_png(fig, path)
+    return True
+
+
+def _plot_heatmaps(result: dict, baseline: dict | None, path: Path) -> bool:
+    return plot_accuracy_heatmaps(result, path)
+
+
+def _plot_trajectory(result: dict, baseline: dict | None, path: Path) -> bool:
+    traj = {n: t for n, t in (result.get("trajectory") or {}).items() if (t or {}).get("rel_change")}
+    if not traj:
+        return False
+    fig, axes = _figure(2 * len(traj))
+    for i, (name, t) in enumerate(traj.items()):
+        ax_c, ax_s = axes[2 * i], axes[2 * i + 1]
+        levels = sorted(t["rel_change"], key=int)
+        for j, d in enumerate(levels):
+            values = t["rel_change"][d]
+            ax_c.semilogy(range(1, len(values) + 1), [max(v, 1e-7) for v in values],
+                          color=f"C{j % 10}", label=f"difficulty {d}" if j % max(1, len(levels) // 6) == 0 else None)
+        ax_c.set(xlabel="iteration i", ylabel="‖s_i − s_{i−1}‖ / ‖s_i‖", title=f"{name}: state change")
+        ax_s.plot([int(d) for d in levels], [t["settle"][d] for d in levels], marker="o")
+        ax_s.set(xlabel="difficulty", ylabel="iteration", title=f"{name}: answer settles at")
+        for ax in (ax_c, ax_s):
+            ax.grid(alpha=0.3)
+        legend(ax_c)
+    save_png(fig, path)
+    return True
+
+
 PLOTS = (("acc_vs_r.png", "Accuracy vs recursions", _plot_acc_vs_r),
          ("bpb_vs_r.png", "Held-out bits per byte vs recursions", _plot_bpb_vs_r),
          ("pareto.png", "Accuracy vs compute (fixed r and exit criteria)", _plot_pareto),
-         ("depth_vs_difficulty.png", "Recursions used vs difficulty", _plot_depth_vs_difficulty))
+         ("depth_vs_difficulty.png", "Recursions used vs difficulty", _plot_depth_vs_difficulty),
+         ("acc_heatmap.png", "Accuracy by difficulty × recursions", _plot_heatmaps),
+         ("trajectory.png", "State trajectory by difficulty", _plot_trajectory))
 
 
 # ---- markdown -----------------------------------------------------------------------------------------------

@@ -6,9 +6,11 @@
     tasks          {task: {r: accuracy}}, and {"bpb": {r: bits per byte}}
     exit           {criterion: {"acc": {task: accuracy}, "bpb": x (only with bpb), "mean_recursions": x,
                                 "mean_recursions_by_task": {task: x}}}
-    by_difficulty  {builtin task: {difficulty: {"acc": x, "mean_recursions": y}}}, under the first exit criterion,
-                   else at r̄
-    acc_by_difficulty  {builtin task: {r or criterion: {difficulty: accuracy}}}: every setting, split by level
+    by_difficulty  {builtin task or probe: {difficulty: {"acc": x, "mean_recursions": y}}}, under the first exit
+                   criterion, else at r̄
+    acc_by_difficulty  {builtin task or probe: {r or criterion: {difficulty: accuracy}}}: every setting, by level
+    trajectory     {probe: {"rel_change": {difficulty: [‖s_i − s_{i−1}‖/‖s_i‖ per iteration]}, "settle": {difficulty:
+                   mean iteration from which the answer stops changing}, "depth": deepest r}} (eval/probes.py)
     centered_mean  {r or criterion: mean over tasks (bpb excluded) of (acc − chance) / (1 − chance)}
     chance         {task: accuracy of guessing}
     params         total parameter count
@@ -33,8 +35,10 @@ from tqdm import tqdm
 
 from recurchat.data.tasks import get_task, stream
 from recurchat.data.tasks.benchmarks import load_benchmark
+from recurchat.data.tasks.probes import parse_probe
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.eval import probes
 from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
 from recurchat.eval.tasks import TaskSpec, centered, eval_generative, mc_chance, parse_task_specs, score_mc
 from recurchat.infer.engine import Engine, RecurParams
@@ -50,6 +54,9 @@ def _load(spec: TaskSpec, limit: int, seed: int) -> tuple[list, float]:
     if spec.kind == "builtin":
         task = get_task(spec.name)
         return stream(task, "test", seed, limit), float(task.chance)
+    if spec.kind == "probe":
+        probe = parse_probe(spec.name)
+        return probes.eval_batch(probe, limit, seed), float(probe.probe.chance)
     questions = load_benchmark(spec.name, spec.path)[:limit]
     return questions, (mc_chance(questions) if spec.kind == "mc" else 0.0)
 
@@ -114,6 +121,10 @@ class Sweep:
             return (evaluate_bpb(self.model, self.val_tokens, self.token_bytes, self.batch_size, seq_len,
                                  self.bpb_tokens, num_recur=recur.num_recur, dtype=engine.dtype),
                     float(recur.num_recur))
+        if spec.kind == "probe" and adaptive:
+            return probes.score_exit(engine, self.data[spec.name][0], recur, self.batch_size)
+        if spec.kind == "probe":
+            return probes.score_fixed(self.model, self.data[spec.name][0], recur.num_recur, engine.dtype, self.batch_size)
         if spec.kind == "mc":
             return score_mc(self.model, self.tokenizer, self.data[spec.name][0], recur.num_recur, self.mc_mode,
                             self.batch_size, engine=engine if adaptive else None,
@@ -195,6 +206,9 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
             raise UserError("bpb needs held-out tokens (val_tokens is empty)")
         token_bytes = tokenizer.token_bytes() if token_bytes is None else token_bytes
     data = {s.name: _load(s, limit, seed) for s in parsed if s.has_accuracy}
+    for s in parsed:
+        if s.kind == "probe":
+            probes.check_vocabulary(parse_probe(s.name), tokenizer, model)
     was_training = model.training
     engine = Engine(model, dtype=dtype, exit_gate=exit_gate)
     sweep = Sweep(model, tokenizer, engine, val_tokens, token_bytes, data, batch_size, bpb_tokens, mc_mode,
@@ -202,10 +216,10 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
     diff_setting = exits[0] if exits else str(1 if cfg.n_shared == 0 else cfg.mean_recur)
     settings = [str(r) for r in depths] + exits
-    builtin = [s for s in parsed if s.kind == "builtin"]
+    builtin = [s for s in parsed if s.kind in ("builtin", "probe")]
     extra = builtin if diff_setting not in settings else []
     result: dict = {"tasks": {}, "exit": {}, "by_difficulty": {}, "acc_by_difficulty": {}, "centered_mean": {},
-                    "chance": {}, "params": int(model.num_params()["total"]), "acc_norm": {}}
+                    "chance": {}, "params": int(model.num_params()["total"]), "acc_norm": {}, "trajectory": {}}
     try:
         with tqdm(total=len(parsed) * len(settings) + len(extra), desc="eval", disable=not progress,
                   leave=False) as bar:
@@ -223,6 +237,10 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
                 bar.update(1 if spec in extra else 0)
                 result["acc_by_difficulty"][spec.name] = {  # cached: no generation beyond the settings above
                     s: {d: v["acc"] for d, v in _by_difficulty(sweep.evaluate(spec, s)).items()} for s in settings}
+            if model.recur:
+                for spec in (s for s in parsed if s.kind == "probe"):
+                    result["trajectory"][spec.name] = probes.trajectory(model, data[spec.name][0], max(depths),
+                                                                        engine.dtype)
     finally:
         model.train(was_training)
     result["chance"] = {name: chance for name, (_, chance) in data.items()}

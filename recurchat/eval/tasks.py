@@ -25,6 +25,7 @@ from recurchat.data.chat import render_prompt
 from recurchat.data.tasks import get_task
 from recurchat.data.tasks.base import Example
 from recurchat.data.tasks.benchmarks import BENCHMARKS, LETTERS, GenQuestion, MCQuestion, mc_prompt
+from recurchat.data.tasks.probes import PROBES, is_probe, parse_probe
 from recurchat.data.tasks.registry import REGISTRY
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
@@ -41,7 +42,8 @@ MC_MODES = ("loglik", "letter")
 @dataclass(frozen=True)
 class TaskSpec:
     name: str  # the key results are stored under: "bpb", "hops", "arc-easy", …
-    kind: str  # "bpb" | "builtin" (procedural, generative) | "mc" (multiple-choice benchmark) | "gen" (GSM8K)
+    kind: str  # "bpb" | "builtin" (procedural, generative) | "mc" (multiple-choice benchmark) | "gen" (GSM8K) |
+    #            "probe" (a labelled-sequence probe, probe:NAME:LO-HI)
     path: str | None = None  # benchmark data location
 
     @property
@@ -50,7 +52,8 @@ class TaskSpec:
 
 
 def task_choices() -> list[str]:
-    return ["bpb", *sorted(REGISTRY), *(f"{name}:PATH" for name in BENCHMARKS)]
+    return ["bpb", *sorted(REGISTRY), *(f"{name}:PATH" for name in BENCHMARKS),
+            *(f"probe:{name}:LO-HI" for name in sorted(PROBES))]
 
 
 def parse_task_spec(spec: str) -> TaskSpec:
@@ -63,6 +66,8 @@ def parse_task_spec(spec: str) -> TaskSpec:
         if sep:
             raise UserError(f"task {name!r} takes no path (got {spec!r})")
         return TaskSpec(name, "bpb")
+    if is_probe(spec):
+        return TaskSpec(parse_probe(spec).name, "probe")
     if name in REGISTRY:  # NAME or NAME:LO-HI (some of its difficulty levels)
         get_task(spec.strip())
         return TaskSpec(spec.strip(), "builtin")

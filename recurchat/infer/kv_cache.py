@@ -18,6 +18,7 @@ import torch
 
 from recurchat.config import ModelConfig
 from recurchat.errors import UserError
+from recurchat.model.layers import window_mask
 
 
 def iteration_slots(strategy: str, max_recur: int) -> int:
@@ -56,18 +57,18 @@ class Rows:
     __slots__ = ("index", "pos", "length", "mask", "contiguous", "chunk_pos")
 
     def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int,
-                 start: int | torch.Tensor = 0, chunk: int = 0):
+                 start: int | torch.Tensor = 0, chunk: int = 0, window: int = 0):
         self.index, self.pos, self.chunk_pos = index, pos, None
         if isinstance(start, torch.Tensor):
             self.chunk_pos = start[:, None] + torch.arange(chunk, device=index.device)  # [n, chunk]
             self.length = int(self.chunk_pos.max()) + 1
-            self.mask = (torch.arange(self.length, device=index.device) <= self.chunk_pos[..., None])[:, None]
+            self.mask = window_mask(self.chunk_pos, self.length, window)[:, None]
         # All rows in order: read keys through a slice (a view) instead of a gather (a copy).
         self.contiguous = index.numel() == batch_size and bool((index == torch.arange(
             batch_size, device=index.device)).all())
         if pos is not None:
             self.length = int(pos.max()) + 1
-            self.mask = (torch.arange(self.length, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+            self.mask = window_mask(pos, self.length, window)[:, None, None, :]
 
 
 class LayerView:
@@ -121,7 +122,7 @@ class KVCache:
 
     def rows(self, index: torch.Tensor, pos: torch.Tensor | None, start: int | torch.Tensor = 0,
              chunk: int = 0) -> Rows:
-        return Rows(index, pos, self.k.size(1), start, chunk)
+        return Rows(index, pos, self.k.size(1), start, chunk, self.cfg.attn_window)
 
     def prelude(self, rows: Rows) -> list[LayerView]:
         return [LayerView(self, i, rows) for i in range(self.cfg.n_prelude)]

@@ -52,14 +52,10 @@ def trajectory(model: RecurrentLM, idx: torch.Tensor, depth: int) -> tuple[torch
     (every position runs every iteration, as in the training forward)."""
     if not model.recur:
         raise ValueError("a standard model has no iterations to gate")
-    cos, sin = model.rope(0, idx.size(1))
-    e = model.run_prelude(idx, cos, sin)
-    states = [model.initial_state(e)]
-    for _ in range(depth):
-        states.append(model.iterate(e, states[-1], cos, sin))
+    states, cos, sin = model.unroll(idx, depth)
 
     def logp(s: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(model.head(model.run_coda(s, cos, sin)).float(), dim=-1)
+        return torch.log_softmax(model.tail_logits(s, cos, sin).float(), dim=-1)
 
     deep = logp(states[-1])
     kl = torch.stack([(deep.exp() * (deep - logp(s))).sum(dim=-1) for s in states[1:]])

@@ -35,7 +35,7 @@ def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: 
     g = r if grad_iters is None else min(grad_iters, r)
     T = cfg.seq_len if seq_len is None else seq_len
     nb = block_matrix_params(cfg)
-    adapter = 2 * cfg.d_model * cfg.d_model if (cfg.adapter == "concat" and cfg.n_shared) else 0
+    adapter = {"concat": 2, "parcae": 1}.get(cfg.adapter, 0) * cfg.d_model * cfg.d_model if cfg.n_shared else 0
     head = cfg.d_model * cfg.vocab_size
     attn_fwd = 4 * T * cfg.n_head * (cfg.d_model // cfg.n_head)
     once_layers = cfg.n_prelude + cfg.n_coda

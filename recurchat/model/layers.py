@@ -22,6 +22,13 @@ def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[t
     return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
 
 
+def window_mask(q_pos: torch.Tensor, length: int, window: int) -> torch.Tensor:
+    """Boolean [..., length] mask: a query at q_pos sees keys q_pos − window < j ≤ q_pos (window 0: all j ≤ q_pos)."""
+    keys = torch.arange(length, device=q_pos.device)
+    seen = keys <= q_pos[..., None]
+    return seen & (keys > q_pos[..., None] - window) if window > 0 else seen
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]."""
     d = x.size(-1) // 2
@@ -37,8 +44,9 @@ class Attention(nn.Module):
     [B, H, T, D] tensors; it lets the inference engine own cache layout without this class knowing the strategy.
     """
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, qk_gain: bool = False, window: int = 0):
         super().__init__()
+        self.window = window  # > 0: a query sees only the last `window` positions (itself included)
         if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide evenly")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
@@ -46,6 +54,9 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(d_model, n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(n_head * self.head_dim, d_model, bias=False)
+        # QK-norm caps a logit at sqrt(head_dim); a learned gain per head lets attention stay sharp over more keys
+        # than training showed (a previous-token head otherwise leaks a share that grows with the context).
+        self.q_gain = nn.Parameter(torch.ones(n_head)) if qk_gain else None
         self._fused: tuple[tuple, torch.Tensor] | None = None  # (the weights' versions, [Wq; Wk; Wv])
 
     def fused_qkv_weight(self) -> torch.Tensor:
@@ -74,13 +85,16 @@ class Attention(nn.Module):
         k = k.reshape(B, T, self.n_kv_head, self.head_dim)
         v = v.reshape(B, T, self.n_kv_head, self.head_dim)
         q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        if self.q_gain is not None:
+            q = q * self.q_gain.to(q.dtype)[:, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         gqa = self.n_kv_head != self.n_head
-        if kv_cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
+        mask = None
+        if kv_cache is not None:
             k, v, mask = kv_cache.update(k, v)  # mask None: a causal block starting at position 0 (prefill)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        if mask is None and self.window:
+            mask = window_mask(torch.arange(T, device=x.device), T, self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -102,9 +116,10 @@ class Block(nn.Module):
     `sandwich`: Huginn's form, which also normalises after each residual add, x ← norm(x + f(norm(x))), so the
     output's scale is fixed however often the block is applied."""
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4, sandwich: bool = False):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4, sandwich: bool = False,
+                 qk_gain: bool = False, window: int = 0):
         super().__init__()
-        self.attn = Attention(d_model, n_head, n_kv_head)
+        self.attn = Attention(d_model, n_head, n_kv_head, qk_gain, window)
         self.mlp = MLP(d_model, mlp_ratio)
         self.sandwich = sandwich
 

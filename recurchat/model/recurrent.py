@@ -29,16 +29,32 @@ class Adapter(nn.Module):
     `concat`: Linear(2d → d) on [e, s], whose starting weight is `init` (config.ADAPTER_INITS): `e` = [I | 0], every
     iteration starts by reading e alone (so at init r does nothing); `s` = [0 | I], the state alone (an unrolled deep
     net fed e once, through s₀); `mean` = [I/2 | I/2]; `random` = uniform with std 1/sqrt(2d). `add`: e + s, no
-    parameters.
+    parameters. `parcae`: Parcae's constrained injection (Prairie et al., arXiv 2604.12946), Ā ⊙ s + Δ ⊙ (B e) with
+    Ā = exp(−Δ ⊙ exp(log_a)) and Δ = softplus(dt) per channel, so the linear part of the loop is a contraction
+    (0 < Ā < 1) whatever the weights; B starts as I, Ā as e^{−1}, and `init` does not apply.
     """
 
     def __init__(self, d_model: int, kind: str, init: str = "e"):
         super().__init__()
         self.kind, self.init = kind, init
         self.proj = nn.Linear(2 * d_model, d_model, bias=False) if kind == "concat" else None
+        if kind == "parcae":
+            self.inject = nn.Linear(d_model, d_model, bias=False)  # B
+            self.log_a = nn.Parameter(torch.zeros(d_model))
+            self.dt = nn.Parameter(torch.zeros(d_model))
+
+    def carry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Ā, Δ) of the parcae injection."""
+        delta = F.softplus(self.dt + math.log(math.e - 1))  # Δ = 1 at dt = 0
+        return torch.exp(-delta * self.log_a.exp()), delta
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        if self.kind == "parcae":
+            self.inject.weight.copy_(torch.eye(self.inject.out_features))
+            self.log_a.zero_()
+            self.dt.zero_()
+            return
         if self.proj is None:
             return
         d, w = self.proj.out_features, self.proj.weight
@@ -52,6 +68,9 @@ class Adapter(nn.Module):
         w[:, d:].copy_(torch.eye(d) * s_part)
 
     def forward(self, e: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        if self.kind == "parcae":
+            a_bar, delta = self.carry()
+            return a_bar.to(s.dtype) * s + delta.to(e.dtype) * self.inject(e)
         if self.proj is None:
             return e + s
         return self.proj(torch.cat((e, s), dim=-1))
@@ -64,7 +83,8 @@ class RecurrentLM(nn.Module):
         d = cfg.d_model
 
         def blocks(n: int, sandwich: bool = False) -> nn.ModuleList:
-            return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio, sandwich) for _ in range(n))
+            return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio, sandwich, cfg.qk_gain,
+                                       cfg.attn_window) for _ in range(n))
 
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.prelude, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_coda)
@@ -132,6 +152,23 @@ class RecurrentLM(nn.Module):
         logits = self.lm_head(norm(x)).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+    @torch.no_grad()
+    def unroll(self, idx: torch.Tensor, depth: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+        """(states s_0 … s_depth, cos, sin) of the uncached forward run to `depth` iterations, every position
+        running every iteration as in training; `self.tail_logits(s, cos, sin)` reads any of them out."""
+        if not self.recur:
+            raise ValueError("a standard model has no iterations to unroll")
+        cos, sin = self.rope(0, idx.size(1))
+        e = self.run_prelude(idx, cos, sin)
+        states = [self.initial_state(e)]
+        for _ in range(depth):
+            states.append(self.iterate(e, states[-1], cos, sin))
+        return states, cos, sin
+
+    def tail_logits(self, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] read out of a state: coda, norm, head."""
+        return self.head(self.run_coda(s, cos, sin))
 
     # -- the whole model ---------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from recurchat.config import ModelConfig, get_preset
 from recurchat.eval.report import legend, save_png
 from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
+from recurchat.speedrun.probes import card_section
 from recurchat.train.telemetry import read_records
 
 LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "iso-params"}
@@ -218,6 +219,8 @@ def report_card(out: Path, preset_name: str, sp, runs: tuple[tuple[str, str], ..
     lines = [
         f"# recurchat speedrun: {preset_name}", "",
         f"`recurchat speedrun --preset {preset_name} --out {out}`", "",
+        *card_section(out, sp, runs),
+        "## Language model and pointer chasing in chat (SFT)", "",
         *headline_table(models, rec.cfg.mean_recur), "",
         *sentences(rec, iso_flop, iso_params, criterion, fit), "",
         f"Recursive model under exit `{criterion}`, by {PROBE} difficulty (1..{sp.probe_levels} trained, "

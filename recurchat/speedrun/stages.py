@@ -7,7 +7,8 @@ Stages: pretrain the recursive model, its iso-FLOP twin (P + r̄·R + C distinct
 its iso-params model (P + R + C blocks) on the same tokens and schedule → SFT all three on the depth probe, pointer
 chasing (`chain`) at difficulties 1..D, with the recursion sampler → evaluate the bases (held-out bpb over r) and
 the SFT models (plain-text bpb, and chain accuracy by difficulty on 1..2D over r ∈ {1, 2, r̄, 2r̄, 4r̄, 8r̄} and
-under exit criteria) → DIR/report.md (card.py). Every stage calls the library function behind the command a user
+under exit criteria) → the depth probes (speedrun/probes.py: parity, S3 and pointer chasing trained from scratch on
+all three models, the recursive one's exit calibrated on each) → DIR/report.md (card.py), which opens with them. Every stage calls the library function behind the command a user
 would type (`train` with a RunSpec, `evaluate_checkpoint`). A finished stage is recorded in DIR/stages.json and
 skipped on the next run; an interrupted training stage resumes from its last checkpoint (saved every ~10%).
 Exercised by `pytest tests/test_speedrun.py`.
@@ -26,6 +27,7 @@ from recurchat.eval.command import EvalRequest, evaluate_checkpoint
 from recurchat.files import atomic_write_text
 from recurchat.model.hardware import set_threads
 from recurchat.speedrun.card import report_card
+from recurchat.speedrun.probes import probe_stages
 from recurchat.train.spec import pretrain_spec, sft_spec
 from recurchat.train.trainer import train_or_resume
 
@@ -42,6 +44,10 @@ class SpeedrunPreset:
     probe_levels: int = 4  # D: SFT on chain difficulties 1..D, evaluate on 1..2D
     depths: str = "1,2,4,8,16,32"  # 1, 2, r̄, 2r̄, 4r̄, 8r̄ for r̄ = 4
     exits: str = "kl:3e-2,kl:1e-1,latent:5e-2"  # the first is where recursions by difficulty are measured
+    # labelled-sequence probes (speedrun/probes.py), each trained from scratch on the three models
+    probes: tuple[str, ...] = ("parity:1-8", "s3:1-8", "chase:1-3")
+    probe_steps: int = 2000
+    probe_limit: int = 256  # held-out sequences per probe evaluation (and as many again to calibrate on)
 
     @property
     def sft_data(self) -> str:
@@ -54,7 +60,8 @@ class SpeedrunPreset:
 
 SPEEDRUNS = {
     "cpu-smoke": SpeedrunPreset("cpu-smoke", pretrain_steps=30, sft_steps=20, sft_examples=200, sft_batch_size=8,
-                                limit=8, eval_tokens=2048, probe_levels=2, depths="1,2,4,8"),
+                                limit=8, eval_tokens=2048, probe_levels=2, depths="1,2,4,8", probes=("parity:1-4",),
+                                probe_steps=100, probe_limit=16),
     "cpu": SpeedrunPreset("cpu-tiny", pretrain_steps=400, sft_steps=300, sft_examples=5000, sft_batch_size=32,
                           limit=400, eval_tokens=8192),
     "gpu-d20": SpeedrunPreset("gpu-d20", pretrain_steps=20000, sft_steps=1000, sft_examples=20000, sft_batch_size=32,
@@ -121,6 +128,7 @@ def speedrun(preset_name: str, out: str | Path, data: str | None = None, dtype: 
             run, lambda: sft_spec(base, run, train=sft_settings(sp, dtype), overwrite=True)))
     for name, _ in MODELS:
         run_stage(out, f"eval {name}", lambda name=name: evaluate_stage(out, name, sp, data, dtype))
+    probe_stages(out, sp, MODELS, dtype, run_stage)
     path = report_card(out, preset_name, sp, MODELS)
     print(f"[speedrun] report card: {path}", flush=True)
     return path

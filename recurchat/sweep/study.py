@@ -7,7 +7,9 @@
 The plan (sweep/space.py) is enqueued once into the study; every worker — this process, another on the same SQLite
 file, or another machine on a shared PostgreSQL/MySQL URL (`--storage`) — takes the next waiting trial until none
 is left. A trial trains `DIR/trials/NNNN` with the same trainer, checkpoints and metrics.jsonl as `recurchat train`
-and reports val bpb at r̄ (r = 1 for a baseline); bpb at every evaluated r is kept on the trial. Each run saves a
+and reports val bpb at r̄ (r = 1 for a baseline); bpb at every evaluated r is kept on the trial. With `--data
+probe:NAME:LO-HI` a trial trains that probe and reports 1 − its accuracy on the levels up to twice the trained ones
+at 4r̄ (extrapolation by depth); accuracies at every evaluated r are kept. Each run saves a
 checkpoint every ~10% of its steps. Optuna's heartbeat marks a trial whose worker died (SIGKILL, preemption) as
 failed after `--grace-period` seconds and re-enqueues it; the retry resumes the run directory of the original trial
 from its last checkpoint, so a killed sweep rerun with the same command loses at most ~10% of one trial and never
@@ -30,6 +32,7 @@ from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from recurchat.config import ModelConfig, TrainConfig
+from recurchat.data.tasks.probes import is_probe
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_text
 from recurchat.model.recurrent import RecurrentLM
@@ -139,19 +142,33 @@ def fresh_spec(worker: Worker, out: Path, kind: str, overrides: dict):
     train = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS}
     train.setdefault("max_steps", spec.max_steps)
     train.setdefault("eval_every", max(1, train["max_steps"] // 4))  # a learning curve at every depth costs time
-    train.update(save_every=max(1, train["max_steps"] // 10), stop_after=0, data=spec.data)
+    train.update(save_every=max(1, train["max_steps"] // 10), stop_after=0, **({"data": spec.data} if spec.data else {}))
     run = pretrain_spec(spec.preset, out, standard="" if kind == RECURSIVE else kind, model=model, train=train,
                         overwrite=True)
     run.train = dataclasses.replace(run.train, eval_recur=eval_recur(run.model) if run.model.recursive else "")
     return run
 
 
-def final_bpb(out: Path) -> dict[str, float]:
-    """The last val bpb the run logged (the end-of-run evaluation)."""
-    evals = [r["val_bpb"] for r in read_records(out / "metrics.jsonl") if r.get("val_bpb")]
+def final_record(out: Path, key: str) -> dict[str, float]:
+    """The last `key` record (val_bpb, val_acc, val_acc_long) the run logged: the end-of-run evaluation."""
+    evals = [r[key] for r in read_records(out / "metrics.jsonl") if r.get(key)]
     if not evals:
-        raise RuntimeError(f"{out} finished without a val bpb record")
+        raise RuntimeError(f"{out} finished without a {key} record")
     return evals[-1]
+
+
+def score(trial: optuna.Trial, out: Path, probe: bool) -> float:
+    """Record the trial's figures; the objective is val bpb at r̄ (r = 1 for a baseline) on text, and on a probe
+    1 − accuracy on the held-out longer levels at 4r̄ (r = 1 for a baseline): extrapolation by depth."""
+    r = trial.user_attrs["mean_recur"]
+    if not probe:
+        bpb = final_record(out, "val_bpb")
+        trial.set_user_attr("bpb", bpb)
+        return bpb[str(r)]
+    acc, longer = final_record(out, "val_acc"), final_record(out, "val_acc_long")
+    trial.set_user_attr("acc", acc)
+    trial.set_user_attr("acc_long", longer)
+    return 1.0 - longer[str(4 * r if r > 1 else 1)]
 
 
 def objective(worker: Worker, trial: optuna.Trial) -> float:
@@ -171,9 +188,7 @@ def objective(worker: Worker, trial: optuna.Trial) -> float:
     except Diverged as e:
         trial.set_user_attr("error", str(e))
         raise
-    bpb = final_bpb(out)
-    trial.set_user_attr("bpb", bpb)
-    return bpb[str(trial.user_attrs["mean_recur"])]
+    return score(trial, out, is_probe(fresh.train.data))
 
 
 def counts(study: optuna.Study) -> dict[TrialState, int]:

@@ -33,6 +33,7 @@ def trial_record(t: optuna.trial.FrozenTrial, spec: SweepSpec) -> dict:
     return {"number": t.number, "model": chosen.get("model"), "params": params, "regime": regime_of(params, spec),
             "run_dir": t.user_attrs.get("run_dir"), "state": t.state.name, "n_params": t.user_attrs.get("n_params"),
             "mean_recur": t.user_attrs.get("mean_recur"), "bpb": t.user_attrs.get("bpb", {}),
+            "acc": t.user_attrs.get("acc", {}), "acc_long": t.user_attrs.get("acc_long", {}),
             "error": t.user_attrs.get("error")}
 
 
@@ -74,8 +75,30 @@ def _fmt(x, pattern: str = "{:.4f}") -> str:
     return "–" if x is None else pattern.format(x)
 
 
+def probe_markdown(summary: dict) -> str:
+    """A probe sweep: accuracy on the trained levels and on the held-out longer ones, at each evaluated r."""
+    spec = summary["spec"]
+    depths = sorted({int(r) for t in summary["trials"] for r in t["acc"]})
+    data = spec["data"] or "the preset's own"
+    lines = [f"# Sweep: preset {spec['preset']}, {spec['max_steps']} steps, data `{data}`", "",
+             f"grid `{spec['grid'] or '–'}` · search `{spec['search'] or '–'}` · baselines "
+             f"{', '.join(spec['standard']) or '–'}", "",
+             "Label accuracy on the trained levels / on the held-out levels up to twice as hard, at each r.", "",
+             "| trial | model | params | " + " | ".join(f"r={r}" for r in depths) + " | state |",
+             "|" + "---|" * (4 + len(depths))]
+    for t in summary["trials"]:
+        shown = ", ".join(f"{k}={v}" for k, v in t["params"].items()) or "–"
+        cells = [f"{_fmt(t['acc'].get(str(r)), '{:.3f}')} / {_fmt(t['acc_long'].get(str(r)), '{:.3f}')}"
+                 for r in depths]
+        lines.append(f"| {t['number']} | {t['model']} | {shown} | " + " | ".join(cells) + f" | {t['state'].lower()}"
+                     + (f": {t['error']}" if t["error"] else "") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict) -> str:
     spec = summary["spec"]
+    if any(t["acc"] for t in summary["trials"]):
+        return probe_markdown(summary)
     depths = sorted({int(r) for t in summary["trials"] for r in t["bpb"]})
     lines = [f"# Sweep: preset {spec['preset']}, {spec['max_steps']} steps", "",
              f"grid `{spec['grid'] or '–'}` · search `{spec['search'] or '–'}` · baselines "

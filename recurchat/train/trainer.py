@@ -31,11 +31,13 @@ import torch
 from recurchat import checkpoint
 from recurchat.config import ModelConfig, TrainConfig
 from recurchat.data.corpus import PreparedData, prepare_data
-from recurchat.data.loader import RowLoader, TokenLoader
+from recurchat.data.loader import ProbeLoader, RowLoader, TokenLoader
 from recurchat.data.sft import SFTData, build_sft_data
+from recurchat.data.tasks.probes import ProbeSpec, is_probe, parse_probe
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_rows_bpb
+from recurchat.eval.probes import probe_accuracy
 from recurchat.model import hardware
 from recurchat.model.depth import DepthSampler
 from recurchat.model.flops import flops_per_token, mfu
@@ -87,13 +89,14 @@ class Run:
     tokenizer: Tokenizer
     data: PreparedData | None  # the token streams (SFT: its base's pretraining text, None if that is gone)
     sft: SFTData | None  # SFT: the conversation rows
+    probe: ProbeSpec | None  # a labelled-sequence probe run (--data probe:NAME:LO-HI): its batches are generated
     net: RecurrentLM  # the bare model: eval, parameter counts, compile
     model: torch.nn.Module  # what trains: net, or its DDP / FSDP2 wrapping
     dtype: hardware.DtypeChoice
     peak: hardware.Peak
     optimizers: list[torch.optim.Optimizer]
     sampler: DepthSampler
-    loader: TokenLoader | RowLoader
+    loader: TokenLoader | RowLoader | ProbeLoader
     text_loader: TokenLoader | None  # SFT with mix_pretrain: windows of pretraining text
     grad_accum: int
     start_step: int
@@ -107,6 +110,8 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
     """(tokenizer, token streams, SFT rows): rank 0 trains the tokenizer and writes the token cache first, so
     the other ranks only read them. SFT also loads the pretraining text (`pretrain_data`): its held-out split is
     where SFT reports plain-text bpb, the check that fine-tuning kept the language model."""
+    if is_probe(spec.train.data):
+        return check_probe(spec, parse_probe(spec.train.data)), None, None
     with distributed.main_first(dist):
         if spec.is_sft:
             sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
@@ -118,6 +123,23 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
         raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{spec.model.vocab_size}")
     return data.tokenizer, data, None
+
+
+def check_probe(spec: RunSpec, probe: ProbeSpec) -> Tokenizer:
+    """The probe's tokenizer, after checking that the model can hold its vocabulary, its sequences and its loss mask."""
+    tokenizer, t, m = probe.tokenizer(), spec.train, spec.model
+    if spec.tokenizer is not None and spec.tokenizer.fingerprint() != tokenizer.fingerprint():
+        raise UserError(f"--data {t.data}: the checkpoint's tokenizer is not this probe's vocabulary")
+    if tokenizer.vocab_size > m.vocab_size:
+        raise UserError(f"probe {probe.name} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{m.vocab_size}")
+    width = probe.batch(1, 0).x.size(1)
+    if width > m.seq_len:
+        raise UserError(f"probe {probe.name} sequences are {width} tokens but seq_len is {m.seq_len}")
+    if t.loss_reach >= 0 and probe.levels[0] > 1 + t.loss_reach:
+        raise UserError(f"--loss-reach {t.loss_reach}: at r = 1 no label of {probe.name} is within reach "
+                        f"(its easiest level is {probe.levels[0]})")
+    return tokenizer
 
 
 def pretraining_text(spec: RunSpec, log) -> PreparedData | None:
@@ -178,11 +200,13 @@ def open_logs(spec: RunSpec, dist: distributed.DistInfo, start_step: int,
     return telemetry, rank_log
 
 
-def build_loaders(spec: RunSpec, dist: distributed.DistInfo, data: PreparedData,
-                  sft: SFTData | None) -> tuple[TokenLoader | RowLoader, TokenLoader | None]:
-    """What steps train on: token windows (pretraining) or conversation rows (SFT); an SFT run with mix_pretrain > 0
-    also gets windows of its base's pretraining text."""
+def build_loaders(spec: RunSpec, dist: distributed.DistInfo, data: PreparedData | None, sft: SFTData | None,
+                  probe: ProbeSpec | None) -> tuple[TokenLoader | RowLoader | ProbeLoader, TokenLoader | None]:
+    """What steps train on: token windows (pretraining), conversation rows (SFT) or generated probe sequences; an
+    SFT run with mix_pretrain > 0 also gets windows of its base's pretraining text."""
     t, m = spec.train, spec.model
+    if probe is not None:
+        return ProbeLoader(probe, t.batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size), None
 
     def windows() -> TokenLoader:
         return TokenLoader(data.train, t.batch_size, m.seq_len, seed=t.seed, rank=dist.rank,
@@ -210,6 +234,9 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     log = print if dist.is_main else (lambda *a, **k: None)
     tokenizer, data, sft = load_data(spec, dist, log)
     grad_accum = accumulation_steps(spec, dist)
+    if dist.distributed and spec.train.progressive_loss > 0:
+        raise UserError("--progressive-loss runs two forwards per micro-step, which DDP/FSDP2 gradient hooks do not "
+                        "allow; train it on one process")
     net, model = build_model(spec, dist, log)
     # bf16 only where the device runs it natively (model/hardware.py); Muon orthogonalises in the same dtype.
     dtype = hardware.choose_dtype(spec.train.dtype, dist.device)
@@ -217,7 +244,8 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     t, m = spec.train, spec.model
     sampler = DepthSampler(t.recur_dist, m.mean_recur, m.r_max, t.recur_sigma, t.seed,
                            int(t.curriculum_frac * t.max_steps))
-    loader, text_loader = build_loaders(spec, dist, data, sft)
+    probe = parse_probe(t.data) if is_probe(t.data) else None
+    loader, text_loader = build_loaders(spec, dist, data, sft, probe)
     start_step = 0
     if spec.resume is not None:
         state = checkpoint.load_train_state(
@@ -232,7 +260,7 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     peak = hardware.resolve_peak(dist.device, dtype, m, t.batch_size * m.seq_len, t.peak_flops)
     end_step = min(t.max_steps, start_step + t.stop_after) if t.stop_after > 0 else t.max_steps
     telemetry, rank_log = open_logs(spec, dist, start_step, progress)
-    run = Run(spec, dist, tokenizer, data, sft, net, model, dtype, peak, optimizers, sampler, loader, text_loader,
+    run = Run(spec, dist, tokenizer, data, sft, probe, net, model, dtype, peak, optimizers, sampler, loader, text_loader,
               grad_accum, start_step, end_step, telemetry, rank_log, eval_depths(m, t))
     log(describe(run))
     telemetry.log({"step": start_step, "run": hardware.run_record(dist.device, dtype, peak)})
@@ -248,6 +276,37 @@ def describe(run: Run) -> str:
             + f"; {hardware.banner(dist.device, run.dtype, run.peak)}")
 
 
+def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next micro-batch (x, y) on the device; a probe's labels beyond what r iterations can reach are masked
+    when loss_reach >= 0 (difficulty > r + loss_reach)."""
+    batch = (run.text_loader if on_text else run.loader).next_batch()
+    x, y = batch[0], batch[1]
+    if run.probe is not None and run.spec.train.loss_reach >= 0:
+        y = torch.where(batch[2] <= r + run.spec.train.loss_reach, y, torch.full_like(y, -1))
+    device = run.dist.device
+    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def progressive_split(seed: int, micro: int, r: int) -> tuple[int, int]:
+    """Bansal et al.'s progressive loss: n ~ U{0..r−1} iterations without gradients, then k ~ U{1..r−n} with them;
+    seeded by (seed, micro-step), so ranks and resumed runs draw the same split."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + micro + 0x9E55) % (2**63))
+    n = int(torch.randint(0, r, (1,), generator=g))
+    return n, int(torch.randint(1, r - n + 1, (1,), generator=g))
+
+
+def micro_loss(run: Run, x: torch.Tensor, y: torch.Tensor, r: int, micro: int) -> torch.Tensor:
+    """The loss at r with truncated BPTT; with progressive_loss = α > 0 (recursive models), (1 − α) of it plus α of
+    the loss after a random n no-grad iterations and k more with gradients, which trains every iteration to improve
+    on whatever state it is handed (Bansal et al., arXiv 2202.05826)."""
+    cfg = run.spec.train
+    loss = run.model(x, y, num_recur=r, bptt_k=cfg.bptt_k)
+    if cfg.progressive_loss <= 0 or not run.spec.model.recursive:
+        return loss
+    n, k = progressive_split(cfg.seed, micro, r)
+    return (1 - cfg.progressive_loss) * loss + cfg.progressive_loss * run.model(x, y, num_recur=n + k, bptt_k=k)
+
+
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step (`grad_accum` micro-steps, each at its own sampled r); returns the step's metrics."""
     t0 = time.perf_counter()
@@ -259,13 +318,12 @@ def train_step(run: Run, step: int) -> dict:
     loss_sum = torch.zeros((), device=dist.device)
     flops, n_tokens = 0.0, 0
     for i, r in enumerate(rs):
-        x, y = (run.text_loader if on_text[i] else run.loader).next_batch()
-        x, y = x.to(dist.device, non_blocking=True), y.to(dist.device, non_blocking=True)
+        x, y = batch_for(run, r, on_text[i])
         # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
         # averages over micro-steps, so the update is that of one process seeing the whole global batch.
         with distributed.gradient_sync(run.model, enabled=i == len(rs) - 1):
             with run.dtype.autocast(dist.device):
-                loss = run.model(x, y, num_recur=r, bptt_k=cfg.bptt_k)
+                loss = micro_loss(run, x, y, r, step * run.grad_accum + i)
             (loss / run.grad_accum).backward()
         loss_sum += loss.detach()
         flops += flops_per_token(run.spec.model, r, cfg.bptt_k, seq_len=x.size(1)) * x.numel()
@@ -295,6 +353,8 @@ def evaluate(run: Run, step: int) -> dict:
     and `val_bpb_text` over held-out pretraining text (plain-text bpb, which SFT should keep near the base's)."""
     if not distributed.evaluates(run.model, run.dist):
         return {"step": step, "val_bpb": {}}
+    if run.probe is not None:
+        return evaluate_probe(run, step)
     t, token_bytes = run.spec.train, run.tokenizer.token_bytes()
 
     def text_bpb(r: int) -> float:
@@ -312,6 +372,24 @@ def evaluate(run: Run, step: int) -> dict:
     run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items())
                           + (" · plain text " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb_text"].items())
                              if "val_bpb_text" in record else ""))
+    return record
+
+
+def evaluate_probe(run: Run, step: int) -> dict:
+    """A probe run's validation: label accuracy on held-out sequences at each evaluation depth, on the trained
+    levels (`val_acc`) and on the levels up to twice the hardest trained one (`val_acc_long`)."""
+    probe, n = run.probe, max(8, run.spec.train.eval_tokens // 256)
+    longer = dataclasses.replace(probe, levels=list(range(probe.levels[-1] + 1, 2 * probe.levels[-1] + 1)))
+    fits = longer.batch(1, 0).x.size(1) <= run.spec.model.seq_len
+    record = {"step": step, "val_acc": {str(r): probe_accuracy(run.net, probe, r, n, run.dtype)
+                                        for r in run.eval_depths}}
+    if fits:
+        record["val_acc_long"] = {str(r): probe_accuracy(run.net, longer, r, n, run.dtype) for r in run.eval_depths}
+    distributed.reset_shards(run.model)
+    run.telemetry.log(record)
+    run.telemetry.message(f"step {step}: val acc " + ", ".join(f"r={r}: {v:.3f}" for r, v in record["val_acc"].items())
+                          + (" · longer " + ", ".join(f"r={r}: {v:.3f}" for r, v in record["val_acc_long"].items())
+                             if fits else ""))
     return record
 
 
@@ -360,7 +438,7 @@ def train(spec: RunSpec, progress: bool = True) -> dict:
             last_save = monotonic()
     if run.end_step > run.start_step:
         final = evaluate(run, run.end_step)
-        last.update({k: final[k] for k in ("val_bpb", "val_bpb_text") if k in final})
+        last.update({k: final[k] for k in ("val_bpb", "val_bpb_text", "val_acc", "val_acc_long") if k in final})
         save(run, run.end_step)
     run.telemetry.close()
     if run.rank_log is not None:

@@ -62,7 +62,7 @@ def standard(tokenizer, val_tokens) -> dict:
 def test_sweep_json_layout(sweep):
     json.loads(json.dumps(sweep))  # JSON-serialisable as it is
     assert set(sweep) == {"tasks", "exit", "by_difficulty", "acc_by_difficulty", "centered_mean", "chance",
-                          "params", "acc_norm", "settings", "notes"}
+                          "params", "acc_norm", "settings", "notes", "trajectory"}
     assert list(sweep["tasks"]) == ["bpb", "hops", "arc-easy"]
     for name, values in sweep["tasks"].items():
         assert list(values) == ["1", "2"]

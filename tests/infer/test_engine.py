@@ -115,6 +115,32 @@ def test_standard_model_cache(tiny_cfg):
     assert torch.allclose(got, ref, atol=1e-4)
 
 
+@pytest.mark.parametrize("window", [2, 3])
+def test_windowed_attention_cache_equals_uncached_forward_and_sees_only_the_window(tiny_cfg, window):
+    cfg = dataclasses.replace(tiny_cfg, attn_window=window, n_coda=1)
+    m = random_model(cfg, seed=2)
+    engine = Engine(m, dtype="fp32")
+    seq = torch.randint(0, cfg.vocab_size, (20,)).tolist()
+    got = cached_logits(engine, seq, 7, 3)
+    with torch.no_grad():
+        ref = m(torch.tensor([seq]), num_recur=3)[0, 6:]
+        assert torch.allclose(got, ref, atol=1e-4), (got - ref).abs().max()
+        # a token beyond every layer's reach (window − 1 positions per layer, P + r·R + C layers) changes nothing
+        layers = cfg.n_prelude + 3 * cfg.n_shared + cfg.n_coda
+        far = 19 - layers * (window - 1) - 1
+        changed = list(seq)
+        changed[far] = (seq[far] + 1) % cfg.vocab_size
+        other = m(torch.tensor([changed]), num_recur=3)[0, 19]
+        assert torch.allclose(other, m(torch.tensor([seq]), num_recur=3)[0, 19], atol=1e-5)
+        changed[17] = (seq[17] + 1) % cfg.vocab_size  # within reach: it does change position 19
+        assert not torch.allclose(m(torch.tensor([changed]), num_recur=3)[0, 19], other, atol=1e-5)
+    sp = SamplingParams(max_tokens=6, temperature=0.0)
+    prompts = [seq[:9], seq[:4]]
+    batched = engine.generate(prompts, sp, RecurParams(exit="latent:0.05", max_recur=6))
+    assert [b.tokens for b in batched] == [engine.generate([p], sp, RecurParams(exit="latent:0.05", max_recur=6))[0].tokens
+                                           for p in prompts]
+
+
 @pytest.mark.parametrize("recur,lengths", [
     (RecurParams(num_recur=3), (3, 9, 5, 1)),
     (RecurParams(exit="latent:0.05", max_recur=6), (3, 9, 5, 1)),

@@ -1,0 +1,214 @@
+"""Labelled-sequence probes: token sequences with a label at chosen positions, where more iterations should help.
+
+    recurchat train --preset probe --data probe:parity:1-8 --out runs/parity        # train on difficulties 1..8
+    recurchat eval --ckpt runs/parity --tasks probe:parity:1-16 --recur 1,4,8,16   # accuracy by difficulty × r
+
+A probe is token classification over reserved label tokens, not next-token prediction: the target at a labelled
+position is a label token (never an input symbol), so the same RecurrentLM, trainer and head train on it, and the
+loss reads only those positions. The difficulty of a label is the number of sequential steps its answer needs.
+
+- State tracking (`parity`, `modsum` = running sum mod 5, `s3` = composition in the symmetric group S3, which is
+  not abelian, so the step is not always a bit flip): the label at position t is the state after the first t
+  symbols; difficulty t. A level range `1-8` means strings of 8 symbols, labelled at every position.
+- `chase`: in-context multi-query pointer chasing. Statements `name value` (a constant) and `name name` (an alias)
+  for several chains, shuffled, then `?` and queries: every name of every chain once, in random order, each
+  labelled with its chain's value. Difficulty = hops + 1 (1 is a direct look-up). A level range `1-3` draws chains
+  of 1..3 names.
+
+Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
+from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers
+
+from recurchat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from recurchat.errors import UserError
+
+PREFIX = "probe:"
+EVAL_SEED = 1 << 40  # eval sequences are seeded from here on; training seeds stay far below it
+CHASE_NAMES = 32
+CHASE_VALUES = 10
+CHASE_CHAINS = 4
+
+
+@dataclass(frozen=True)
+class ProbeBatch:
+    x: torch.Tensor  # [B, T] token ids, <|bos|> first
+    y: torch.Tensor  # [B, T] label token ids, -1 where a position has no label
+    difficulty: torch.Tensor  # [B, T] steps each label needs, 0 where there is no label
+
+    def __len__(self) -> int:
+        return self.x.size(0)
+
+    def within_reach(self, r: int, slack: int) -> torch.Tensor:
+        """y with the labels that r iterations (plus `slack` steps of prelude and coda) cannot reach set to -1."""
+        return torch.where(self.difficulty <= r + slack, self.y, torch.full_like(self.y, -1))
+
+
+class Vocabulary:
+    """Token ids: recurchat's special tokens first (ids 0..7), then input symbols, then label tokens."""
+
+    def __init__(self, symbols: list[str], labels: list[str]):
+        self.symbols, self.labels = symbols, labels
+        self.tokens = [*SPECIAL_TOKENS, *symbols, *(f"={label}" for label in labels)]
+        self.first_symbol, self.first_label = len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(symbols)
+
+    def tokenizer(self) -> Tokenizer:
+        """A word-level tokenizer over these tokens (whitespace-separated), saved with every probe checkpoint."""
+        vocab = {token: i for i, token in enumerate(self.tokens)}
+        hf = HFTokenizer(models.WordLevel(vocab, unk_token="<|pad|>"))
+        hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        hf.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+        hf.add_special_tokens(SPECIAL_TOKENS)
+        return Tokenizer(hf)
+
+
+def with_bos(symbols: torch.Tensor, labels: torch.Tensor, steps: torch.Tensor, vocab: Vocabulary) -> ProbeBatch:
+    """Symbol and label indices [B, T] (label −1: none) → a ProbeBatch with <|bos|> in front and token ids."""
+    B = symbols.size(0)
+    bos = torch.zeros(B, 1, dtype=torch.long)
+    none = torch.full((B, 1), -1, dtype=torch.long)
+    y = torch.where(labels >= 0, labels + vocab.first_label, labels)
+    return ProbeBatch(torch.cat([bos, symbols + vocab.first_symbol], 1), torch.cat([none, y], 1),
+                      torch.cat([torch.zeros_like(bos), torch.where(labels >= 0, steps, 0)], 1))
+
+
+class StateTracking:
+    """The state after each prefix of a random word in a finite monoid, given by its multiplication table."""
+
+    def __init__(self, name: str, table: list[list[int]], identity: int, description: str):
+        self.name, self.description, self.identity = name, description, identity
+        self.table = torch.tensor(table, dtype=torch.long)
+        n = len(table)
+        self.vocab = Vocabulary([f"x{i}" for i in range(n)], [f"s{i}" for i in range(n)])
+        self.chance = 1.0 / n
+
+    def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
+        length = max(levels)
+        x = torch.randint(0, self.table.size(0), (n, length), generator=g)
+        state = torch.full((n,), self.identity, dtype=torch.long)
+        labels = torch.empty_like(x)
+        for t in range(length):
+            state = self.table[state, x[:, t]]
+            labels[:, t] = state
+        steps = torch.arange(1, length + 1).expand(n, length)
+        labels = torch.where((steps >= min(levels)), labels, -1)
+        return with_bos(x, labels, steps, self.vocab)
+
+
+def s3_table() -> tuple[list[list[int]], int]:
+    """S3's multiplication table over its six permutations (a∘b: apply b, then a) and the identity's index."""
+    perms = list(itertools.permutations(range(3)))
+    table = [[perms.index(tuple(a[b[i]] for i in range(3))) for b in perms] for a in perms]
+    return table, perms.index((0, 1, 2))
+
+
+class PointerChase:
+    """Multi-query pointer chasing in context: several alias chains, every name queried, each query labelled."""
+
+    name = "chase"
+    description = "in-context pointer chasing: 4 chains per sequence, every name queried; difficulty = hops + 1"
+    chance = 1.0 / CHASE_VALUES
+
+    def __init__(self):
+        names = [f"n{i}" for i in range(CHASE_NAMES)]
+        self.vocab = Vocabulary([*names, *(f"v{i}" for i in range(CHASE_VALUES)), "?"],
+                                [f"v{i}" for i in range(CHASE_VALUES)])
+
+    def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
+        """(symbol indices, label per position or -1, difficulty per position) for one sequence."""
+        lengths = [levels[int(torch.randint(len(levels), (1,), generator=g))] for _ in range(CHASE_CHAINS)]
+        names = torch.randperm(CHASE_NAMES, generator=g).tolist()
+        values = torch.randperm(CHASE_VALUES, generator=g)[:CHASE_CHAINS].tolist()
+        statements, queries = [], []
+        for c, length in enumerate(lengths):
+            chain, names = names[:length], names[length:]
+            statements.append((chain[0], CHASE_NAMES + values[c]))
+            statements += [(b, a) for a, b in zip(chain, chain[1:])]
+            queries += [(name, values[c], hops + 1) for hops, name in enumerate(chain)]
+        order = torch.randperm(len(statements), generator=g).tolist()
+        ask = torch.randperm(len(queries), generator=g).tolist()
+        symbols = [s for i in order for s in statements[i]] + [CHASE_NAMES + CHASE_VALUES]
+        labels, steps = [-1] * len(symbols), [0] * len(symbols)
+        for i in ask:
+            name, value, difficulty = queries[i]
+            symbols.append(name)
+            labels.append(value if difficulty >= min(levels) else -1)
+            steps.append(difficulty)
+        return symbols, labels, steps
+
+    def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
+        rows = [self.sequence(levels, g) for _ in range(n)]
+        width = max(len(s) for s, _, _ in rows)
+        pad = self.vocab.tokens.index("<|pad|>") - self.vocab.first_symbol  # padding after the last query
+
+        def column(i: int, fill: int) -> torch.Tensor:
+            return torch.tensor([row[i] + [fill] * (width - len(row[i])) for row in rows], dtype=torch.long)
+
+        return with_bos(column(0, pad), column(1, -1), column(2, 0), self.vocab)
+
+
+def _probes() -> dict:
+    s3, s3_identity = s3_table()
+    return {p.name: p for p in (
+        StateTracking("parity", [[0, 1], [1, 0]], 0, "prefix parity of a bit string; difficulty = position"),
+        StateTracking("modsum", [[(a + b) % 5 for b in range(5)] for a in range(5)], 0,
+                      "running sum mod 5; difficulty = position"),
+        StateTracking("s3", s3, s3_identity, "running product in S3 (non-abelian); difficulty = position"),
+        PointerChase())}
+
+
+PROBES = _probes()
+MAX_LEVEL = 64
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """`probe:NAME:LO-HI`: a probe and the difficulties it draws."""
+
+    probe: object
+    levels: list[int]
+
+    @property
+    def name(self) -> str:
+        return f"{PREFIX}{self.probe.name}:{self.levels[0]}-{self.levels[-1]}"
+
+    def batch(self, n: int, seed: int) -> ProbeBatch:
+        return self.probe.batch(self.levels, n, torch.Generator().manual_seed(seed))
+
+    def tokenizer(self) -> Tokenizer:
+        return self.probe.vocab.tokenizer()
+
+
+def is_probe(spec: str) -> bool:
+    return spec.strip().startswith(PREFIX)
+
+
+def parse_probe(spec: str) -> ProbeSpec:
+    """"probe:parity:1-8" → ProbeSpec; a one-line UserError naming the problem otherwise."""
+    body = spec.strip()[len(PREFIX):] if is_probe(spec) else spec.strip()
+    name, _, levels = body.partition(":")
+    if name not in PROBES:
+        raise UserError(f"unknown probe {name!r} (choices: {', '.join(sorted(PROBES))}); e.g. probe:parity:1-8")
+    lo, _, hi = (levels or "1-8").partition("-")
+    try:
+        lo_i, hi_i = int(lo), int(hi or lo)
+    except ValueError:
+        raise UserError(f"probe {name!r}: bad level range {levels!r} (expected LO-HI, e.g. 1-8)") from None
+    if not 1 <= lo_i <= hi_i <= MAX_LEVEL:
+        raise UserError(f"probe {name!r}: levels must satisfy 1 <= LO <= HI <= {MAX_LEVEL}, got {levels!r}")
+    if name == "chase" and hi_i > CHASE_NAMES // CHASE_CHAINS:
+        raise UserError(f"probe 'chase': at most {CHASE_NAMES // CHASE_CHAINS} hops per chain, got {hi_i}")
+    return ProbeSpec(PROBES[name], list(range(lo_i, hi_i + 1)))
+
+
+def same_vocabulary(a: ProbeSpec, b_tokenizer: Tokenizer) -> bool:
+    """Whether a checkpoint's tokenizer is this probe's (so its ids mean the same symbols and labels)."""
+    return a.tokenizer().fingerprint() == b_tokenizer.fingerprint()

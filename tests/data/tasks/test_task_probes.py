@@ -1,0 +1,123 @@
+"""Labelled-sequence probes: labels are the true answers, difficulties count sequential steps, specs parse strictly."""
+
+import itertools
+
+import pytest
+import torch
+
+from recurchat.data.loader import ProbeLoader
+from recurchat.data.tasks.probes import CHASE_NAMES, PROBES, ProbeBatch, parse_probe, s3_table
+from recurchat.errors import UserError
+
+
+def symbols_and_labels(spec, batch: ProbeBatch) -> tuple[list[list[str]], list[list[str | None]]]:
+    """Decode a batch back into symbol names and label names (None where a position has no label)."""
+    tokens = spec.probe.vocab.tokens
+    xs = [[tokens[i] for i in row] for row in batch.x.tolist()]
+    ys = [[tokens[i][1:] if i >= 0 else None for i in row] for row in batch.y.tolist()]
+    return xs, ys
+
+
+def test_parity_labels_are_prefix_parities_and_difficulty_is_position():
+    spec = parse_probe("probe:parity:1-12")
+    batch = spec.batch(16, seed=3)
+    xs, ys = symbols_and_labels(spec, batch)
+    for row_x, row_y, row_d in zip(xs, ys, batch.difficulty.tolist()):
+        assert row_x[0] == "<|bos|>" and row_y[0] is None and row_d[0] == 0
+        ones = 0
+        for t in range(1, 13):
+            ones += row_x[t] == "x1"
+            assert row_y[t] == f"s{ones % 2}"
+            assert row_d[t] == t
+
+
+def test_modsum_and_lower_level_bound():
+    spec = parse_probe("probe:modsum:3-6")
+    batch = spec.batch(8, seed=0)
+    xs, ys = symbols_and_labels(spec, batch)
+    for row_x, row_y in zip(xs, ys):
+        total = 0
+        for t in range(1, 7):
+            total += int(row_x[t][1:])
+            assert row_y[t] == (f"s{total % 5}" if t >= 3 else None)
+
+
+def test_s3_is_a_non_abelian_group_and_labels_compose_in_order():
+    table, identity = s3_table()
+    n = len(table)
+    assert n == 6
+    assert all(table[identity][a] == a == table[a][identity] for a in range(n))
+    assert all(table[table[a][b]][c] == table[a][table[b][c]] for a, b, c in itertools.product(range(n), repeat=3))
+    assert any(table[a][b] != table[b][a] for a, b in itertools.product(range(n), repeat=2))
+    spec = parse_probe("probe:s3:1-8")
+    batch = spec.batch(8, seed=1)
+    xs, ys = symbols_and_labels(spec, batch)
+    for row_x, row_y in zip(xs, ys):
+        state = identity
+        for t in range(1, 9):
+            state = table[state][int(row_x[t][1:])]
+            assert row_y[t] == f"s{state}"
+
+
+def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
+    spec = parse_probe("probe:chase:1-5")
+    batch = spec.batch(32, seed=7)
+    xs, ys = symbols_and_labels(spec, batch)
+    seen = set()
+    for row_x, row_y, row_d in zip(xs, ys, batch.difficulty.tolist()):
+        ask = row_x.index("?")
+        pairs = dict(zip(row_x[1:ask:2], row_x[2:ask:2]))
+        assert len(pairs) == (ask - 1) // 2  # every name is defined once
+        queries = [t for t in range(ask + 1, len(row_x)) if row_y[t] is not None]
+        assert sorted(row_x[t] for t in queries) == sorted(pairs)  # every name is queried once
+        for t in queries:
+            name, hops = row_x[t], 0
+            while not pairs[name].startswith("v"):
+                name, hops = pairs[name], hops + 1
+            assert row_y[t] == pairs[name]
+            assert row_d[t] == hops + 1
+            seen.add(row_d[t])
+    assert seen == {1, 2, 3, 4, 5}
+
+
+def test_within_reach_masks_labels_beyond_r_plus_slack():
+    batch = parse_probe("probe:parity:1-8").batch(4, seed=0)
+    masked = batch.within_reach(3, 1)
+    assert ((masked >= 0) == ((batch.difficulty <= 4) & (batch.y >= 0))).all()
+    assert (masked[batch.difficulty <= 4] == batch.y[batch.difficulty <= 4]).all()
+
+
+def test_tokenizer_round_trips_and_keeps_special_ids():
+    for name in PROBES:
+        spec = parse_probe(f"probe:{name}:1-4")
+        tok = spec.tokenizer()
+        batch = spec.batch(2, seed=0)
+        text = tok.decode(batch.x[0].tolist())
+        assert tok.encode(text) == batch.x[0].tolist()
+        assert tok.bos_id == 0 and tok.vocab_size == len(spec.probe.vocab.tokens) <= 64
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("probe:nope:1-4", "unknown probe 'nope'"),
+    ("probe:parity:a-b", "bad level range"),
+    ("probe:parity:5-2", "levels must satisfy"),
+    ("probe:parity:0-3", "levels must satisfy"),
+    (f"probe:chase:1-{CHASE_NAMES}", "at most 8 hops"),
+])
+def test_bad_specs_are_one_line_errors(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_probe(spec)
+
+
+def test_probe_loader_is_resumable_from_its_state_and_ranks_differ():
+    spec = parse_probe("probe:s3:1-6")
+    a = ProbeLoader(spec, 4, seed=5)
+    for _ in range(3):
+        a.next_batch()
+    b = ProbeLoader(spec, 4, seed=0)
+    b.load_state_dict(a.state_dict())
+    assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+    r0, r1 = ProbeLoader(spec, 4, seed=5, world_size=2), ProbeLoader(spec, 4, seed=5, rank=1, world_size=2)
+    assert not torch.equal(r0.next_batch()[0], r1.next_batch()[0])
+    with pytest.raises(UserError, match="now 'probe:parity"):
+        ProbeLoader(parse_probe("probe:parity:1-6"), 4).load_state_dict(a.state_dict())
