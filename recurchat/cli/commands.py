@@ -85,7 +85,7 @@ def cmd_exit_train(args: argparse.Namespace) -> int:
 
     train_exit_gate(args.ckpt, tau=args.tau, deep_recur=args.deep_recur, train_tokens=args.train_tokens,
                     eval_tokens=args.eval_tokens, steps=args.steps, hidden=args.hidden, data=args.data,
-                    dtype=args.dtype, device=args.device, seed=args.seed)
+                    dtype=args.dtype, device=args.device, seed=args.seed, probe=args.probe)
     return 0
 
 

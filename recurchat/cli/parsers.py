@@ -133,12 +133,17 @@ def add_exit_train_parser(sub) -> None:
     g.add_argument("--tau", type=float, default=0.01,
                    help="nats: a token may stop at iteration i when KL(p_deep ‖ p_i) <= tau")
     g.add_argument("--deep-recur", type=positive_int, default=None, help="the deepest depth (default r_max)")
-    g.add_argument("--train-tokens", type=positive_int, default=8192, help="training-split tokens to learn from")
-    g.add_argument("--eval-tokens", type=positive_int, default=4096, help="held-out tokens to judge the gate on")
+    g.add_argument("--train-tokens", type=positive_int, default=None,
+                   help="training-split tokens to learn from (default 8192; with --probe, 512 sequences)")
+    g.add_argument("--eval-tokens", type=positive_int, default=None,
+                   help="held-out tokens to judge the gate on (default 4096; with --probe, 128 sequences)")
     g.add_argument("--steps", type=positive_int, default=400)
     g.add_argument("--hidden", type=positive_int, default=64)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--data", default=None, help="text source (default: the checkpoint's pretraining text)")
+    g.add_argument("--probe", default=None, metavar="probe:NAME:LO-HI",
+                   help="learn from a probe's labelled positions instead of text (--train/--eval-tokens then count "
+                        "sequences)")
     add_runtime_flags(g, device=True)
     g.set_defaults(func=commands.cmd_exit_train)
 

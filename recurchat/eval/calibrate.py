@@ -36,6 +36,11 @@ GRIDS = {
     "cosine": (1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1),
     "gate": (0.99, 0.98, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.01),  # P(safe to stop)
 }
+# A probe's answer is exact: an exit must wait until the information has reached its position, and before that a
+# position's state can already look still, so the latent grid starts far stricter (and needs fp32: bf16 rounding
+# alone moves a state by ~1e-3 per iteration).
+PROBE_GRIDS = {**GRIDS, "latent": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2), "cosine": (1e-9, 1e-8, 1e-7,
+               1e-6, 1e-5, 1e-4, 1e-3), "gate": (0.9999, 0.9995, 0.999, 0.998, 0.995, *GRIDS["gate"])}
 SEGMENT_TOKENS = 32
 Z_95 = 1.6448536269514722  # one-sided 95%
 
@@ -70,6 +75,21 @@ def score_segments(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor
     return tuple(torch.cat(p).numpy() for p in parts)  # type: ignore[return-value]
 
 
+def fixed_sequence(criterion: str, thresholds, test, log) -> tuple[list[dict], dict | None]:
+    """Learn-then-Test's fixed-sequence procedure: `test(spec) -> (row with "passed", log line)` for each threshold in
+    order, strictest first, until the first failure; (every row tested, the last that passed or None)."""
+    tested, chosen = [], None
+    for threshold in thresholds:
+        spec = f"{criterion}:{threshold:g}"
+        row, line = test(spec)
+        tested.append(row)
+        log(f"{spec:>14}: {line} — {'pass' if row['passed'] else 'fail: stop'}")
+        if not row["passed"]:
+            break
+        chosen = row
+    return tested, chosen
+
+
 def check_request(criterion: str, max_loss: float, flag: str = "--max-bpb-loss") -> None:
     if criterion not in GRIDS:
         raise UserError(f"cannot calibrate {criterion!r} (choose from {', '.join(GRIDS)})")
@@ -88,21 +108,17 @@ def calibrate(engine: Engine, tokens: np.ndarray, token_bytes: torch.Tensor, cri
     fixed = score_segments(engine, tokens, token_bytes, batch_size, max_tokens, RecurParams(num_recur=cfg.mean_recur))
     bpb_fixed = float(fixed[0].sum() / (math.log(2) * fixed[1].sum()))
     log(f"fixed r̄ = {cfg.mean_recur}: bpb {bpb_fixed:.4f} on {int(fixed[3].sum())} tokens")
-    tested, chosen = [], None
-    for threshold in GRIDS[criterion]:
-        spec = f"{criterion}:{threshold:g}"
+    def test(spec: str) -> tuple[dict, str]:
         nats, _, depth, _ = score_segments(engine, tokens, token_bytes, batch_size, max_tokens,
                                            RecurParams(exit=spec, max_recur=cap))
         loss, upper = relative_loss(fixed[0], nats)
         row = {"exit": spec, "bpb": float(nats.sum() / (math.log(2) * fixed[1].sum())), "bpb_loss": loss,
                "bpb_loss_upper_95": upper, "mean_recursions": float(depth.sum() / fixed[3].sum()),
                "passed": upper <= max_bpb_loss}
-        tested.append(row)
-        log(f"{spec:>14}: bpb {row['bpb']:.4f}, loss {100 * loss:+.2f}% (95% bound {100 * upper:+.2f}%), "
-            f"{row['mean_recursions']:.2f} recursions/token — {'pass' if row['passed'] else 'fail: stop'}")
-        if not row["passed"]:
-            break
-        chosen = row
+        return row, (f"bpb {row['bpb']:.4f}, loss {100 * loss:+.2f}% (95% bound {100 * upper:+.2f}%), "
+                     f"{row['mean_recursions']:.2f} recursions/token")
+
+    tested, chosen = fixed_sequence(criterion, GRIDS[criterion], test, log)
     result = {"criterion": criterion, "max_bpb_loss": max_bpb_loss, "max_recur": cap, "bpb_fixed": bpb_fixed,
               "fixed_recursions": cfg.mean_recur, "tokens": int(fixed[3].sum()), "segments": int(fixed[0].size),
               "segment_tokens": SEGMENT_TOKENS, "tested": tested}
@@ -158,9 +174,7 @@ def calibrate_probe(engine: Engine, batch, criterion: str, max_acc_loss: float, 
     ref = probes.score_exit(engine, batch, RecurParams(num_recur=reference_recur).validate(engine.cfg))
     ref_ok = np.array([r["correct"] for r in ref])
     log(f"fixed r = {reference_recur}: accuracy {ref_ok.mean():.4f} on {ref_ok.size} labels")
-    tested, chosen = [], None
-    for threshold in GRIDS[criterion]:
-        spec = f"{criterion}:{threshold:g}"
+    def test(spec: str) -> tuple[dict, str]:
         out = probes.score_exit(engine, batch, RecurParams(exit=spec, max_recur=max_recur).validate(engine.cfg))
         ok = np.array([r["correct"] for r in out])
         loss, upper = accuracy_loss(ref_ok, ok)
@@ -168,12 +182,10 @@ def calibrate_probe(engine: Engine, batch, criterion: str, max_acc_loss: float, 
                "mean_recursions": float(np.mean([r["mean_depth"] for r in out])),
                "recursions_by_difficulty": probes.mean_by_difficulty(out, "mean_depth"),
                "passed": upper <= max_acc_loss}
-        tested.append(row)
-        log(f"{spec:>14}: accuracy {row['acc']:.4f}, loss {100 * loss:+.2f} points (95% bound {100 * upper:+.2f}), "
-            f"{row['mean_recursions']:.2f} recursions/label — {'pass' if row['passed'] else 'fail: stop'}")
-        if not row["passed"]:
-            break
-        chosen = row
+        return row, (f"accuracy {row['acc']:.4f}, loss {100 * loss:+.2f} points (95% bound {100 * upper:+.2f}), "
+                     f"{row['mean_recursions']:.2f} recursions/label")
+
+    tested, chosen = fixed_sequence(criterion, PROBE_GRIDS[criterion], test, log)
     if chosen is None:
         raise UserError(f"no {criterion} threshold keeps the accuracy loss within {100 * max_acc_loss:g} points at "
                         f"95% confidence (strictest tested: {tested[0]['exit']}); try another criterion")

@@ -27,7 +27,10 @@ from recurchat.train.spec import pretrain_spec
 from recurchat.train.trainer import train_or_resume
 
 PRESET = "probe"
+# Pointer chasing must look anywhere in the context (a statement can be 50 positions from its query): full attention.
+MODEL_OVERRIDES = {"chase": {"attn_window": 0}}
 CALIBRATION = ("latent", 0.01)  # criterion, accuracy loss allowed against fixed 4r̄
+EVAL_DTYPE = "fp32"  # probe calibration and evaluation: exact answers, tiny models, and bf16 would blur the latent exit
 LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "iso-params"}
 
 
@@ -62,16 +65,17 @@ def probe_stages(out: Path, sp, models, dtype: str, run_stage) -> None:
         for model, standard in models:
             run = run_dir(out, probe, model)
             run_stage(out, f"probe {name} {model}", lambda run=run, standard=standard: train_or_resume(
-                run, lambda: pretrain_spec(PRESET, run, standard=standard, train=settings, overwrite=True)))
+                run, lambda: pretrain_spec(PRESET, run, standard=standard, model=MODEL_OVERRIDES.get(name, {}),
+                                           train=settings, overwrite=True)))
         recursive = run_dir(out, probe, "recursive")
         run_stage(out, f"calibrate probe {name}", lambda recursive=recursive, probe=probe: calibrate(
-            recursive, probe, sp.probe_limit, dtype))
+            recursive, probe, sp.probe_limit, EVAL_DTYPE))
         for model, standard in models:
             run_stage(out, f"eval probe {name} {model}", lambda model=model, standard=standard, probe=probe:
                       evaluate_checkpoint(EvalRequest(
                           ckpt=str(run_dir(out, probe, model)), tasks=held_out(probe), recur=depths(),
                           exit=None if standard or checkpoint.calibrated_exit(recursive) is None else "auto",
-                          limit=sp.probe_limit, quiet=True, dtype=dtype, json=str(eval_file(out, probe, model)))))
+                          limit=sp.probe_limit, quiet=True, dtype=EVAL_DTYPE, json=str(eval_file(out, probe, model)))))
 
 
 def calibrate(run: Path, probe: str, limit: int, dtype: str) -> None:

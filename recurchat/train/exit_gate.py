@@ -1,6 +1,7 @@
 """Train the learned exit gate (model/exit_gate.py) on a frozen checkpoint, then store it beside the weights.
 
     recurchat exit-train --ckpt runs/tiny [--tau 0.01] [--deep-recur 16]
+    recurchat exit-train --ckpt runs/parity --probe probe:parity:1-16 --deep-recur 24   # a probe's labels
     recurchat calibrate --ckpt runs/tiny --criterion gate --max-bpb-loss 0.01     # then --exit auto
 
 Labels come from the model itself: a token at iteration i is "safe to stop" when KL(p_deep ‖ p_i) ≤ τ nats, where
@@ -25,8 +26,10 @@ import torch.nn.functional as F
 from recurchat import checkpoint
 from recurchat.data.corpus import prepare_data
 from recurchat.data.loader import eval_batches
+from recurchat.data.tasks.probes import parse_probe
 from recurchat.errors import UserError
 from recurchat.eval.command import heldout_source
+from recurchat.eval.probes import CALIBRATION_SEED, check_vocabulary, eval_batch
 from recurchat.model.exit_gate import ExitGate, trajectory
 from recurchat.model.hardware import choose_dtype
 from recurchat.model.recurrent import RecurrentLM
@@ -40,14 +43,27 @@ def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep:
     T = model.cfg.seq_len
     if len(tokens) < T + 1:
         raise UserError(f"exit-train needs at least {T + 1} tokens of text, got {len(tokens)}")
-    parts: list[list[torch.Tensor]] = [[], [], [], []]
+    return examples_of(model, ((x, None) for x, _ in eval_batches(tokens, batch_size, T, max_tokens)), deep, dtype)
+
+
+def probe_examples(model: RecurrentLM, batch, deep: int, dtype,
+                   batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same examples for the labelled positions of a probe batch (data/tasks/probes.py) only."""
+    parts = ((batch.x[i:i + batch_size], batch.y[i:i + batch_size] >= 0) for i in range(0, len(batch), batch_size))
+    return examples_of(model, parts, deep, dtype)
+
+
+def examples_of(model: RecurrentLM, parts, deep: int, dtype) -> tuple[torch.Tensor, ...]:
+    """Gate examples from (x [B, T], positions to keep [B, T] or None for all) pairs."""
+    out: list[list[torch.Tensor]] = [[], [], [], []]
     with scoring(model, dtype) as device:
-        for x, _ in eval_batches(tokens, batch_size, T, max_tokens):
+        for x, keep in parts:
             states, kl = trajectory(model, x.to(device), deep)
             steps = torch.arange(1, deep + 1, device=device).view(deep, 1, 1).expand_as(kl)
-            for store, value in zip(parts, (states[1:], states[:-1], steps, kl)):
-                store.append(value.reshape(-1, *value.shape[3:]).cpu())
-    return tuple(torch.cat(p) for p in parts)  # type: ignore[return-value]
+            for store, value in zip(out, (states[1:], states[:-1], steps, kl)):
+                value = value.cpu()
+                store.append(value[:, keep] if keep is not None else value.reshape(deep, -1, *value.shape[3:]))
+    return tuple(torch.cat([part.reshape(-1, *part.shape[2:]) for part in field]) for field in out)
 
 
 def fit_gate(gate: ExitGate, examples, safe: torch.Tensor, steps: int, batch: int = 4096, lr: float = 3e-3,
@@ -97,10 +113,29 @@ def judge(gate: ExitGate, examples, tau: float) -> dict:
             "safe_rate": float(safe.float().mean()), "by_iteration": per_iteration}
 
 
-def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None, train_tokens: int = 8192,
-                    eval_tokens: int = 4096, steps: int = 400, hidden: int = 64, data: str | None = None,
-                    dtype: str = "auto", device: str = "auto", seed: int = 0) -> dict:
-    """`recurchat exit-train`: collect, fit, judge, save (exit_gate.safetensors beside the weights)."""
+def collect(loaded, model: RecurrentLM, deep: int, precision, data: str | None, probe: str | None,
+            train_tokens: int, eval_tokens: int) -> tuple[tuple, tuple]:
+    """(training, held-out) examples: from text, or with `probe` from its labelled positions (sequences seeded apart
+    from the evaluation's and the calibration's; `*_tokens` then count sequences)."""
+    if probe is not None:
+        spec = parse_probe(probe)
+        check_vocabulary(spec, loaded.tokenizer, model)
+        return (probe_examples(model, eval_batch(spec, train_tokens, seed=2 * CALIBRATION_SEED), deep, precision),
+                probe_examples(model, eval_batch(spec, eval_tokens, seed=3 * CALIBRATION_SEED), deep, precision))
+    text = prepare_data(heldout_source(loaded, data), model.cfg.vocab_size, tokenizer=loaded.tokenizer,
+                        log=lambda *a, **k: print(*a, file=sys.stderr, **k))
+    return (gate_examples(model, text.train, train_tokens, deep, precision),
+            gate_examples(model, text.val, eval_tokens, deep, precision))
+
+
+PROBE_SEQUENCES = (512, 128)  # a probe's default (training, held-out) sequences: ~16 labels each
+
+
+def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None, train_tokens: int | None = None,
+                    eval_tokens: int | None = None, steps: int = 400, hidden: int = 64, data: str | None = None,
+                    dtype: str = "auto", device: str = "auto", seed: int = 0, probe: str | None = None) -> dict:
+    """`recurchat exit-train`: collect, fit, judge, save (exit_gate.safetensors beside the weights). With `probe`
+    (probe:NAME:LO-HI) the examples are that probe's labelled positions."""
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
@@ -114,11 +149,10 @@ def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None,
     if deep < 2:
         raise UserError(f"--deep-recur must be >= 2, got {deep}")
     precision = choose_dtype(dtype, next(model.parameters()).device)
-    text = prepare_data(heldout_source(loaded, data), cfg.vocab_size, tokenizer=loaded.tokenizer,
-                        log=lambda *a, **k: print(*a, file=sys.stderr, **k))
-    train = gate_examples(model, text.train, train_tokens, deep, precision)
-    held = gate_examples(model, text.val, eval_tokens, deep, precision)
-    log(f"{len(train[2])} training examples ({len(train[2]) // deep} tokens × {deep} iterations), "
+    defaults = PROBE_SEQUENCES if probe else (8192, 4096)
+    train_tokens, eval_tokens = train_tokens or defaults[0], eval_tokens or defaults[1]
+    train, held = collect(loaded, model, deep, precision, data, probe, train_tokens, eval_tokens)
+    log(f"{len(train[2])} training examples ({len(train[2]) // deep} {'labels' if probe else 'tokens'} × {deep} iterations), "
         f"{len(held[2])} held out; τ = {tau:g} nats")
     torch.manual_seed(seed)
     gate = ExitGate(cfg.d_model, deep, hidden)
@@ -128,6 +162,7 @@ def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None,
         log(f"  iteration {i:>2}: safe {100 * row['safe_rate']:5.1f}% of held-out tokens, gate says "
             f"{100 * row['mean_prob']:5.1f}% on average, AUC {row['auc']:.3f}")
     info = {"tau": tau, "deep_recur": deep, "train_tokens": len(train[2]) // deep, "eval_tokens": len(held[2]) // deep,
+            **({"probe": probe} if probe else {}),
             "steps": steps, "train_loss": train_loss, "dtype": precision.name, **figures}
     path = checkpoint.save_exit_gate(loaded.path, gate, info)
     print(f"exit gate: held-out accuracy {100 * figures['accuracy']:.1f}% (safe rate "

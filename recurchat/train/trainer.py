@@ -136,7 +136,7 @@ def check_probe(spec: RunSpec, probe: ProbeSpec) -> Tokenizer:
     width = probe.batch(1, 0).x.size(1)
     if width > m.seq_len:
         raise UserError(f"probe {probe.name} sequences are {width} tokens but seq_len is {m.seq_len}")
-    if t.loss_reach >= 0 and probe.levels[0] > 1 + t.loss_reach:
+    if t.loss_reach >= 0 and m.recursive and probe.levels[0] > 1 + t.loss_reach:
         raise UserError(f"--loss-reach {t.loss_reach}: at r = 1 no label of {probe.name} is within reach "
                         f"(its easiest level is {probe.levels[0]})")
     return tokenizer
@@ -277,11 +277,12 @@ def describe(run: Run) -> str:
 
 
 def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next micro-batch (x, y) on the device; a probe's labels beyond what r iterations can reach are masked
-    when loss_reach >= 0 (difficulty > r + loss_reach)."""
+    """The next micro-batch (x, y) on the device; a recursive model's probe labels beyond what r iterations can
+    reach are masked when loss_reach >= 0 (difficulty > r + loss_reach). A standard model has no iterations to
+    reach with (it runs r = 1): every label counts."""
     batch = (run.text_loader if on_text else run.loader).next_batch()
     x, y = batch[0], batch[1]
-    if run.probe is not None and run.spec.train.loss_reach >= 0:
+    if run.probe is not None and run.spec.train.loss_reach >= 0 and run.spec.model.recursive:
         y = torch.where(batch[2] <= r + run.spec.train.loss_reach, y, torch.full_like(y, -1))
     device = run.dist.device
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)

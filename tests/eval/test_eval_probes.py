@@ -96,3 +96,19 @@ def test_calibrate_on_a_probe_saves_an_exit_that_eval_auto_uses(parity_run, tmp_
     assert main(["eval", "--ckpt", str(parity_run), "--tasks", "probe:parity:1-8", "--recur", "24", "--exit", "auto",
                  "--limit", "32", "--json", str(out), "--quiet", "--dtype", "fp32"]) == 0
     assert list(json.loads(out.read_text())["exit"]) == [saved["exit"]]
+
+
+def test_exit_gate_learns_from_a_probes_labels_and_stops_deeper_on_harder_levels(parity_run, tmp_path, capsys):
+    assert main(["exit-train", "--ckpt", str(parity_run), "--probe", "probe:parity:1-8", "--deep-recur", "12",
+                 "--train-tokens", "64", "--eval-tokens", "16", "--steps", "150", "--dtype", "fp32"]) == 0
+    gate = checkpoint.load_exit_gate(parity_run)
+    assert gate is not None and gate.max_iterations == 12
+    err = capsys.readouterr().err
+    assert "training examples (" in err and "labels × 12 iterations" in err
+    out = tmp_path / "gate.json"
+    assert main(["eval", "--ckpt", str(parity_run), "--tasks", "probe:parity:1-8", "--recur", "12",
+                 "--exit", "gate:0.5", "--max-recur", "12", "--limit", "32", "--json", str(out), "--quiet",
+                 "--dtype", "fp32"]) == 0
+    spent = {int(d): v["mean_recursions"] for d, v in json.loads(out.read_text())["by_difficulty"][
+        "probe:parity:1-8"].items()}
+    assert spent[8] > spent[1]  # the gate lets the first positions go early and keeps the last ones iterating

@@ -50,6 +50,15 @@ def test_labels_beyond_reach_are_masked_at_each_r(tmp_path):
     run.telemetry.close()
 
 
+def test_a_standard_model_trains_on_every_label_whatever_the_reach(tmp_path):
+    run = setup(pretrain_spec("probe", tmp_path / "std", standard="iso-params", train={"loss_reach": 0,
+                                                                                       "eval_every": 0}),
+                progress=False)
+    x, y = batch_for(run, 1, False)
+    assert torch.equal((y >= 0).sum(dim=1), torch.full((x.size(0),), 8))  # all of parity:1-8
+    run.telemetry.close()
+
+
 def test_probe_that_does_not_fit_the_model_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="seq_len"):
         setup(pretrain_spec("probe", tmp_path / "long", model={"seq_len": 32}, train={"data": "probe:parity:1-40"}),
