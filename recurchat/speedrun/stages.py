@@ -45,7 +45,8 @@ class SpeedrunPreset:
     depths: str = "1,2,4,8,16,32"  # 1, 2, r̄, 2r̄, 4r̄, 8r̄ for r̄ = 4
     exits: str = "kl:3e-2,kl:1e-1,latent:5e-2"  # the first is where recursions by difficulty are measured
     # labelled-sequence probes (speedrun/probes.py), each trained from scratch on the three models; pointer chasing
-    # (chase:1-3) is left out by default: on 2 cores it stays on the pick-one-of-the-values plateau (accuracy 0.25)
+    # (chase:1-3) is left out by default: on 2 cores it stays on the pick-one-of-the-values plateau (accuracy 0.25;
+    # docs/ablations/probes/)
     probes: tuple[str, ...] = ("parity:1-8", "s3:1-8")
     probe_steps: int = 2000
     probe_limit: int = 256  # held-out sequences per probe evaluation (and as many again to calibrate on)
