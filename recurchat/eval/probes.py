@@ -17,7 +17,7 @@ from collections import defaultdict
 
 import torch
 
-from recurchat.data.tasks.probes import EVAL_SEED, ProbeBatch, ProbeSpec
+from recurchat.data.tasks.probes import EVAL_SEED, ProbeBatch, ProbeSpec, same_vocabulary
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams
@@ -44,12 +44,12 @@ def eval_batch(spec: ProbeSpec, n: int, seed: int = 0) -> ProbeBatch:
 
 def check_vocabulary(spec: ProbeSpec, tokenizer: Tokenizer, model: RecurrentLM) -> None:
     """UserError unless the checkpoint was trained on this probe's vocabulary and can hold its sequences."""
-    if spec.tokenizer().fingerprint() != tokenizer.fingerprint():
+    if not same_vocabulary(spec, tokenizer):
         raise UserError(f"{spec.name}: this checkpoint's tokenizer is not the probe's vocabulary "
                         f"(train one with recurchat train --preset probe --data {spec.name})")
-    width = eval_batch(spec, 1).x.size(1)
-    if width > model.cfg.seq_len:
-        raise UserError(f"{spec.name}: sequences of {width} tokens exceed the model's seq_len {model.cfg.seq_len}")
+    if spec.width > model.cfg.seq_len:
+        raise UserError(f"{spec.name}: sequences of {spec.width} tokens exceed the model's seq_len "
+                        f"{model.cfg.seq_len}")
 
 
 def labels(batch: ProbeBatch, correct: torch.Tensor, depth: torch.Tensor | None = None) -> list[dict]:
@@ -66,9 +66,7 @@ def score_fixed(model: RecurrentLM, batch: ProbeBatch, r: int, dtype: DtypeChoic
     """Label records with every position at r iterations."""
     out = []
     with scoring(model, dtype) as device:
-        for i in range(0, batch.x.size(0), batch_size):
-            part = ProbeBatch(batch.x[i:i + batch_size], batch.y[i:i + batch_size],
-                              batch.difficulty[i:i + batch_size])
+        for part in batch.chunks(batch_size):
             top = model(part.x.to(device), num_recur=r).argmax(dim=-1).cpu()
             depth = torch.full_like(top, r if model.recur else 0)
             out += labels(part, top == part.y, depth)
@@ -79,11 +77,9 @@ def score_exit(engine: Engine, batch: ProbeBatch, recur: RecurParams, batch_size
     """Label records with every position stopping by the exit criterion (teacher-forced, KV-cached)."""
     out = []
     with scoring(engine.model, engine.dtype):
-        for i in range(0, batch.x.size(0), batch_size):
-            x, y = batch.x[i:i + batch_size], batch.y[i:i + batch_size]
-            part = ProbeBatch(x, y, batch.difficulty[i:i + batch_size])
-            _, depth, top = engine.score(x, y.clamp_min(0), recur)
-            out += labels(part, top.cpu() == y, depth)
+        for part in batch.chunks(batch_size):
+            _, depth, top = engine.score(part.x, part.y.clamp_min(0), recur)
+            out += labels(part, top.cpu() == part.y, depth)
     return out
 
 

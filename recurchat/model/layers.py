@@ -5,6 +5,8 @@ Nothing here knows about recursion; `recurrent.py` composes these blocks. Exerci
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -27,6 +29,13 @@ def window_mask(q_pos: torch.Tensor, length: int, window: int) -> torch.Tensor:
     keys = torch.arange(length, device=q_pos.device)
     seen = keys <= q_pos[..., None]
     return seen & (keys > q_pos[..., None] - window) if window > 0 else seen
+
+
+@functools.lru_cache(maxsize=16)
+def prefill_window_mask(length: int, window: int, device: torch.device) -> torch.Tensor:
+    """window_mask for a block of `length` queries from position 0, built once per (length, window, device): every
+    block of every iteration of a forward reads the same one (never written to)."""
+    return window_mask(torch.arange(length, device=device), length, window)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -93,7 +102,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v, mask = kv_cache.update(k, v)  # mask None: a causal block starting at position 0 (prefill)
         if mask is None and self.window:
-            mask = window_mask(torch.arange(T, device=x.device), T, self.window)
+            mask = (window_mask(torch.arange(T, device=x.device), T, self.window) if torch.compiler.is_compiling()
+                    else prefill_window_mask(T, self.window, x.device))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -125,10 +125,8 @@ def probe_rows(p: ProbeNumbers) -> list[str]:
     rows = []
     for model, result in p.results.items():
         rec = model == "recursive"
-        depths = [k for k in result["tasks"][p.task]]
-        monotone = rec and all(a <= b + 0.005 for a, b in zip(
-            [p.mean(model, d, p.long_levels) for d in depths if d.isdigit()],
-            [p.mean(model, d, p.long_levels) for d in depths if d.isdigit()][1:]))
+        curve = [p.mean(model, d, p.long_levels) for d in result["tasks"][p.task] if d.isdigit()]
+        monotone = rec and all(a <= b + 0.005 for a, b in zip(curve, curve[1:]))
         rows.append(f"| {p.probe} | {LABELS[model]} | {fmt(p.mean(model, r if rec else '1', p.trained))} | "
                     f"{fmt(p.mean(model, '1', hard))} / {fmt(p.mean(model, r if rec else '1', hard))} | "
                     f"{fmt(p.mean(model, r if rec else '1', p.long_levels))} | "

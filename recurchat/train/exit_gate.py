@@ -49,8 +49,7 @@ def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep:
 def probe_examples(model: RecurrentLM, batch, deep: int, dtype,
                    batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The same examples for the labelled positions of a probe batch (data/tasks/probes.py) only."""
-    parts = ((batch.x[i:i + batch_size], batch.y[i:i + batch_size] >= 0) for i in range(0, len(batch), batch_size))
-    return examples_of(model, parts, deep, dtype)
+    return examples_of(model, ((part.x, part.y >= 0) for part in batch.chunks(batch_size)), deep, dtype)
 
 
 def examples_of(model: RecurrentLM, parts, deep: int, dtype) -> tuple[torch.Tensor, ...]:

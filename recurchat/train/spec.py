@@ -7,7 +7,8 @@
 
 The stage (pretrain | sft) and the data are said once, in `spec.train` (TrainConfig.stage, TrainConfig.data).
 `base` is the checkpoint an SFT run takes its weights and tokenizer from; `resume` is the checkpoint a run continues
-exactly (weights, optimizer, data position, RNG). Each is loaded here, once. Exercised by `pytest tests/train`.
+exactly (weights, optimizer, data position, RNG). Each is loaded here, once. `eval_depths` and `resumable_loader_state` are the two facts the trainer derives from a spec before its first step.
+Exercised by `pytest tests/train`.
 """
 
 from __future__ import annotations
@@ -108,3 +109,31 @@ def validate(spec: RunSpec) -> RunSpec:
     if spec.base is not None and spec.base.model_cfg != spec.model:
         raise UserError(f"--ckpt {spec.base.path}: model config differs from the requested one")
     return spec
+
+
+def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
+    """The checkpoint's data position, re-expressed for this run's split of a step into ranks × micro-batches.
+
+    The position is a global row offset, so only the rows per optimizer step must agree. A run that kept
+    --batch-size and changed its world size (accumulation adapting) splits the same rows differently; the loader
+    itself only accepts an unchanged world_size × batch_size, so relabel the split here and let it check the rest
+    (seq_len, data). Beyond the next epoch end the two splits may skip a different handful of leftover rows.
+    """
+    saved = dict(state["loader"])
+    rows_per_step_then = saved.get("global_batch_rows", 0) * int(state.get("grad_accum", 0))
+    if saved.get("global_batch_rows") != global_rows and rows_per_step_then == global_rows * grad_accum:
+        saved["global_batch_rows"] = global_rows
+    return saved
+
+
+def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
+    if not model_cfg.recursive:
+        return [1]
+    if train_cfg.eval_recur:
+        try:
+            depths = [int(r) for r in train_cfg.eval_recur.split(",") if r.strip()]
+        except ValueError:
+            raise UserError(f"bad --eval-recur {train_cfg.eval_recur!r}: expected comma-separated integers") from None
+    else:
+        depths = [1, model_cfg.mean_recur, 2 * model_cfg.mean_recur]
+    return sorted({min(max(1, r), model_cfg.r_max) for r in depths})

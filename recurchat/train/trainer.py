@@ -29,55 +29,27 @@ from typing import TextIO
 import torch
 
 from recurchat import checkpoint
-from recurchat.config import ModelConfig, TrainConfig
 from recurchat.data.corpus import PreparedData, prepare_data
 from recurchat.data.loader import ProbeLoader, RowLoader, TokenLoader
 from recurchat.data.sft import SFTData, build_sft_data
-from recurchat.data.tasks.probes import ProbeSpec, is_probe, parse_probe
+from recurchat.data.tasks.probes import ProbeSpec, is_probe, parse_probe, within_reach
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb, evaluate_rows_bpb
-from recurchat.eval.probes import probe_accuracy
 from recurchat.model import hardware
 from recurchat.model.depth import DepthSampler
 from recurchat.model.flops import flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
-from recurchat.train import distributed
+from recurchat.train import distributed, probes
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
-from recurchat.train.spec import RunSpec, resume_spec
+from recurchat.train.probes import check_probe
+from recurchat.train.recipes import micro_loss
+from recurchat.train.spec import RunSpec, eval_depths, resumable_loader_state, resume_spec
 from recurchat.train.telemetry import Telemetry, truncate_log
 
 
 class Diverged(RuntimeError):
     """The loss became NaN or infinite: a property of the settings (too high a learning rate), not a bug."""
-
-
-def resumable_loader_state(state: dict, global_rows: int, grad_accum: int) -> dict:
-    """The checkpoint's data position, re-expressed for this run's split of a step into ranks × micro-batches.
-
-    The position is a global row offset, so only the rows per optimizer step must agree. A run that kept
-    --batch-size and changed its world size (accumulation adapting) splits the same rows differently; the loader
-    itself only accepts an unchanged world_size × batch_size, so relabel the split here and let it check the rest
-    (seq_len, data). Beyond the next epoch end the two splits may skip a different handful of leftover rows.
-    """
-    saved = dict(state["loader"])
-    rows_per_step_then = saved.get("global_batch_rows", 0) * int(state.get("grad_accum", 0))
-    if saved.get("global_batch_rows") != global_rows and rows_per_step_then == global_rows * grad_accum:
-        saved["global_batch_rows"] = global_rows
-    return saved
-
-
-def eval_depths(model_cfg: ModelConfig, train_cfg: TrainConfig) -> list[int]:
-    if not model_cfg.recursive:
-        return [1]
-    if train_cfg.eval_recur:
-        try:
-            depths = [int(r) for r in train_cfg.eval_recur.split(",") if r.strip()]
-        except ValueError:
-            raise UserError(f"bad --eval-recur {train_cfg.eval_recur!r}: expected comma-separated integers") from None
-    else:
-        depths = [1, model_cfg.mean_recur, 2 * model_cfg.mean_recur]
-    return sorted({min(max(1, r), model_cfg.r_max) for r in depths})
 
 
 @dataclass
@@ -111,7 +83,7 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
     the other ranks only read them. SFT also loads the pretraining text (`pretrain_data`): its held-out split is
     where SFT reports plain-text bpb, the check that fine-tuning kept the language model."""
     if is_probe(spec.train.data):
-        return check_probe(spec, parse_probe(spec.train.data)), None, None
+        return check_probe(parse_probe(spec.train.data), spec.model, spec.train, spec.tokenizer), None, None
     with distributed.main_first(dist):
         if spec.is_sft:
             sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
@@ -123,23 +95,6 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
         raise UserError(f"tokenizer has {data.tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{spec.model.vocab_size}")
     return data.tokenizer, data, None
-
-
-def check_probe(spec: RunSpec, probe: ProbeSpec) -> Tokenizer:
-    """The probe's tokenizer, after checking that the model can hold its vocabulary, its sequences and its loss mask."""
-    tokenizer, t, m = probe.tokenizer(), spec.train, spec.model
-    if spec.tokenizer is not None and spec.tokenizer.fingerprint() != tokenizer.fingerprint():
-        raise UserError(f"--data {t.data}: the checkpoint's tokenizer is not this probe's vocabulary")
-    if tokenizer.vocab_size > m.vocab_size:
-        raise UserError(f"probe {probe.name} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                        f"{m.vocab_size}")
-    width = probe.batch(1, 0).x.size(1)
-    if width > m.seq_len:
-        raise UserError(f"probe {probe.name} sequences are {width} tokens but seq_len is {m.seq_len}")
-    if t.loss_reach >= 0 and m.recursive and probe.levels[0] > 1 + t.loss_reach:
-        raise UserError(f"--loss-reach {t.loss_reach}: at r = 1 no label of {probe.name} is within reach "
-                        f"(its easiest level is {probe.levels[0]})")
-    return tokenizer
 
 
 def pretraining_text(spec: RunSpec, log) -> PreparedData | None:
@@ -283,29 +238,9 @@ def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tens
     batch = (run.text_loader if on_text else run.loader).next_batch()
     x, y = batch[0], batch[1]
     if run.probe is not None and run.spec.train.loss_reach >= 0 and run.spec.model.recursive:
-        y = torch.where(batch[2] <= r + run.spec.train.loss_reach, y, torch.full_like(y, -1))
+        y = within_reach(y, batch[2], r, run.spec.train.loss_reach)
     device = run.dist.device
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-
-
-def progressive_split(seed: int, micro: int, r: int) -> tuple[int, int]:
-    """Bansal et al.'s progressive loss: n ~ U{0..r−1} iterations without gradients, then k ~ U{1..r−n} with them;
-    seeded by (seed, micro-step), so ranks and resumed runs draw the same split."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + micro + 0x9E55) % (2**63))
-    n = int(torch.randint(0, r, (1,), generator=g))
-    return n, int(torch.randint(1, r - n + 1, (1,), generator=g))
-
-
-def micro_loss(run: Run, x: torch.Tensor, y: torch.Tensor, r: int, micro: int) -> torch.Tensor:
-    """The loss at r with truncated BPTT; with progressive_loss = α > 0 (recursive models), (1 − α) of it plus α of
-    the loss after a random n no-grad iterations and k more with gradients, which trains every iteration to improve
-    on whatever state it is handed (Bansal et al., arXiv 2202.05826)."""
-    cfg = run.spec.train
-    loss = run.model(x, y, num_recur=r, bptt_k=cfg.bptt_k)
-    if cfg.progressive_loss <= 0 or not run.spec.model.recursive:
-        return loss
-    n, k = progressive_split(cfg.seed, micro, r)
-    return (1 - cfg.progressive_loss) * loss + cfg.progressive_loss * run.model(x, y, num_recur=n + k, bptt_k=k)
 
 
 def train_step(run: Run, step: int) -> dict:
@@ -324,7 +259,7 @@ def train_step(run: Run, step: int) -> dict:
         # averages over micro-steps, so the update is that of one process seeing the whole global batch.
         with distributed.gradient_sync(run.model, enabled=i == len(rs) - 1):
             with run.dtype.autocast(dist.device):
-                loss = micro_loss(run, x, y, r, step * run.grad_accum + i)
+                loss = micro_loss(run.model, x, y, r, step * run.grad_accum + i, cfg, run.spec.model.recursive)
             (loss / run.grad_accum).backward()
         loss_sum += loss.detach()
         flops += flops_per_token(run.spec.model, r, cfg.bptt_k, seq_len=x.size(1)) * x.numel()
@@ -351,11 +286,25 @@ def train_step(run: Run, step: int) -> dict:
 
 def evaluate(run: Run, step: int) -> dict:
     """Held-out bpb at each evaluation depth. SFT: `val_bpb` over the assistant tokens of held-out conversations,
-    and `val_bpb_text` over held-out pretraining text (plain-text bpb, which SFT should keep near the base's)."""
+    and `val_bpb_text` over held-out pretraining text (plain-text bpb, which SFT should keep near the base's).
+    A probe run: label accuracy instead (train/probes.py)."""
     if not distributed.evaluates(run.model, run.dist):
         return {"step": step, "val_bpb": {}}
     if run.probe is not None:
-        return evaluate_probe(run, step)
+        record = probes.validation(run.net, run.probe, run.eval_depths, run.dtype, run.spec.train.eval_tokens, step)
+        line = probes.describe(record)
+    else:
+        record = text_validation(run, step)
+        line = (f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items())
+                + (" · plain text " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb_text"].items())
+                   if "val_bpb_text" in record else ""))
+    distributed.reset_shards(run.model)
+    run.telemetry.log(record)
+    run.telemetry.message(line)
+    return record
+
+
+def text_validation(run: Run, step: int) -> dict:
     t, token_bytes = run.spec.train, run.tokenizer.token_bytes()
 
     def text_bpb(r: int) -> float:
@@ -368,29 +317,6 @@ def evaluate(run: Run, step: int) -> dict:
     record = {"step": step, "val_bpb": {str(r): (rows_bpb if run.sft else text_bpb)(r) for r in run.eval_depths}}
     if run.sft is not None and run.data is not None:
         record["val_bpb_text"] = {str(r): text_bpb(r) for r in run.eval_depths}
-    distributed.reset_shards(run.model)
-    run.telemetry.log(record)
-    run.telemetry.message(f"step {step}: val bpb " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb"].items())
-                          + (" · plain text " + ", ".join(f"r={r}: {v:.4f}" for r, v in record["val_bpb_text"].items())
-                             if "val_bpb_text" in record else ""))
-    return record
-
-
-def evaluate_probe(run: Run, step: int) -> dict:
-    """A probe run's validation: label accuracy on held-out sequences at each evaluation depth, on the trained
-    levels (`val_acc`) and on the levels up to twice the hardest trained one (`val_acc_long`)."""
-    probe, n = run.probe, max(8, run.spec.train.eval_tokens // 256)
-    longer = dataclasses.replace(probe, levels=list(range(probe.levels[-1] + 1, 2 * probe.levels[-1] + 1)))
-    fits = longer.batch(1, 0).x.size(1) <= run.spec.model.seq_len
-    record = {"step": step, "val_acc": {str(r): probe_accuracy(run.net, probe, r, n, run.dtype)
-                                        for r in run.eval_depths}}
-    if fits:
-        record["val_acc_long"] = {str(r): probe_accuracy(run.net, longer, r, n, run.dtype) for r in run.eval_depths}
-    distributed.reset_shards(run.model)
-    run.telemetry.log(record)
-    run.telemetry.message(f"step {step}: val acc " + ", ".join(f"r={r}: {v:.3f}" for r, v in record["val_acc"].items())
-                          + (" · longer " + ", ".join(f"r={r}: {v:.3f}" for r, v in record["val_acc_long"].items())
-                             if fits else ""))
     return record
 
 

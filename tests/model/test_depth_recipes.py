@@ -11,7 +11,7 @@ from recurchat.config import ModelConfig, TrainConfig
 from recurchat.errors import UserError
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.train.optim import param_groups
-from recurchat.train.trainer import progressive_split
+from recurchat.train.recipes import progressive_split
 from tests.support import perturbed
 
 

@@ -47,9 +47,19 @@ class ProbeBatch:
     def __len__(self) -> int:
         return self.x.size(0)
 
+    def chunks(self, size: int):
+        """The batch as consecutive ProbeBatches of at most `size` rows."""
+        for i in range(0, len(self), size):
+            yield ProbeBatch(self.x[i:i + size], self.y[i:i + size], self.difficulty[i:i + size])
+
     def within_reach(self, r: int, slack: int) -> torch.Tensor:
         """y with the labels that r iterations (plus `slack` steps of prelude and coda) cannot reach set to -1."""
-        return torch.where(self.difficulty <= r + slack, self.y, torch.full_like(self.y, -1))
+        return within_reach(self.y, self.difficulty, r, slack)
+
+
+def within_reach(y: torch.Tensor, difficulty: torch.Tensor, r: int, slack: int) -> torch.Tensor:
+    """Labels y with those of difficulty > r + slack set to -1 (the trainer's --loss-reach)."""
+    return torch.where(difficulty <= r + slack, y, torch.full_like(y, -1))
 
 
 class Vocabulary:
@@ -90,6 +100,10 @@ class StateTracking:
         self.vocab = Vocabulary([f"x{i}" for i in range(n)], [f"s{i}" for i in range(n)])
         self.chance = 1.0 / n
 
+    def max_width(self, levels: list[int]) -> int:
+        """Tokens in the longest sequence of these levels: <|bos|> and one symbol per step."""
+        return 1 + max(levels)
+
     def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
         length = max(levels)
         x = torch.randint(0, self.table.size(0), (n, length), generator=g)
@@ -121,6 +135,11 @@ class PointerChase:
         names = [f"n{i}" for i in range(CHASE_NAMES)]
         self.vocab = Vocabulary([*names, *(f"v{i}" for i in range(CHASE_VALUES)), "?"],
                                 [f"v{i}" for i in range(CHASE_VALUES)])
+
+    def max_width(self, levels: list[int]) -> int:
+        """<|bos|>, two tokens per statement, `?`, one query per name: every chain at the longest level."""
+        names = CHASE_CHAINS * max(levels)
+        return 1 + 2 * names + 1 + names
 
     def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
         """(symbol indices, label per position or -1, difficulty per position) for one sequence."""
@@ -183,6 +202,11 @@ class ProbeSpec:
     def batch(self, n: int, seed: int) -> ProbeBatch:
         return self.probe.batch(self.levels, n, torch.Generator().manual_seed(seed))
 
+    @property
+    def width(self) -> int:
+        """The longest sequence this spec can draw, in tokens (a batch is padded to its own longest row)."""
+        return self.probe.max_width(self.levels)
+
     def tokenizer(self) -> Tokenizer:
         return self.probe.vocab.tokenizer()
 
@@ -209,6 +233,6 @@ def parse_probe(spec: str) -> ProbeSpec:
     return ProbeSpec(PROBES[name], list(range(lo_i, hi_i + 1)))
 
 
-def same_vocabulary(a: ProbeSpec, b_tokenizer: Tokenizer) -> bool:
+def same_vocabulary(spec: ProbeSpec, tokenizer: Tokenizer) -> bool:
     """Whether a checkpoint's tokenizer is this probe's (so its ids mean the same symbols and labels)."""
-    return a.tokenizer().fingerprint() == b_tokenizer.fingerprint()
+    return spec.tokenizer().fingerprint() == tokenizer.fingerprint()
