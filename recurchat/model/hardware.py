@@ -199,7 +199,7 @@ def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
 
 def matmul_shapes(cfg: ModelConfig, rows: int) -> list[tuple[int, int, int]]:
     """(m, k, n) of the model's matmuls for `rows` tokens: attention and MLP projections, and the head."""
-    d, hidden = cfg.d_model, cfg.mlp_ratio * cfg.d_model
+    d, hidden = cfg.d_model, cfg.mlp_width
     return [(rows, d, d), (rows, d, hidden), (rows, hidden, d), (rows, d, cfg.vocab_size)]
 
 

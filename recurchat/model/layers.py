@@ -1,5 +1,10 @@
-"""Transformer building blocks: functional RMSNorm, rotary embeddings, GQA attention with QK-norm, ReLU² MLP, Block.
+"""Transformer building blocks: functional RMSNorm, rotary embeddings, GQA attention, the MLP, Block.
 
+Two block families share these classes, chosen by ModelConfig fields: nanochat's (QK-norm, ReLU² MLP, torch's
+default norm epsilon, pairs rotated by −θ) and Llama's (no QK-norm, SwiGLU of its own hidden size, the source's
+norm epsilon, pairs rotated by +θ as transformers' `rotate_half` does), so an imported Llama-family checkpoint runs
+through the same code as a trained one. Llama's RMSNorm gains in a block are folded into the linear that follows
+them at import (interop/llama.py), which is exact: W·(g ⊙ n(x)) = (W·diag(g))·n(x).
 Nothing here knows about recursion; `recurrent.py` composes these blocks. Exercised by `pytest tests/model`.
 """
 
@@ -12,16 +17,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def norm(x: torch.Tensor) -> torch.Tensor:
-    """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about."""
-    return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables shaped [1, seq_len, 1, head_dim/2] (broadcast over batch and heads)."""
+def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about. `eps` None is
+    torch's default (the dtype's machine epsilon); an imported model passes its own."""
+    return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0,
+                  convention: str = "nanochat") -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables shaped [1, seq_len, 1, head_dim/2] (broadcast over batch and heads). `llama` negates sin, which
+    turns apply_rotary's rotation by −θ into transformers' rotation by +θ (same frequencies, same pairs)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
-    return freqs.cos()[None, :, None, :], freqs.sin()[None, :, None, :]
+    sin = -freqs.sin() if convention == "llama" else freqs.sin()
+    return freqs.cos()[None, :, None, :], sin[None, :, None, :]
 
 
 def window_mask(q_pos: torch.Tensor, length: int, window: int) -> torch.Tensor:
@@ -47,15 +58,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """Causal self-attention with grouped-query heads and QK-norm, computed by F.scaled_dot_product_attention.
+    """Causal self-attention with grouped-query heads and (qk_norm) QK-norm, by F.scaled_dot_product_attention.
 
     `kv_cache`, when given, is any object with `update(k, v) -> (k_all, v_all, attn_mask or None)` working on
     [B, H, T, D] tensors; it lets the inference engine own cache layout without this class knowing the strategy.
     """
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, qk_gain: bool = False, window: int = 0):
+    def __init__(self, d_model: int, n_head: int, n_kv_head: int, qk_gain: bool = False, window: int = 0,
+                 qk_norm: bool = True):
         super().__init__()
-        self.window = window  # > 0: a query sees only the last `window` positions (itself included)
+        self.window, self.qk_norm = window, qk_norm  # > 0: a query sees only the last `window` positions (itself included)
         if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide evenly")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head
@@ -93,7 +105,9 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_head, self.head_dim)
         k = k.reshape(B, T, self.n_kv_head, self.head_dim)
         v = v.reshape(B, T, self.n_kv_head, self.head_dim)
-        q, k = norm(apply_rotary(q, cos, sin)), norm(apply_rotary(k, cos, sin))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.qk_norm:
+            q, k = norm(q), norm(k)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -109,14 +123,19 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """ReLU² feed-forward: cheap, and sparse activations train well at small scale."""
+    """`relu2`: ReLU² feed-forward, cheap, and sparse activations train well at small scale. `swiglu`: Llama's
+    down(silu(gate x) ⊙ up x), with gate and up stacked in one c_fc matrix [gate; up] (one matmul, like relu2)."""
 
-    def __init__(self, d_model: int, ratio: int = 4):
+    def __init__(self, d_model: int, hidden: int, kind: str = "relu2"):
         super().__init__()
-        self.c_fc = nn.Linear(d_model, ratio * d_model, bias=False)
-        self.c_proj = nn.Linear(ratio * d_model, d_model, bias=False)
+        self.kind = kind  # ModelConfig.validate checks it is one of config.MLP_KINDS
+        self.c_fc = nn.Linear(d_model, (2 if kind == "swiglu" else 1) * hidden, bias=False)
+        self.c_proj = nn.Linear(hidden, d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "swiglu":
+            gate, up = self.c_fc(x).chunk(2, dim=-1)
+            return self.c_proj(F.silu(gate) * up)
         return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
@@ -126,16 +145,18 @@ class Block(nn.Module):
     `sandwich`: Huginn's form, which also normalises after each residual add, x ← norm(x + f(norm(x))), so the
     output's scale is fixed however often the block is applied."""
 
-    def __init__(self, d_model: int, n_head: int, n_kv_head: int, mlp_ratio: int = 4, sandwich: bool = False,
-                 qk_gain: bool = False, window: int = 0):
+    def __init__(self, cfg, sandwich: bool = False):
+        """`cfg` is a ModelConfig (any object with its fields: export/hf_modeling.py passes its own)."""
         super().__init__()
-        self.attn = Attention(d_model, n_head, n_kv_head, qk_gain, window)
-        self.mlp = MLP(d_model, mlp_ratio)
+        self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.qk_gain, cfg.attn_window, cfg.qk_norm)
+        self.mlp = MLP(cfg.d_model, cfg.mlp_hidden or cfg.mlp_ratio * cfg.d_model, cfg.mlp)  # ModelConfig.mlp_width
         self.sandwich = sandwich
+        self.eps = cfg.norm_eps or None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        eps = self.eps
+        x = x + self.attn(norm(x, eps), cos, sin, kv_cache)
         if self.sandwich:
-            x = norm(x)
-        x = x + self.mlp(norm(x))
-        return norm(x) if self.sandwich else x
+            x = norm(x, eps)
+        x = x + self.mlp(norm(x, eps))
+        return norm(x, eps) if self.sandwich else x

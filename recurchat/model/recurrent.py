@@ -83,25 +83,34 @@ class RecurrentLM(nn.Module):
         d = cfg.d_model
 
         def blocks(n: int, sandwich: bool = False) -> nn.ModuleList:
-            return nn.ModuleList(Block(d, cfg.n_head, cfg.n_kv_head, cfg.mlp_ratio, sandwich, cfg.qk_gain,
-                                       cfg.attn_window) for _ in range(n))
+            return nn.ModuleList(Block(cfg, sandwich) for _ in range(n))
 
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.prelude, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_coda)
         self.recur = blocks(cfg.n_shared, cfg.sandwich_norm)
         self.adapter = Adapter(d, cfg.adapter, cfg.adapter_init) if cfg.n_shared > 0 else None
-        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.seq_len, d // cfg.n_head, cfg.rope_base)
+        # Tied: the head reads embed.weight (one tensor in the state dict, one parameter for the optimizer).
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
+        self.final_gain = nn.Parameter(torch.ones(d)) if cfg.final_norm_gain else None
+        self.eps = cfg.norm_eps or None
+        cos, sin = self.rotary()
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.reset_parameters()
+
+    def rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.cfg
+        return rotary_tables(c.seq_len, c.d_model // c.n_head, c.rope_base, c.rope_convention)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         d = self.cfg.d_model
         bound = math.sqrt(3.0 / d)  # uniform with std 1/sqrt(d)
         nn.init.normal_(self.embed.weight, std=1.0)
-        nn.init.normal_(self.lm_head.weight, std=0.001)
+        if self.lm_head is not None:
+            nn.init.normal_(self.lm_head.weight, std=0.001)
+        if self.final_gain is not None:
+            self.final_gain.fill_(1.0)
         for block in [*self.prelude, *self.recur, *self.coda]:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
                 nn.init.uniform_(lin.weight, -bound, bound)
@@ -110,9 +119,14 @@ class RecurrentLM(nn.Module):
             block.mlp.c_proj.weight.zero_()
         if self.adapter is not None:
             self.adapter.reset_parameters()
-        cos, sin = rotary_tables(self.cfg.seq_len, d // self.cfg.n_head, self.cfg.rope_base)
+        cos, sin = self.rotary()
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[vocab, d]: lm_head's matrix, or the embedding matrix when they are tied."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     # -- the pieces, exposed separately so the inference engine and torch.compile can use them one by one --------
 
@@ -122,7 +136,8 @@ class RecurrentLM(nn.Module):
         return self.cos[:, start:start + length], self.sin[:, start:start + length]
 
     def run_prelude(self, idx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches=None) -> torch.Tensor:
-        x = norm(self.embed(idx))
+        x = self.embed(idx)
+        x = norm(x, self.eps) if self.cfg.embed_norm else x
         for i, block in enumerate(self.prelude):
             x = block(x, cos, sin, None if caches is None else caches[i])
         return x
@@ -141,7 +156,7 @@ class RecurrentLM(nn.Module):
         x = self.adapter(e, s)
         for i, block in enumerate(self.recur):
             x = block(x, cos, sin, None if caches is None else caches[i])
-        return norm(x) if self.cfg.state_norm else x
+        return norm(x, self.eps) if self.cfg.state_norm else x
 
     def run_coda(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches=None) -> torch.Tensor:
         for i, block in enumerate(self.coda):
@@ -149,7 +164,10 @@ class RecurrentLM(nn.Module):
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.lm_head(norm(x)).float()
+        x = norm(x, self.eps)
+        if self.final_gain is not None:
+            x = x * self.final_gain.to(x.dtype)
+        logits = F.linear(x, self.head_weight).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -234,6 +252,7 @@ class RecurrentLM(nn.Module):
         def count(mods) -> int:
             return sum(p.numel() for m in mods if m is not None for p in m.parameters())
         parts = {"embed": count([self.embed]), "prelude": count(self.prelude), "recur": count(self.recur),
-                 "adapter": count([self.adapter]), "coda": count(self.coda), "lm_head": count([self.lm_head])}
+                 "adapter": count([self.adapter]), "coda": count(self.coda),
+                 "lm_head": count([self.lm_head]) + (0 if self.final_gain is None else self.final_gain.numel())}
         parts["total"] = sum(parts.values())
         return parts
