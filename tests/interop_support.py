@@ -16,7 +16,7 @@ def save_tiny_llama(folder, tokenizer, tied: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5,
                       rope_theta=50000.0, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).eval()

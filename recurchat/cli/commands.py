@@ -24,12 +24,18 @@ def print_result(result: dict) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from recurchat.train.spec import pretrain_spec, resume_spec
+    from recurchat.train.spec import init_spec, pretrain_spec, resume_spec
     from recurchat.train.trainer import train
 
     model, train_fields = overrides(ModelConfig, args), overrides(TrainConfig, args)
+    if args.resume and args.init_from:
+        raise UserError("--resume continues a run, --init-from starts one from its weights: give one of them")
     if args.resume:
         spec = resume_spec(args.resume, args.out, model=model, train=train_fields)
+    elif args.init_from:
+        if args.standard:
+            raise UserError("--standard builds a new model; --init-from takes the checkpoint's (drop one)")
+        spec = init_spec(args.init_from, args.out, model=model, train=train_fields, overwrite=args.overwrite)
     else:
         spec = pretrain_spec(args.preset, args.out, standard=args.standard, model=model, train=train_fields,
                              overwrite=args.overwrite)
@@ -137,6 +143,17 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     step = import_model(args.source, args.out, args.seq_len or 0)
     print(f"imported {args.source} → {step}")
+    return 0
+
+
+def cmd_retrofit(args: argparse.Namespace) -> int:
+    from recurchat.interop.retrofit import retrofit
+
+    spans = {"prelude": args.prelude, "shared": args.shared, "coda": args.coda}
+    step = retrofit(args.ckpt, args.out, spans, args.standard, args.mean_recur, args.r_max, args.seq_len)
+    cfg = json.loads((step / "config.json").read_text())["model"]
+    print(f"retrofitted {args.ckpt} → {step} (P/R/C = {cfg['n_prelude']}/{cfg['n_shared']}/{cfg['n_coda']}, "
+          f"r̄ = {cfg['mean_recur']}); heal it: recurchat train --init-from {args.out} --out HEALED")
     return 0
 
 

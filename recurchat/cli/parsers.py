@@ -77,6 +77,9 @@ def add_train_parser(sub, preset: str) -> None:
     t.add_argument("--preset", default="cpu-tiny", help=f"one of {', '.join(PRESETS)} (defaults below: {preset})")
     t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint/)")
     t.add_argument("--resume", default=None, help="checkpoint or run directory to continue exactly")
+    t.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights, tokenizer and settings (not the preset's), with a fresh "
+                        "optimizer and step 0: heal a retrofitted model, or continue pretraining an imported one")
     t.add_argument("--standard", nargs="?", const="iso-flops", default="", choices=TWINS,
                    help="train a standard baseline of the (overridden) recursive model: iso-flops (the default: "
                         "P + r̄·R + C distinct blocks) or iso-params (P + R + C)")
@@ -289,6 +292,19 @@ def add_interop_parsers(sub) -> None:
     i.add_argument("--seq-len", type=positive_int, default=None,
                    help="context length of the run (default: the source's max_position_embeddings)")
     i.set_defaults(func=commands.cmd_import)
+    f = sub.add_parser("retrofit", help="keep layers of a standard checkpoint as prelude / shared stack / coda: a "
+                                        "recursive run to heal with `recurchat train --init-from`")
+    f.add_argument("--ckpt", required=True, help="a standard checkpoint (e.g. recurchat import --out)")
+    f.add_argument("--out", required=True, help="the run directory to write")
+    for part, what in (("prelude", "run once first"), ("shared", "the recurrent stack"), ("coda", "run once last")):
+        f.add_argument(f"--{part}", default="", metavar="A-B",
+                       help=f"source blocks {what} (default: McLeish's 4|8|4-of-22 proportions)")
+    f.add_argument("--standard", default="", choices=("iso-params",),
+                   help="write the control instead: the same kept blocks applied once, no loop")
+    f.add_argument("--mean-recur", type=positive_int, default=4, help="r̄ of the recursive model")
+    f.add_argument("--r-max", type=positive_int, default=16)
+    f.add_argument("--seq-len", type=positive_int, default=512, help="training windows of the heal")
+    f.set_defaults(func=commands.cmd_retrofit)
 
 
 def add_sweep_parser(sub) -> None:

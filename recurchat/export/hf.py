@@ -73,7 +73,8 @@ def write_tokenizer(loaded: checkpoint.Checkpoint, out: Path) -> None:
     from tokenizers.processors import TemplateProcessing
 
     tok = loaded.tokenizer
-    bos, pad = "<|bos|>", "<|pad|>"  # data/tokenizer.py's SPECIAL_TOKENS
+    fmt = tok.chat_format  # an imported tokenizer names its own BOS and pad
+    bos, pad = ("<|bos|>", "<|pad|>") if fmt is None else (fmt.bos, fmt.pad)  # data/tokenizer.py's SPECIAL_TOKENS
     hf = HFTokenizer.from_file(str(loaded.path / "tokenizer.json"))
     hf.post_processor = TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tok.bos_id)])
     atomic_write_text(out / "tokenizer.json", hf.to_str())

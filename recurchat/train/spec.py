@@ -3,10 +3,12 @@
     spec = pretrain_spec("cpu-tiny", "runs/tiny", train={"max_steps": 200})
     spec = sft_spec("runs/tiny", "runs/tiny-sft", train={"data": "builtin:hops,arith"})
     spec = resume_spec("runs/tiny", "runs/tiny", train={"max_steps": 400})
+    spec = init_spec("runs/smollm2-retro", "runs/smollm2-healed", train={"max_steps": 300})
     recurchat.train.trainer.train(spec)
 
 The stage (pretrain | sft) and the data are said once, in `spec.train` (TrainConfig.stage, TrainConfig.data).
-`base` is the checkpoint an SFT run takes its weights and tokenizer from; `resume` is the checkpoint a run continues
+`base` is the checkpoint an SFT run (or a pretraining run started with --init-from: a heal) takes its weights and
+tokenizer from; `resume` is the checkpoint a run continues
 exactly (weights, optimizer, data position, RNG). Each is loaded here, once. `eval_depths` and `resumable_loader_state` are the two facts the trainer derives from a spec before its first step.
 Exercised by `pytest tests/train`.
 """
@@ -37,7 +39,7 @@ class RunSpec:
     model: ModelConfig
     train: TrainConfig
     out: Path
-    base: Checkpoint | None = None  # SFT: the pretrained weights and tokenizer to start from
+    base: Checkpoint | None = None  # SFT, --init-from: the weights and tokenizer to start from
     resume: Checkpoint | None = None  # continue this checkpoint exactly
 
     @property
@@ -86,6 +88,20 @@ def sft_spec(base: str | Path, out: str | Path, *, train: dict | None = None, ov
     return validate(RunSpec(ck.model_cfg, train_cfg, out, base=ck))
 
 
+def init_spec(base: str | Path, out: str | Path, *, model: dict | None = None, train: dict | None = None,
+              overwrite: bool = False) -> RunSpec:
+    """A new pretraining run that starts from the weights and tokenizer of checkpoint `base` (an imported or
+    retrofitted model, healed on text): its model and training settings, then overrides. Model overrides may change
+    anything that keeps the weights' shapes (seq_len, mean_recur, r_max, bptt …); loading the weights checks it."""
+    out = _fresh_out(out, overwrite)
+    ck = checkpoint.load(base)
+    model_cfg = dataclasses.replace(ck.model_cfg, **(model or {}))
+    train_cfg = dataclasses.replace(ck.train_cfg, **{"stage": "pretrain", **(train or {})})
+    if train_cfg.stage != "pretrain":
+        raise UserError("--init-from starts a pretraining run; for SFT use recurchat sft --ckpt")
+    return validate(RunSpec(model_cfg, train_cfg, out, base=ck))
+
+
 def resume_spec(path: str | Path, out: str | Path, *, model: dict | None = None,
                 train: dict | None = None) -> RunSpec:
     """Continue the run whose checkpoint is at `path` (a run or checkpoint directory), writing to `out`."""
@@ -106,7 +122,7 @@ def validate(spec: RunSpec) -> RunSpec:
         raise UserError("sft needs --data FILE.jsonl or --data builtin:hops,arith,…")
     if spec.is_sft and spec.tokenizer is None:
         raise UserError("sft needs --ckpt BASE (the pretrained checkpoint) or --resume DIR")
-    if spec.base is not None and spec.base.model_cfg != spec.model:
+    if spec.is_sft and spec.base is not None and spec.base.model_cfg != spec.model:
         raise UserError(f"--ckpt {spec.base.path}: model config differs from the requested one")
     return spec
 

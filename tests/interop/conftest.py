@@ -22,7 +22,7 @@ def llama_tokenizer(small_text):
 
 @pytest.fixture(scope="session", params=[True, False], ids=["tied", "untied"])
 def tiny_llama(request, tmp_path_factory, llama_tokenizer):
-    """(folder, LlamaForCausalLM) of a random 3-layer Llama, tied and untied."""
+    """(folder, LlamaForCausalLM) of a random 4-layer Llama, tied and untied."""
     folder = tmp_path_factory.mktemp("llama")
     return folder, save_tiny_llama(folder, llama_tokenizer, request.param)
 

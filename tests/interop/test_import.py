@@ -73,7 +73,7 @@ def test_imported_run_is_a_standard_llama_family_checkpoint(imported_llama):
     run, _, ref = imported_llama
     ck = checkpoint.load(run)
     cfg = ck.model_cfg
-    assert (cfg.n_prelude, cfg.n_shared, cfg.n_coda) == (3, 0, 0)
+    assert (cfg.n_prelude, cfg.n_shared, cfg.n_coda) == (4, 0, 0)
     assert (cfg.mlp, cfg.mlp_hidden, cfg.qk_norm, cfg.embed_norm, cfg.rope_convention, cfg.logit_softcap) == (
         "swiglu", 96, False, False, "llama", 0.0)
     assert cfg.tie_embeddings == ref.config.tie_word_embeddings == ("lm_head.weight" not in ck.weights)
