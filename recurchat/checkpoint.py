@@ -5,11 +5,17 @@
     CKPT/tokenizer.json            the HF tokenizers file
     CKPT/chat_format.json          only for an imported tokenizer: its source's chat markup (data/tokenizer.py)
     CKPT/state/optimizer.safetensors + state/trainer.json   optimizer tensors; step, data position, RNG states
+    CKPT/manifest.json             every file above with its size and sha256 (files.py), written before the rename
 
 A run directory (`--out DIR`) keeps its checkpoints as DIR/checkpoint/step-NNNNNN/ with a `latest` file naming the
 newest, and the newest `keep_checkpoints` of them (save_step). A step is written to a temporary directory, every
 file fsynced, renamed into place, the parent fsynced, and only then `latest` replaced (atomically) and older steps
 pruned; so a crash at any point leaves the previous complete step, and `resolve` never returns a partial one.
+Before writing, the free space is checked against the step's size; a full disk (or any OSError) mid-save is one
+line naming what, where, and the bytes needed and free, with the temporary directory removed and the previous step
+intact. Loading verifies: a run directory resolves to the newest step whose files match its manifest (a damaged
+newer step is skipped with a one-line note), an explicit step that does not match is a one-line error, a step
+written before manifests loads with a note, and weights holding NaN or Inf are refused.
 Every command that takes `--ckpt` accepts a run directory, its checkpoint/ directory, a step directory, or the
 single-directory layout of older runs (DIR/checkpoint/ holding the files). This module sits between model/ and
 infer/: serving, evaluation, benchmarks and training all load through it, and it imports nothing above model/.
@@ -22,6 +28,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +40,7 @@ from safetensors.torch import save as safetensors_bytes
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
 from recurchat.data.tokenizer import ChatFormat, Tokenizer
 from recurchat.errors import UserError
-from recurchat.files import atomic_write_bytes, atomic_write_text
+from recurchat.files import MANIFEST_FILE, atomic_write_bytes, atomic_write_text, manifest_problem, write_manifest
 from recurchat.model.exit_gate import ExitGate
 from recurchat.model.hardware import resolve_device
 from recurchat.model.recurrent import RecurrentLM
@@ -67,15 +74,67 @@ def newest_step(root: Path) -> Path | None:
 
 
 def find(path: str | Path) -> Path | None:
-    """The checkpoint `path` points at (see resolve), or None if it holds none."""
+    """The checkpoint `path` points at (see resolve), or None if it holds none: in a run directory the newest step
+    that verifies (UserError if none does), else `path` itself if it verifies (UserError if it is damaged)."""
     path = Path(path)
     for candidate in (path, path / "checkpoint"):
-        step = newest_step(candidate) if candidate.is_dir() else None
+        step = newest_good_step(candidate) if candidate.is_dir() else None
         if step is not None:
             return step
-        if (candidate / "config.json").is_file():
-            return candidate  # a step directory, or the single-directory layout of older runs
+        if (candidate / "config.json").is_file():  # a step directory, or the single-directory layout of older runs
+            problem = step_problem(candidate)
+            if problem not in (None, NO_MANIFEST):
+                raise UserError(f"checkpoint {candidate} is damaged: {problem}")
+            return candidate
     return None
+
+
+NO_MANIFEST = "no manifest"
+_verified: dict[tuple, str | None] = {}
+_said: set[str] = set()
+
+
+def note_once(line: str) -> None:
+    if line not in _said:
+        _said.add(line)
+        print(f"note: {line}", file=sys.stderr)
+
+
+def step_problem(step: Path) -> str | None:
+    """files.manifest_problem of a step directory, remembered while its files keep their sizes and times (a command
+    resolves the same checkpoint several times: weights, calibration, exit gate)."""
+    key = (str(step.resolve()),
+           tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(step.rglob("*")) if p.is_file()))
+    if key not in _verified:
+        _verified[key] = manifest_problem(step)
+    return _verified[key]
+
+
+def newest_good_step(root: Path) -> Path | None:
+    """The newest complete step of `root` whose files match its manifest, saying in one line which newer ones were
+    skipped and why; None if `root` has no steps, UserError if none verifies."""
+    steps = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if (p / "config.json").is_file()), reverse=True)
+    for step in steps:
+        problem = step_problem(step)
+        if problem in (None, NO_MANIFEST):
+            return step
+        note_once(f"skipping {step} ({problem}); falling back to an older step")
+    if steps:
+        raise UserError(f"no checkpoint in {root} verifies (newest, {steps[0].name}: {step_problem(steps[0])})")
+    return None
+
+
+def verify_report(path: str | Path) -> list[tuple[Path, str | None]]:
+    """(step, problem or None) for every step of a run (newest first), or for the one step `path` is."""
+    path = Path(path)
+    for root in (path / "checkpoint", path):
+        steps = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()), reverse=True) if root.is_dir() else []
+        if steps:
+            return [(s, manifest_problem(s) if (s / "config.json").is_file() else "incomplete (no config.json)")
+                    for s in steps]
+    if (path / "config.json").is_file():
+        return [(path, manifest_problem(path))]
+    raise UserError(f"{path} holds no checkpoint")
 
 
 CALIBRATION_FILE = "exit_calibration.json"  # written by `recurchat calibrate` beside the weights
@@ -182,7 +241,7 @@ def prune(root: Path, newest: Path, keep: int) -> None:
     doomed = steps[:-max(1, keep)] + [p for p in root.glob(f"{STEP_PREFIX}*") if p.name > newest.name]
     for old in doomed:
         shutil.rmtree(old, ignore_errors=True)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", CHAT_FORMAT_FILE):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", CHAT_FORMAT_FILE, MANIFEST_FILE):
         (root / name).unlink(missing_ok=True)
     shutil.rmtree(root / "state", ignore_errors=True)
 
@@ -227,38 +286,31 @@ def _load_directly(optimizers, states: list[dict]) -> None:
 def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train_cfg: TrainConfig,
          tokenizer: Tokenizer, optimizers=None, trainer_state: dict | None = None, *,
          weights: dict[str, torch.Tensor] | None = None, optimizer_states: list[dict] | None = None) -> Path:
-    """Write a checkpoint atomically (temp dir, then rename); returns its path.
+    """Write a checkpoint atomically (temp dir with its manifest, then rename); returns its path.
 
     `weights` / `optimizer_states` replace model.state_dict() / opt.state_dict() when the caller already gathered
     full tensors (FSDP2 shards both; see train/distributed.py), so the files look the same for any world size.
+    A full disk or any other OSError is a UserError (what, where, bytes needed and free) and leaves no temp files.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    weights = model.state_dict() if weights is None else weights
+    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
+    state = None
+    if optimizers is not None and trainer_state is not None:
+        state = optimizer_files(optimizers, optimizer_states, trainer_state)
+    needed = sum(t.numel() * t.element_size() for group in (weights, state[0] if state else {})
+                 for t in group.values()) + (1 << 20)  # + configs, tokenizer, headers
+    check_free_space(path.parent, needed)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "state").mkdir(parents=True)
-    if weights is None:
-        weights = model.state_dict()
-    weights = {k: v.detach().cpu().contiguous() for k, v in weights.items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    config = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model_cfg),
-              "train": dataclasses.asdict(train_cfg)}
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    tokenizer.save(tmp / "tokenizer.json")
-    if tokenizer.chat_format is not None:
-        (tmp / CHAT_FORMAT_FILE).write_text(tokenizer.chat_format.to_json())
-    if optimizers is not None and trainer_state is not None:
-        if optimizer_states is None:
-            optimizer_states = [opt.state_dict() for opt in optimizers]
-        tensors, meta = _flatten_optimizers(optimizers, optimizer_states)
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()
-        tensors.update({f"rng.{k}": v for k, v in rng.items()})
-        save_file(tensors, str(tmp / "state" / "optimizer.safetensors"))
-        state = dict(trainer_state, optimizers=meta)
-        (tmp / "state" / "trainer.json").write_text(json.dumps(state, indent=2))
-    _fsync_tree(tmp)
+    try:
+        write_step_files(tmp, weights, model_cfg, train_cfg, tokenizer, state)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(path.parent).free
+        raise UserError(f"could not save checkpoint {path}: {e} ({needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB "
+                        f"free on {path.parent}); the previous checkpoint is intact") from None
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)
@@ -266,6 +318,43 @@ def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train
     _fsync(path.parent)
     shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def check_free_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise UserError(f"not enough space to save a checkpoint in {directory}: {needed / 1e6:.1f} MB needed, "
+                        f"{free / 1e6:.1f} MB free (free some space, or lower --keep-checkpoints)")
+
+
+def optimizer_files(optimizers, optimizer_states: list[dict] | None, trainer_state: dict) -> tuple[dict, dict]:
+    """(tensors of state/optimizer.safetensors, state/trainer.json) for a resumable checkpoint."""
+    if optimizer_states is None:
+        optimizer_states = [opt.state_dict() for opt in optimizers]
+    tensors, meta = _flatten_optimizers(optimizers, optimizer_states)
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    tensors.update({f"rng.{k}": v for k, v in rng.items()})
+    return tensors, dict(trainer_state, optimizers=meta)
+
+
+def write_step_files(tmp: Path, weights: dict, model_cfg: ModelConfig, train_cfg: TrainConfig, tokenizer: Tokenizer,
+                     state: tuple[dict, dict] | None) -> None:
+    """Every file of a step into `tmp`, then its manifest, all fsynced."""
+    (tmp / "state").mkdir(parents=True)
+    save_file(weights, str(tmp / "model.safetensors"))
+    config = {"format": FORMAT, "version": VERSION, "model": dataclasses.asdict(model_cfg),
+              "train": dataclasses.asdict(train_cfg)}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    tokenizer.save(tmp / "tokenizer.json")
+    if tokenizer.chat_format is not None:
+        (tmp / CHAT_FORMAT_FILE).write_text(tokenizer.chat_format.to_json())
+    if state is not None:
+        save_file(state[0], str(tmp / "state" / "optimizer.safetensors"))
+        (tmp / "state" / "trainer.json").write_text(json.dumps(state[1], indent=2))
+    write_manifest(tmp)
+    _fsync_tree(tmp)
 
 
 def load(path: str | Path) -> Checkpoint:
@@ -277,6 +366,8 @@ def load(path: str | Path) -> Checkpoint:
         raise UserError(f"{path / 'config.json'} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise UserError(f"{path} is not a recurchat checkpoint (config.json has no format={FORMAT!r})")
+    if not (path / MANIFEST_FILE).is_file():
+        note_once(f"{path} has no manifest (written before manifests): loading it unverified")
     model_cfg = config_from_dict(ModelConfig, config.get("model", {})).validate()
     train_cfg = config_from_dict(TrainConfig, config.get("train", {}))
     if not (path / "tokenizer.json").is_file():
@@ -289,6 +380,9 @@ def load(path: str | Path) -> Checkpoint:
         weights = load_file(str(weights_file))
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{weights_file} is corrupt ({e})") from None
+    bad = next((k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise UserError(f"{weights_file}: {bad} holds NaN or Inf (a diverged run?); refusing to load it")
     return Checkpoint(path, model_cfg, train_cfg, tokenizer, weights)
 
 

@@ -16,6 +16,7 @@ from recurchat import checkpoint
 from recurchat.config import TrainConfig
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
+from recurchat.files import write_manifest
 from recurchat.model.recurrent import RecurrentLM
 
 
@@ -50,7 +51,8 @@ def logits(model, cfg, r):
 def test_save_load_round_trip(saved, tiny_cfg, tokenizer):
     run, model = saved
     ck_dir = run / "checkpoint"
-    assert sorted(p.name for p in ck_dir.iterdir()) == ["config.json", "model.safetensors", "state", "tokenizer.json"]
+    assert sorted(p.name for p in ck_dir.iterdir()) == ["config.json", "manifest.json", "model.safetensors", "state",
+                                                        "tokenizer.json"]
     config = json.loads((ck_dir / "config.json").read_text())
     assert config["format"] == "recurchat-checkpoint" and config["version"] == checkpoint.VERSION
     ck = checkpoint.load(ck_dir)
@@ -108,6 +110,7 @@ def test_old_config_with_n_recur_still_loads(saved, tiny_cfg):
     config = json.loads(config_path.read_text())
     config["model"]["n_recur"] = config["model"].pop("n_shared")  # how checkpoints before the rename spelled R
     config_path.write_text(json.dumps(config))
+    write_manifest(run / "checkpoint")  # a checkpoint written that way (damage after writing: test_checkpoint_integrity)
     ck, loaded = checkpoint.load_model(run, device="cpu")
     assert ck.model_cfg == tiny_cfg and ck.model_cfg.n_shared == tiny_cfg.n_shared
     assert torch.equal(logits(loaded, tiny_cfg, 3), logits(model, tiny_cfg, 3))
@@ -197,6 +200,9 @@ CORRUPTIONS = [
 def test_corrupt_or_foreign_checkpoint_is_a_user_error(saved, name, damage, message):
     run, _ = saved
     damage(run / "checkpoint")
+    # the manifest re-written: checkpoints written this way (by hand, by another tool) must still be caught by the
+    # content checks; damage after writing is what test_checkpoint_integrity.py covers
+    write_manifest(run / "checkpoint")
     with pytest.raises(UserError, match=message):
         checkpoint.load_model(run, device="cpu")
 
@@ -204,6 +210,7 @@ def test_corrupt_or_foreign_checkpoint_is_a_user_error(saved, name, damage, mess
 def test_config_with_other_dims_than_the_weights_is_a_user_error(saved):
     run, _ = saved
     edit_config(lambda c: c["model"].update(d_model=128))(run / "checkpoint")
+    write_manifest(run / "checkpoint")
     with pytest.raises(UserError, match="does not describe its weights"):
         checkpoint.load_model(run, device="cpu")
 
@@ -211,6 +218,7 @@ def test_config_with_other_dims_than_the_weights_is_a_user_error(saved):
 def test_config_whose_model_entry_is_not_an_object_is_a_user_error(saved):
     run, _ = saved
     edit_config(lambda c: c.update(model=[1, 2]))(run / "checkpoint")
+    write_manifest(run / "checkpoint")
     with pytest.raises(UserError, match="must be a JSON object"):
         checkpoint.load(run)
 

@@ -251,6 +251,12 @@ def add_driver_parsers(sub) -> None:
                    help="held-out tokens for the model card's bpb at each r (0: skip)")
     x.set_defaults(func=commands.cmd_export)
     add_interop_parsers(sub)
+    k = sub.add_parser("checkpoint", help="checkpoint tools")
+    ks = k.add_subparsers(dest="checkpoint_command", required=True)
+    kv = ks.add_parser("verify", help="check every step of a run (or one step) against its manifest; exit 1 if the "
+                                      "newest is damaged")
+    kv.add_argument("path", metavar="RUN|STEP")
+    kv.set_defaults(func=commands.cmd_checkpoint_verify)
     b = sub.add_parser("bench", help="benchmarks that print side-by-side ratios")
     b.add_argument("what", help="train | infer | serve")
     b.add_argument("--ckpt", default=None, help="infer: checkpoint to benchmark (default: random preset weights); "

@@ -323,15 +323,25 @@ def text_validation(run: Run, step: int) -> dict:
 def save(run: Run, step: int) -> None:
     """Write out/checkpoint/step-NNNNNN (and point `latest` at it). Gathering is collective under FSDP2 (every
     rank takes part), writing is rank 0's; the barrier means no rank moves on (or exits) before the checkpoint is
-    in place."""
+    in place. A save that fails (a full disk) stops every rank with rank 0's one-line error, metrics.jsonl cut back
+    to the last checkpoint that is complete, so a resume logs each step once."""
     weights = distributed.model_state(run.model)
     opt_states = distributed.optimizer_states(run.model, run.optimizers)
+    error = None
     if run.dist.is_main:
-        checkpoint.save_step(run.spec.out / "checkpoint", step, run.net, run.spec.model, run.spec.train, run.tokenizer,
-                        run.optimizers, {"step": step, "loader": run.loader.state_dict(),
-                                         **({"text_loader": run.text_loader.state_dict()} if run.text_loader else {}),
-                                         "grad_accum": run.grad_accum},
-                        weights=weights, optimizer_states=opt_states, keep=run.spec.train.keep_checkpoints)
+        try:
+            checkpoint.save_step(run.spec.out / "checkpoint", step, run.net, run.spec.model, run.spec.train,
+                                 run.tokenizer, run.optimizers,
+                                 {"step": step, "loader": run.loader.state_dict(),
+                                  **({"text_loader": run.text_loader.state_dict()} if run.text_loader else {}),
+                                  "grad_accum": run.grad_accum},
+                                 weights=weights, optimizer_states=opt_states, keep=run.spec.train.keep_checkpoints)
+        except UserError as e:
+            error = str(e)
+            good = checkpoint.find(run.spec.out)
+            truncate_log(run.spec.out / "metrics.jsonl", int(good.name.split("-")[-1]) if good else 0)
+    if distributed.main_decides(run.dist, error is not None):
+        raise UserError(error or "rank 0 could not save the checkpoint (its error says why)")
     distributed.barrier(run.dist)
 
 
