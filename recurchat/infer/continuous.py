@@ -39,7 +39,7 @@ class ContinuousScheduler(Scheduler):
         self.prefill_chunk = prefill_chunk
         self._pools: dict[tuple[str, int], ContinuousBatch] = {}
         self._jobs: dict[int, Job] = {}  # running jobs by id (the Sequence id)
-        self._stats.update(steps=0, pools=0)
+        self._stats.update(steps=0, pools_live=0, pools_created=0)  # /health: allocated now vs ever
 
     def _running_jobs(self) -> list[Job]:
         return list(self._jobs.values())
@@ -83,7 +83,8 @@ class ContinuousScheduler(Scheduler):
             return None
         pool = ContinuousBatch(self.engine, rows, self.engine.cfg.seq_len, kv, slots, self.prefill_chunk)
         self._pools[(kv, slots)] = pool
-        self._stats["pools"] += 1
+        self._stats["pools_created"] += 1
+        self._stats["pools_live"] = len(self._pools)
         return pool
 
     def _admit(self) -> list[Job]:
@@ -134,6 +135,7 @@ class ContinuousScheduler(Scheduler):
                 with self._cond:
                     for key in [k for k, p in self._pools.items() if not p.busy]:
                         del self._pools[key]  # idle: its memory goes back to the budget
+                    self._stats.update(pools_live=len(self._pools), kv_bytes_running=self._pool_bytes())
         self._fail_all(SchedulerClosed("the server is shutting down"))
 
     def _step(self, key: tuple[str, int], pool: ContinuousBatch) -> None:

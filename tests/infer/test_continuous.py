@@ -72,7 +72,11 @@ def test_rows_with_different_recursion_settings_share_steps_and_answer_as_alone(
             t.start()
         for t in threads:
             t.join(120)
-        health = httpx.get(f"{srv.url}/health").json()["scheduler"]
+        for _ in range(100):  # the engine thread drops the idle pool just after the last reply's step
+            health = httpx.get(f"{srv.url}/health").json()["scheduler"]
+            if health["pools_live"] == 0:
+                break
+            time.sleep(0.02)
     finally:
         srv.stop()
     ckpt, model = bundle
@@ -82,7 +86,9 @@ def test_rows_with_different_recursion_settings_share_steps_and_answer_as_alone(
         alone = engine.generate([prompts[i]], SamplingParams(max_tokens=12, temperature=0.0), RecurParams(**recur))[0]
         assert replies[i]["choices"][0]["text"] == tok.decode(alone.tokens), recur
         assert replies[i]["choices"][0]["depths"] == alone.depths, recur
-    assert health["pools"] == 1 and health["steps"] < sum(12 for _ in prompts)  # shared steps, one pool
+    assert health["pools_created"] == 1 and health["steps"] < sum(12 for _ in prompts)  # shared steps, one pool
+    # every reply is in: the pool went idle and was dropped, and /health says so (nothing live, no KV held)
+    assert health["pools_live"] == 0 and health["kv_bytes_running"] == 0
 
 
 @pytest.mark.parametrize("rows", [1, 2])
