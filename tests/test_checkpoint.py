@@ -110,7 +110,7 @@ def test_old_config_with_n_recur_still_loads(saved, tiny_cfg):
     config = json.loads(config_path.read_text())
     config["model"]["n_recur"] = config["model"].pop("n_shared")  # how checkpoints before the rename spelled R
     config_path.write_text(json.dumps(config))
-    write_manifest(run / "checkpoint")  # a checkpoint written that way (damage after writing: test_checkpoint_integrity)
+    write_manifest(run / "checkpoint")  # written that way (damage after writing: test_checkpoint_integrity.py)
     ck, loaded = checkpoint.load_model(run, device="cpu")
     assert ck.model_cfg == tiny_cfg and ck.model_cfg.n_shared == tiny_cfg.n_shared
     assert torch.equal(logits(loaded, tiny_cfg, 3), logits(model, tiny_cfg, 3))

@@ -7,8 +7,9 @@ A conversation is a list of {"role": "system" | "user" | "assistant", "content":
 
 The loss mask is 1 on assistant content tokens and on the closing <|assistant_end|> (so the model learns when to
 stop), 0 everywhere else. An imported tokenizer spells each marker in its source's markup (data/tokenizer.py's
-ChatFormat: ChatML's <|im_start|>user\n … <|im_end|>\n) and adds its template's default system message. Content is encoded as plain text, so a literal "<|user_end|>" typed by a user never
-becomes a special token. Exercised by `pytest tests/data/test_chat.py`.
+ChatFormat: ChatML's <|im_start|>user\n … <|im_end|>\n) and adds its template's default system message. Content is
+encoded as plain text, so a literal "<|user_end|>" typed by a user never becomes a special token.
+Exercised by `pytest tests/data/test_chat.py`.
 """
 
 from __future__ import annotations

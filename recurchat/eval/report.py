@@ -5,8 +5,8 @@ standard model's result as the baseline.
 
 Writes report.md plus acc_vs_r.png, bpb_vs_r.png, pareto.png, depth_vs_difficulty.png, acc_heatmap.png (accuracy
 by difficulty × r) and trajectory.png (state change per iteration and the settling iteration, by difficulty), each
-only when its data is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global is switched and
-no display is needed. Every file is written atomically. Exercised by `pytest tests/eval/test_eval_report.py`.
+only when its data is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global
+is switched and no display is needed. Every file is written atomically. Exercised by `pytest tests/eval/test_eval_report.py`.
 """
 
 from __future__ import annotations

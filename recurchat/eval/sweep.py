@@ -124,7 +124,8 @@ class Sweep:
         if spec.kind == "probe" and adaptive:
             return probes.score_exit(engine, self.data[spec.name][0], recur, self.batch_size)
         if spec.kind == "probe":
-            return probes.score_fixed(self.model, self.data[spec.name][0], recur.num_recur, engine.dtype, self.batch_size)
+            return probes.score_fixed(self.model, self.data[spec.name][0], recur.num_recur, engine.dtype,
+                                      self.batch_size)
         if spec.kind == "mc":
             return score_mc(self.model, self.tokenizer, self.data[spec.name][0], recur.num_recur, self.mc_mode,
                             self.batch_size, engine=engine if adaptive else None,

@@ -17,8 +17,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-
-
 def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about. `eps` None is
     torch's default (the dtype's machine epsilon); an imported model passes its own."""
@@ -67,7 +65,8 @@ class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, n_kv_head: int, qk_gain: bool = False, window: int = 0,
                  qk_norm: bool = True):
         super().__init__()
-        self.window, self.qk_norm = window, qk_norm  # > 0: a query sees only the last `window` positions (itself included)
+        # window > 0: a query sees only the last `window` positions (itself included)
+        self.window, self.qk_norm = window, qk_norm
         if d_model % n_head or n_head % n_kv_head:
             raise ValueError(f"d_model={d_model}, n_head={n_head}, n_kv_head={n_kv_head} do not divide evenly")
         self.n_head, self.n_kv_head, self.head_dim = n_head, n_kv_head, d_model // n_head

@@ -186,7 +186,7 @@ class RecurrentLM(nn.Module):
 
     def tail_logits(self, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] read out of a state: coda, norm, head."""
-        return self.head(self.run_coda(s, cos, sin))
+        return self.loss_or_logits(s, cos, sin)
 
     # -- the whole model ---------------------------------------------------------------------------------------
 

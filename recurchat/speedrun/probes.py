@@ -141,10 +141,10 @@ def exit_row(p: ProbeNumbers) -> str:
         return f"| {p.probe} | (no calibrated exit) | | | | |"
     spent = p.exit_recursions()
     easy, hard = str(p.long_levels[0]), str(p.long_levels[-1])
-    loss = (p.mean("recursive", str(4 * p.r_bar), p.long_levels) or 0) - (p.mean("recursive", setting, p.long_levels) or 0)
+    under_exit = p.mean("recursive", setting, p.long_levels)
+    loss = (p.mean("recursive", str(4 * p.r_bar), p.long_levels) or 0) - (under_exit or 0)
     return (f"| {p.probe} | `{setting}` | {spent[str(p.trained[0])]:.2f} | {spent[easy]:.2f} → {spent[hard]:.2f} "
-            f"({spent[hard] / max(spent[easy], 1e-9):.2f}×) | {fmt(p.mean('recursive', setting, p.long_levels))} | "
-            f"{100 * loss:+.1f} |")
+            f"({spent[hard] / max(spent[easy], 1e-9):.2f}×) | {fmt(under_exit)} | {100 * loss:+.1f} |")
 
 
 def card_section(out: Path, sp, models) -> list[str]:

@@ -142,7 +142,8 @@ def fresh_spec(worker: Worker, out: Path, kind: str, overrides: dict):
     train = {k: v for k, v in overrides.items() if k in TRAIN_FIELDS}
     train.setdefault("max_steps", spec.max_steps)
     train.setdefault("eval_every", max(1, train["max_steps"] // 4))  # a learning curve at every depth costs time
-    train.update(save_every=max(1, train["max_steps"] // 10), stop_after=0, **({"data": spec.data} if spec.data else {}))
+    train.update(save_every=max(1, train["max_steps"] // 10), stop_after=0,
+                 **({"data": spec.data} if spec.data else {}))
     run = pretrain_spec(spec.preset, out, standard="" if kind == RECURSIVE else kind, model=model, train=train,
                         overwrite=True)
     run.train = dataclasses.replace(run.train, eval_recur=eval_recur(run.model) if run.model.recursive else "")

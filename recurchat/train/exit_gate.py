@@ -151,7 +151,8 @@ def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None,
     defaults = PROBE_SEQUENCES if probe else (8192, 4096)
     train_tokens, eval_tokens = train_tokens or defaults[0], eval_tokens or defaults[1]
     train, held = collect(loaded, model, deep, precision, data, probe, train_tokens, eval_tokens)
-    log(f"{len(train[2])} training examples ({len(train[2]) // deep} {'labels' if probe else 'tokens'} × {deep} iterations), "
+    unit = "labels" if probe else "tokens"
+    log(f"{len(train[2])} training examples ({len(train[2]) // deep} {unit} × {deep} iterations), "
         f"{len(held[2])} held out; τ = {tau:g} nats")
     torch.manual_seed(seed)
     gate = ExitGate(cfg.d_model, deep, hidden)

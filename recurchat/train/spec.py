@@ -8,8 +8,9 @@
 
 The stage (pretrain | sft) and the data are said once, in `spec.train` (TrainConfig.stage, TrainConfig.data).
 `base` is the checkpoint an SFT run (or a pretraining run started with --init-from: a heal) takes its weights and
-tokenizer from; `resume` is the checkpoint a run continues
-exactly (weights, optimizer, data position, RNG). Each is loaded here, once. `eval_depths` and `resumable_loader_state` are the two facts the trainer derives from a spec before its first step.
+tokenizer from; `resume` is the checkpoint a run continues exactly (weights, optimizer, data position, RNG). Each is
+loaded here, once. `eval_depths` and `resumable_loader_state` are the two facts the trainer derives from a spec
+before its first step.
 Exercised by `pytest tests/train`.
 """
 

