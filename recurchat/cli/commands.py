@@ -162,15 +162,17 @@ def cmd_checkpoint_verify(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from recurchat.checkpoint import NO_MANIFEST, verify_report
-    started, report = time.perf_counter(), []
-    for step, problem in verify_report(args.path):
+    from recurchat.checkpoint import NO_MANIFEST, steps_to_verify
+    from recurchat.files import manifest_problem
+    report = []
+    for step in steps_to_verify(args.path):
+        started = time.perf_counter()
+        problem = manifest_problem(step) if (step / "config.json").is_file() else "incomplete (no config.json)"
         took = time.perf_counter() - started
         size = sum(p.stat().st_size for p in Path(step).rglob("*") if p.is_file())
         status = "ok" if problem is None else ("unverified" if problem == NO_MANIFEST else "DAMAGED")
         print(f"{step}  {status:10}  {size / 1e6:8.1f} MB  {took:5.2f} s  {problem or 'matches its manifest'}")
         report.append(problem)
-        started = time.perf_counter()
     return 1 if report[0] not in (None, NO_MANIFEST) else 0
 
 

@@ -215,8 +215,8 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     peak = hardware.resolve_peak(dist.device, dtype, m, t.batch_size * m.seq_len, t.peak_flops)
     end_step = min(t.max_steps, start_step + t.stop_after) if t.stop_after > 0 else t.max_steps
     telemetry, rank_log = open_logs(spec, dist, start_step, progress)
-    run = Run(spec, dist, tokenizer, data, sft, probe, net, model, dtype, peak, optimizers, sampler, loader, text_loader,
-              grad_accum, start_step, end_step, telemetry, rank_log, eval_depths(m, t))
+    run = Run(spec, dist, tokenizer, data, sft, probe, net, model, dtype, peak, optimizers, sampler, loader,
+              text_loader, grad_accum, start_step, end_step, telemetry, rank_log, eval_depths(m, t))
     log(describe(run))
     telemetry.log({"step": start_step, "run": hardware.run_record(dist.device, dtype, peak)})
     return run
@@ -339,7 +339,7 @@ def save(run: Run, step: int) -> None:
         except UserError as e:
             error = str(e)
             good = checkpoint.find(run.spec.out)
-            truncate_log(run.spec.out / "metrics.jsonl", int(good.name.split("-")[-1]) if good else 0)
+            truncate_log(run.spec.out / "metrics.jsonl", checkpoint.step_number(good) if good else 0)
     if distributed.main_decides(run.dist, error is not None):
         raise UserError(error or "rank 0 could not save the checkpoint (its error says why)")
     distributed.barrier(run.dist)

@@ -17,9 +17,11 @@ intact. Loading verifies: a run directory resolves to the newest step whose file
 newer step is skipped with a one-line note), an explicit step that does not match is a one-line error, a step
 written before manifests loads with a note, and weights holding NaN or Inf are refused.
 Every command that takes `--ckpt` accepts a run directory, its checkpoint/ directory, a step directory, or the
-single-directory layout of older runs (DIR/checkpoint/ holding the files). This module sits between model/ and
+single-directory layout of older runs (DIR/checkpoint/ holding the files). This package sits between model/ and
 infer/: serving, evaluation, benchmarks and training all load through it, and it imports nothing above model/.
-Exercise: `pytest tests/test_checkpoint.py`.
+Saving and loading are here; which step a path means (and verifying it) is locate.py; the files written beside the
+weights later (the calibrated exit, the exit gate) are sidecars.py; all of it is re-exported from here.
+Exercise: `pytest tests/test_checkpoint.py tests/test_checkpoint_integrity.py`.
 """
 
 from __future__ import annotations
@@ -28,22 +30,45 @@ import dataclasses
 import json
 import os
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from safetensors.torch import save as safetensors_bytes
 
+from recurchat.checkpoint.locate import (
+    NO_MANIFEST,
+    STEP_PREFIX,
+    find,
+    newest_good_step,
+    note_once,
+    resolve,
+    step_number,
+    step_problem,
+    steps_to_verify,
+)
+from recurchat.checkpoint.sidecars import (
+    AUTO_EXIT,
+    CALIBRATION_FILE,
+    EXIT_GATE_FILE,
+    calibrated_exit,
+    load_exit_gate,
+    resolve_exit,
+    save_calibration,
+    save_exit_gate,
+)
 from recurchat.config import ModelConfig, TrainConfig, config_from_dict
 from recurchat.data.tokenizer import ChatFormat, Tokenizer
 from recurchat.errors import UserError
-from recurchat.files import MANIFEST_FILE, atomic_write_bytes, atomic_write_text, manifest_problem, write_manifest
-from recurchat.model.exit_gate import ExitGate
+from recurchat.files import MANIFEST_FILE, atomic_write_text, write_manifest
 from recurchat.model.hardware import resolve_device
 from recurchat.model.recurrent import RecurrentLM
+
+__all__ = ["AUTO_EXIT", "CALIBRATION_FILE", "CHAT_FORMAT_FILE", "EXIT_GATE_FILE", "FORMAT", "NO_MANIFEST",
+           "STEP_PREFIX", "VERSION", "Checkpoint", "calibrated_exit", "find", "load", "load_chat_format",
+           "load_exit_gate", "load_model", "load_model_weights", "load_train_state", "newest_good_step", "note_once", "prune", "resolve", "resolve_exit", "save", "save_calibration", "save_exit_gate", "save_step",
+           "step_number", "step_problem", "steps_to_verify"]
 
 FORMAT = "recurchat-checkpoint"
 VERSION = 1
@@ -60,153 +85,6 @@ class Checkpoint:
 
     def has_state(self) -> bool:
         return (self.path / "state" / "trainer.json").is_file()
-
-
-STEP_PREFIX = "step-"
-
-
-def newest_step(root: Path) -> Path | None:
-    """The newest complete step in `root` (a checkpoint/ directory). A step directory only ever appears whole (it is
-    renamed into place), so this holds even after a crash between that rename and the update of `latest`, which is
-    there for people and tools (`cat DIR/checkpoint/latest`)."""
-    steps = sorted(p for p in root.glob(f"{STEP_PREFIX}*") if (p / "config.json").is_file())
-    return steps[-1] if steps else None
-
-
-def find(path: str | Path) -> Path | None:
-    """The checkpoint `path` points at (see resolve), or None if it holds none: in a run directory the newest step
-    that verifies (UserError if none does), else `path` itself if it verifies (UserError if it is damaged)."""
-    path = Path(path)
-    for candidate in (path, path / "checkpoint"):
-        step = newest_good_step(candidate) if candidate.is_dir() else None
-        if step is not None:
-            return step
-        if (candidate / "config.json").is_file():  # a step directory, or the single-directory layout of older runs
-            problem = step_problem(candidate)
-            if problem not in (None, NO_MANIFEST):
-                raise UserError(f"checkpoint {candidate} is damaged: {problem}")
-            return candidate
-    return None
-
-
-NO_MANIFEST = "no manifest"
-_verified: dict[tuple, str | None] = {}
-_said: set[str] = set()
-
-
-def note_once(line: str) -> None:
-    if line not in _said:
-        _said.add(line)
-        print(f"note: {line}", file=sys.stderr)
-
-
-def step_problem(step: Path) -> str | None:
-    """files.manifest_problem of a step directory, remembered while its files keep their sizes and times (a command
-    resolves the same checkpoint several times: weights, calibration, exit gate)."""
-    key = (str(step.resolve()),
-           tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(step.rglob("*")) if p.is_file()))
-    if key not in _verified:
-        _verified[key] = manifest_problem(step)
-    return _verified[key]
-
-
-def newest_good_step(root: Path) -> Path | None:
-    """The newest complete step of `root` whose files match its manifest, saying in one line which newer ones were
-    skipped and why; None if `root` has no steps, UserError if none verifies."""
-    steps = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if (p / "config.json").is_file()), reverse=True)
-    for step in steps:
-        problem = step_problem(step)
-        if problem in (None, NO_MANIFEST):
-            return step
-        note_once(f"skipping {step} ({problem}); falling back to an older step")
-    if steps:
-        raise UserError(f"no checkpoint in {root} verifies (newest, {steps[0].name}: {step_problem(steps[0])})")
-    return None
-
-
-def verify_report(path: str | Path) -> list[tuple[Path, str | None]]:
-    """(step, problem or None) for every step of a run (newest first), or for the one step `path` is."""
-    path = Path(path)
-    for root in (path / "checkpoint", path):
-        steps = sorted((p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()), reverse=True) if root.is_dir() else []
-        if steps:
-            return [(s, manifest_problem(s) if (s / "config.json").is_file() else "incomplete (no config.json)")
-                    for s in steps]
-    if (path / "config.json").is_file():
-        return [(path, manifest_problem(path))]
-    raise UserError(f"{path} holds no checkpoint")
-
-
-CALIBRATION_FILE = "exit_calibration.json"  # written by `recurchat calibrate` beside the weights
-AUTO_EXIT = "auto"
-
-
-def save_calibration(path: str | Path, result: dict) -> Path:
-    """Store a calibrated exit (eval/calibrate.py) in the checkpoint it was measured on."""
-    target = resolve(path) / CALIBRATION_FILE
-    atomic_write_text(target, json.dumps(result, indent=2))
-    return target
-
-
-def calibrated_exit(path: str | Path) -> str | None:
-    """The exit criterion this checkpoint was calibrated with (`recurchat calibrate`), or None if it was not."""
-    file = resolve(path) / CALIBRATION_FILE
-    if not file.is_file():
-        return None
-    try:
-        return str(json.loads(file.read_text())["exit"])
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{file} is not a calibration file (no \"exit\"); run recurchat calibrate again") from None
-
-
-def resolve_exit(spec: str | None, path: str | Path) -> str | None:
-    """`auto` → the exit criterion this checkpoint was calibrated with; any other spec (or None) unchanged."""
-    if spec != AUTO_EXIT:
-        return spec
-    found = calibrated_exit(path)
-    if found is None:
-        raise UserError(f"--exit auto: {resolve(path)} has no calibrated exit yet; run "
-                        f"`recurchat calibrate --ckpt {path} --criterion latent --max-bpb-loss 0.01` first")
-    return found
-
-
-EXIT_GATE_FILE = "exit_gate.safetensors"  # written by `recurchat exit-train` beside the weights
-
-
-def save_exit_gate(path: str | Path, gate: ExitGate, info: dict) -> Path:
-    """Store a trained exit gate (train/exit_gate.py) with its spec and training figures (`info`) in the checkpoint
-    it was trained on."""
-    target = resolve(path) / EXIT_GATE_FILE
-    weights = {k: v.detach().cpu().contiguous() for k, v in gate.state_dict().items()}
-    metadata = {"spec": json.dumps(gate.spec), "info": json.dumps(info)}
-    atomic_write_bytes(target, safetensors_bytes(weights, metadata=metadata))
-    return target
-
-
-def load_exit_gate(path: str | Path, device: torch.device | str = "cpu") -> ExitGate | None:
-    """The exit gate trained for this checkpoint (`recurchat exit-train`), or None if it has none."""
-    file = resolve(path) / EXIT_GATE_FILE
-    if not file.is_file():
-        return None
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            spec = json.loads(f.metadata()["spec"])
-        gate = ExitGate(**spec)
-        gate.load_state_dict(load_file(str(file)))
-    except (SafetensorError, OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"{file} is not an exit gate ({e}); run recurchat exit-train again") from None
-    return gate.to(device).eval()
-
-
-def resolve(path: str | Path) -> Path:
-    """A checkpoint directory, a run directory, or a run's checkpoint/ directory → the newest complete checkpoint."""
-    found = find(path)
-    if found is not None:
-        return found
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"checkpoint {path} does not exist")
-    raise UserError(f"{path} is not a recurchat checkpoint (no complete checkpoint in it or in {path / 'checkpoint'})")
 
 
 def _fsync_tree(root: Path) -> None:
