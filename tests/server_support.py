@@ -1,6 +1,6 @@
 """What the live-server tests share: the API key, request bodies, and readers of /health and SSE streams.
 
-Used by `pytest tests/infer/test_server.py tests/infer/test_server_guards.py` (fixtures: tests/infer/conftest.py).
+Used by `pytest tests/serve/test_server.py tests/serve/test_server_guards.py` (fixtures: tests/serve/conftest.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def post_once(ckpt, body: dict, path: str = "/v1/completions"):
     """Start a server for checkpoint `ckpt`, POST `body` once, stop it; the response."""
     import httpx
 
-    from recurchat.infer.server import create_app, start_in_thread
+    from recurchat.serve.server import create_app, start_in_thread
 
     srv = start_in_thread(create_app(str(ckpt)))
     try:

@@ -126,8 +126,8 @@ def bench_serve(ckpt: str, clients: int = 16, requests: int = 64, rate: float = 
                 modes: tuple[str, ...] = MODES, dtype: str = "auto", log=print) -> dict:
     from recurchat.checkpoint import calibrated_exit, load
     from recurchat.data.corpus import prepare_data
-    from recurchat.eval.command import heldout_source
-    from recurchat.infer.server import ALIAS  # the name every recurchat server answers to
+    from recurchat.eval.evaluate import heldout_source
+    from recurchat.serve.server import ALIAS  # the name every recurchat server answers to
 
     loaded = load(ckpt)
     cfg = loaded.model_cfg

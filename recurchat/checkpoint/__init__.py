@@ -187,8 +187,9 @@ def save(path: str | Path, model: torch.nn.Module, model_cfg: ModelConfig, train
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(path.parent).free
+        kept = "the previous checkpoint is intact" if any(path.parent.glob("step-*")) else "no checkpoint was saved"
         raise UserError(f"could not save checkpoint {path}: {e} ({needed / 1e6:.1f} MB needed, {free / 1e6:.1f} MB "
-                        f"free on {path.parent}); the previous checkpoint is intact") from None
+                        f"free on {path.parent}); {kept}") from None
     old = path.parent / f".{path.name}.old-{os.getpid()}"
     if path.exists():
         os.replace(path, old)

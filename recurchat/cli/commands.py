@@ -39,6 +39,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         spec = pretrain_spec(args.preset, args.out, standard=args.standard, model=model, train=train_fields,
                              overwrite=args.overwrite)
+    spec.batch_size_given = "batch_size" in train_fields
     print_result(train(spec, progress=not args.quiet))
     return 0
 
@@ -59,7 +60,7 @@ def cmd_sft(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from recurchat.eval.command import EvalRequest, evaluate_checkpoint
+    from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 
     evaluate_checkpoint(EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}))
     return 0
@@ -91,18 +92,19 @@ def cmd_exit_train(args: argparse.Namespace) -> int:
 
     train_exit_gate(args.ckpt, tau=args.tau, deep_recur=args.deep_recur, train_tokens=args.train_tokens,
                     eval_tokens=args.eval_tokens, steps=args.steps, hidden=args.hidden, data=args.data,
-                    dtype=args.dtype, device=args.device, seed=args.seed, probe=args.probe)
+                    dtype=args.dtype, device=args.device, seed=args.seed, probe=args.probe,
+                    label=args.label)
     return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from recurchat.infer.commands import cmd_sample as run
+    from recurchat.cli.generate import cmd_sample as run
 
     return run(args)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from recurchat.infer.commands import cmd_chat as run
+    from recurchat.cli.generate import cmd_chat as run
 
     return run(args)
 
@@ -120,7 +122,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from recurchat.infer.server import serve_main
+    from recurchat.serve.server import serve_main
 
     serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
                queue_size=args.queue_size, device=args.device, dtype=args.dtype,

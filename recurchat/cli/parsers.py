@@ -135,6 +135,9 @@ def add_exit_train_parser(sub) -> None:
     g.add_argument("--ckpt", required=True)
     g.add_argument("--tau", type=float, default=0.01,
                    help="nats: a token may stop at iteration i when KL(p_deep ‖ p_i) <= tau")
+    g.add_argument("--label", choices=("kl", "answer"), default="kl",
+                   help="what makes stopping safe: kl (KL(p_deep ‖ p_i) <= tau) or answer (the argmax after "
+                        "iteration i is the deepest one and never changes again; for accuracy budgets, e.g. probes)")
     g.add_argument("--deep-recur", type=positive_int, default=None, help="the deepest depth (default r_max)")
     g.add_argument("--train-tokens", type=positive_int, default=None,
                    help="training-split tokens to learn from (default 8192; with --probe, 512 sequences)")

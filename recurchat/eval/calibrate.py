@@ -24,7 +24,7 @@ from recurchat import checkpoint
 from recurchat.data.corpus import prepare_data
 from recurchat.data.loader import eval_batches
 from recurchat.errors import UserError
-from recurchat.eval.command import heldout_source
+from recurchat.eval.evaluate import heldout_source
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.model.scoring import scoring
 

@@ -21,6 +21,7 @@ from recurchat.data.tasks.probes import EVAL_SEED, ProbeBatch, ProbeSpec, same_v
 from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.infer.engine import Engine, RecurParams
+from recurchat.model.exit_gate import settled
 from recurchat.model.hardware import DtypeChoice
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.model.scoring import scoring
@@ -91,10 +92,7 @@ def probe_accuracy(model: RecurrentLM, spec: ProbeSpec, r: int, n: int, dtype: D
 
 def settle_iteration(tops: torch.Tensor) -> torch.Tensor:
     """tops [depth, ...] (the answer after iterations 1..depth) → the first iteration from which it never changes."""
-    same = tops == tops[-1]
-    # the last iteration that differs from the final answer, plus one (0 differences → iteration 1)
-    changed = (~same).flip(0).int().cumsum(0).flip(0) > 0
-    return changed.sum(0) + 1
+    return len(tops) - settled(tops).sum(0) + 1  # the final answer holds from here (iteration 1 if it never changed)
 
 
 def trajectory(model: RecurrentLM, batch: ProbeBatch, depth: int, dtype: DtypeChoice | None) -> dict:

@@ -1,4 +1,4 @@
-"""A sweep result (recurchat/eval/sweep.py) as a markdown report with matplotlib plots, optionally beside a
+"""A sweep result (recurchat/eval/grid.py) as a markdown report with matplotlib plots, optionally beside a
 standard model's result as the baseline.
 
     recurchat eval --ckpt DIR --tasks bpb,hops --recur 1,2,4,8 --exit kl:0.03 --report out/
@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 
 from recurchat.errors import UserError
-from recurchat.eval.sweep import exit_table, fixed_table
+from recurchat.eval.grid import exit_table, fixed_table
 from recurchat.files import atomic_write_bytes, atomic_write_text
 
 

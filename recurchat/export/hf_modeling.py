@@ -18,6 +18,7 @@ Exercised by `pytest tests/test_export_hf.py`.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,22 +26,21 @@ import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from recurchat.config import ModelConfig
 from recurchat.infer.exit import ExitCriterion, ExitTracker
 from recurchat.infer.kv_cache import KVCache
 from recurchat.model.layers import rotary_tables
 from recurchat.model.recurrent import RecurrentLM
 
-RECURCHAT_FIELDS = {"vocab_size": 4096, "d_model": 256, "n_head": 4, "n_kv_head": 2, "mlp_ratio": 4, "n_prelude": 2,
-                    "n_shared": 2, "n_coda": 2, "mean_recur": 4, "r_max": 16, "adapter": "concat",
-                    "adapter_init": "mean", "state_init": "e", "state_noise_std": 1.0, "state_norm": True,
-                    "sandwich_norm": False, "seq_len": 256, "logit_softcap": 15.0, "rope_base": 10000.0,
-                    "qk_gain": False, "attn_window": 0, "mlp": "relu2", "mlp_hidden": 0, "qk_norm": True,
-                    "norm_eps": 0.0, "embed_norm": True, "tie_embeddings": False, "final_norm_gain": False,
-                    "rope_convention": "nanochat"}
+# ModelConfig's own defaults (the exported file carries recurchat/config.py, so they cannot drift apart)
+RECURCHAT_FIELDS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
 
 
 class RecurchatConfig(PretrainedConfig):
     model_type = "recurchat"
+    # what recurchat's model derives from its fields, computed as ModelConfig computes it
+    mlp_width, mlp_params = ModelConfig.mlp_width, ModelConfig.mlp_params
+    recursive, effective_layers = ModelConfig.recursive, ModelConfig.effective_layers
 
     def __init__(self, **kwargs):
         for name, default in RECURCHAT_FIELDS.items():

@@ -4,7 +4,7 @@ moment they finish, each with its own position, sampling settings and depth plan
     recurchat serve --ckpt runs/tiny --batching continuous      (the default; `Engine.stream` runs on this too)
 
 One `step()`:
-  1. decode: one token for every sequence that sampled one last step — a single engine pass in which each row runs
+  1. decode: one token for every sequence that sampled one last step — a single runner pass in which each row runs
      its own plan (fixed r, exit criterion, minimum and cap) and leaves the iteration loop at its own depth;
   2. prefill: every newly added sequence writes its prompt into its row — up to `prefill_chunk` tokens per step, so
      a long prompt costs the others at most one chunk of latency per step; prompts that start together and fit in
@@ -29,8 +29,8 @@ from recurchat.infer.kv_cache import KVCache
 from recurchat.infer.plan import DepthPlan, RowPlans
 from recurchat.infer.sampling import SamplingParams, finish_reason, sample_next
 
-if TYPE_CHECKING:  # the engine runs batches; a batch only calls its passes
-    from recurchat.infer.engine import Engine
+if TYPE_CHECKING:  # a batch runs on the model runner's passes
+    from recurchat.infer.runner import Runner
 
 
 @dataclass
@@ -80,10 +80,10 @@ class Sequence:
 
 
 class ContinuousBatch:
-    def __init__(self, engine: Engine, capacity: int, max_len: int, kv: str, depth: int, prefill_chunk: int = 256):
-        self.engine, self.kv, self.depth, self.max_len = engine, kv, depth, max_len
+    def __init__(self, runner: Runner, capacity: int, max_len: int, kv: str, depth: int, prefill_chunk: int = 256):
+        self.runner, self.kv, self.depth, self.max_len = runner, kv, depth, max_len
         self.prefill_chunk = prefill_chunk
-        self.cache = KVCache(engine.cfg, kv, capacity, max_len, depth, engine.device, engine.dtype.torch_dtype)
+        self.cache = KVCache(runner.cfg, kv, capacity, max_len, depth, runner.device, runner.dtype.torch_dtype)
         self.free = list(range(capacity - 1, -1, -1))
         self.sequences: list[Sequence] = []
 
@@ -108,7 +108,7 @@ class ContinuousBatch:
     @torch.no_grad()
     def step(self, cancelled: Callable[[Sequence], bool] | None = None) -> list[Event]:
         """Decode, prefill, sample (see the module doc); the events of the tokens decided in this step."""
-        with self.engine._autocast():
+        with self.runner.autocast():
             self._decode([s for s in self.sequences if s.token is not None])
             self._prefill([s for s in self.sequences if s.cached < len(s.prompt)])
             return self._sample([s for s in self.sequences if s.logits is not None], cancelled)
@@ -116,16 +116,16 @@ class ContinuousBatch:
     def _decode(self, seqs: list[Sequence]) -> None:
         if not seqs:
             return
-        dev = self.engine.device
+        dev = self.runner.device
         rows = torch.tensor([s.row for s in seqs], device=dev)
         pos = torch.tensor([s.pos for s in seqs], device=dev)
         tok = torch.tensor([s.token for s in seqs], device=dev)
         warm = warm_rows = None
         if any(s.warm_start and s.state is not None for s in seqs):
             warm_rows = torch.tensor([s.warm_start and s.state is not None for s in seqs], device=dev)
-            blank = torch.zeros(1, self.engine.cfg.d_model, device=dev)
+            blank = torch.zeros(1, self.runner.cfg.d_model, device=dev)
             warm = torch.stack([s.state if s.warm_start and s.state is not None else blank for s in seqs])
-        logits, depth, state = self.engine._decode(self.cache, tok, rows, pos, warm,
+        logits, depth, state = self.runner.decode(self.cache, tok, rows, pos, warm,
                                                    RowPlans.build([s.plan for s in seqs], dev), warm_rows)
         for j, (s, d) in enumerate(zip(seqs, depth.tolist())):
             s.logits, s.depth, s.pos, s.token = logits[j], d, s.pos + 1, None
@@ -146,14 +146,14 @@ class ContinuousBatch:
 
     def _prefill_rows(self, seqs: list[Sequence], start: int, end: int | None) -> None:
         """Write prompt tokens start..end (None: each prompt to its end, padded) of `seqs`, all at one depth."""
-        dev, r = self.engine.device, seqs[0].plan.prefill
+        dev, r = self.runner.device, seqs[0].plan.prefill
         ends = [len(s.prompt) if end is None else end for s in seqs]
         idx = torch.zeros(len(seqs), max(ends) - start, dtype=torch.long, device=dev)
         for j, (s, e) in enumerate(zip(seqs, ends)):
             idx[j, :e - start] = torch.tensor(s.prompt[start:e], device=dev)
         rows = torch.tensor([s.row for s in seqs], device=dev)
         at = start if start == 0 else torch.full((len(seqs),), start, device=dev)
-        logits, state = self.engine._chunk(self.cache, idx, at, r, rows)
+        logits, state = self.runner.chunk(self.cache, idx, at, r, rows)
         for j, (s, e) in enumerate(zip(seqs, ends)):
             s.cached = e
             if e < len(s.prompt):
@@ -161,7 +161,7 @@ class ContinuousBatch:
             if state is not None:
                 self.cache.fill_forward(rows[j:j + 1], None, r, s.plan.depth)
                 s.state = state[j, e - start - 1][None] if s.warm_start else None
-            s.logits, s.depth = logits[j, e - start - 1], r if self.engine.model.recur else 0
+            s.logits, s.depth = logits[j, e - start - 1], r if self.runner.model.recur else 0
             s.pos = len(s.prompt)
 
     def _sample(self, seqs: list[Sequence], cancelled: Callable[[Sequence], bool] | None) -> list[Event]:
@@ -171,7 +171,7 @@ class ContinuousBatch:
             token = int(sample_next(s.logits[None], p.temperature, p.top_k, s.generator, p.top_p))
             s.produced, s.logits = s.produced + 1, None
             reason = "cancelled" if cancelled is not None and cancelled(s) else \
-                finish_reason(token, p, s.produced, s.pos, self.engine.cfg.seq_len)
+                finish_reason(token, p, s.produced, s.pos, self.runner.cfg.seq_len)
             events.append(Event(s.id, token, s.depth, reason))
             if reason is None:
                 s.token = token

@@ -82,7 +82,7 @@ def draft(engine: Engine, cache: KVCache, rows: torch.Tensor, last: torch.Tensor
     plans = RowPlans.same(DepthPlan(ExitCriterion("fixed", draft_r), 1, draft_r, draft_r), rows.numel(), rows.device)
     row_list, tokens, dists = rows.tolist(), [], []
     for i in range(k):
-        logits, _, _ = engine._decode(cache, last if i == 0 else tokens[-1], rows, pos + i, None, plans)
+        logits, _, _ = engine.runner.decode(cache, last if i == 0 else tokens[-1], rows, pos + i, None, plans)
         dists.append(sampling.probs(logits.float(), row_list))
         tokens.append(sampling.draw(dists[-1], row_list))
     return torch.stack(tokens, dim=1), torch.stack(dists, dim=1)
@@ -144,8 +144,8 @@ def speculate(engine: Engine, prompts: list[list[int]], sampling: SamplingParams
     idx = torch.zeros(B, int(lens.max()), dtype=torch.long, device=dev)
     for b, p in enumerate(prompts):
         idx[b, :len(p)] = torch.tensor(p, dtype=torch.long)
-    with engine._autocast():
-        logits, _ = engine._prefill(cache, idx, lens, num_recur, num_recur)
+    with engine.runner.autocast():
+        logits, _ = engine.runner.prefill(cache, idx, lens, num_recur, num_recur)
         last = [int(t) for t in rowset.draw(rowset.probs(logits.float(), list(range(B))), list(range(B)))]
         going, pos = list(range(B)), lens.tolist()  # `last[b]` is decided, its K/V not yet in the cache
         while True:
@@ -157,7 +157,7 @@ def speculate(engine: Engine, prompts: list[list[int]], sampling: SamplingParams
             first = torch.tensor([last[b] for b in going], device=dev)
             drafted, q = draft(engine, cache, rows, first, at, n, draft_r, rowset) if n > 0 else \
                 (torch.zeros(len(going), 0, dtype=torch.long, device=dev), None)
-            logits, _ = engine._chunk(cache, torch.cat((first[:, None], drafted), dim=1), at, num_recur, rows)
+            logits, _ = engine.runner.chunk(cache, torch.cat((first[:, None], drafted), dim=1), at, num_recur, rows)
             p = rowset.probs(logits.float(), going)
             kept, follow = accept(p, q, drafted, going, rowset) if n > 0 else ([0] * len(going), None)
             if follow is None:

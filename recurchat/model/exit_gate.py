@@ -6,7 +6,9 @@ is safe, i.e. whether going on to the deepest depth would still move the next-to
 
 Features of one token at iteration i (1-based): the RMS-normalised state s_i, log of the relative change
 ‖s_i − s_{i−1}‖ / ‖s_i‖ (s_0 is the initial state), and i itself (a learned bias per iteration). One hidden layer of
-`hidden` units, then a logit of P(KL(p_deepest ‖ p_i) ≤ τ). A check costs one d×hidden matmul on the exiting rows'
+`hidden` units, then a logit of P(safe): by default KL(p_deepest ‖ p_i) ≤ τ; with the label "answer", the argmax
+after iteration i is the one it keeps to the deepest iteration (`settled`) — what accuracy needs, where a tight τ
+also waits for the confidence to finish sharpening. A check costs one d×hidden matmul on the exiting rows'
 states — no coda, no head — and, unlike the latent criterion, it can stop a token after its first iteration.
 `trajectory` gives the per-iteration states and their distance to the deepest distribution that the gate learns
 from. Training lives in train/exit_gate.py; checks in infer/exit.py. Exercised by `pytest tests/infer/test_gate.py`.
@@ -45,11 +47,20 @@ class ExitGate(nn.Module):
         return self.out(h).squeeze(-1)
 
 
+def settled(tops: torch.Tensor) -> torch.Tensor:
+    """tops [depth, ...], the answer (argmax) after iterations 1..depth → bool [depth, ...]: from iteration i on the
+    answer never changes again (it equals the deepest one at i and at every later iteration)."""
+    same = (tops == tops[-1]).int()
+    return same.flip(0).cumprod(0).flip(0).bool()
+
+
 @torch.no_grad()
-def trajectory(model: RecurrentLM, idx: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(states [depth + 1, B, T, d] — s_0 … s_depth —, kl [depth, B, T]) for a batch of sequences at fixed depth:
-    kl[i − 1] = KL(p_depth ‖ p_i) in nats between the deepest next-token distribution and the one after iteration i
-    (every position runs every iteration, as in the training forward)."""
+def trajectory(model: RecurrentLM, idx: torch.Tensor,
+               depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(states [depth + 1, B, T, d] — s_0 … s_depth —, kl [depth, B, T], tops [depth, B, T]) for a batch of sequences
+    at fixed depth: kl[i − 1] = KL(p_depth ‖ p_i) in nats between the deepest next-token distribution and the one
+    after iteration i, tops[i − 1] the argmax after iteration i (every position runs every iteration, as in the
+    training forward)."""
     if not model.recur:
         raise ValueError("a standard model has no iterations to gate")
     states, cos, sin = model.unroll(idx, depth)
@@ -58,5 +69,9 @@ def trajectory(model: RecurrentLM, idx: torch.Tensor, depth: int) -> tuple[torch
         return torch.log_softmax(model.tail_logits(s, cos, sin).float(), dim=-1)
 
     deep = logp(states[-1])
-    kl = torch.stack([(deep.exp() * (deep - logp(s))).sum(dim=-1) for s in states[1:]])
-    return torch.stack(states).float(), kl.clamp_min(0)
+    kls, tops = [], []
+    for s in states[1:]:
+        current = logp(s)
+        kls.append((deep.exp() * (deep - current)).sum(dim=-1))
+        tops.append(current.argmax(dim=-1))
+    return torch.stack(states).float(), torch.stack(kls).clamp_min(0), torch.stack(tops)

@@ -148,7 +148,7 @@ class Block(nn.Module):
         """`cfg` is a ModelConfig (any object with its fields: export/hf_modeling.py passes its own)."""
         super().__init__()
         self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.qk_gain, cfg.attn_window, cfg.qk_norm)
-        self.mlp = MLP(cfg.d_model, cfg.mlp_hidden or cfg.mlp_ratio * cfg.d_model, cfg.mlp)  # ModelConfig.mlp_width
+        self.mlp = MLP(cfg.d_model, cfg.mlp_width, cfg.mlp)
         self.sandwich = sandwich
         self.eps = cfg.norm_eps or None
 

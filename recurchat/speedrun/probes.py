@@ -20,7 +20,7 @@ from recurchat import checkpoint
 from recurchat.config import get_preset
 from recurchat.data.tasks.probes import CHASE_NAMES, CHASE_CHAINS, parse_probe
 from recurchat.eval.calibrate import calibrate_probe_checkpoint
-from recurchat.eval.command import EvalRequest, evaluate_checkpoint
+from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.errors import UserError
 from recurchat.eval.report import plot_accuracy_heatmaps
 from recurchat.train.spec import pretrain_spec

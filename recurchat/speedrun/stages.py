@@ -23,10 +23,10 @@ from pathlib import Path
 
 from recurchat.config import get_preset
 from recurchat.errors import UserError
-from recurchat.eval.command import EvalRequest, evaluate_checkpoint
+from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.files import atomic_write_text
 from recurchat.model.hardware import set_threads
-from recurchat.speedrun.card import report_card
+from recurchat.speedrun.report_card import report_card
 from recurchat.speedrun.probes import probe_stages
 from recurchat.train.spec import pretrain_spec, sft_spec
 from recurchat.train.trainer import train_or_resume

@@ -2,10 +2,13 @@
 
     recurchat exit-train --ckpt runs/tiny [--tau 0.01] [--deep-recur 16]
     recurchat exit-train --ckpt runs/parity --probe probe:parity:1-16 --deep-recur 24   # a probe's labels
+    recurchat exit-train --ckpt runs/parity --probe probe:parity:1-16 --deep-recur 24 --label answer
     recurchat calibrate --ckpt runs/tiny --criterion gate --max-bpb-loss 0.01     # then --exit auto
 
 Labels come from the model itself: a token at iteration i is "safe to stop" when KL(p_deep ‖ p_i) ≤ τ nats, where
-p_deep is its next-token distribution after `deep_recur` iterations (default r_max). Every training token gives one
+p_deep is its next-token distribution after `deep_recur` iterations (default r_max), or with `--label answer` when its
+argmax after iteration i is the one it keeps to the deepest iteration — the label an accuracy budget needs: a settled
+answer's confidence keeps sharpening for several iterations, which a tight τ waits for. Every training token gives one
 example per iteration 1..deep_recur (model/exit_gate.trajectory runs the uncached forward once to that depth and the
 coda and head after every iteration). The gate is fitted with AdamW on binary cross-entropy over text from the
 checkpoint's training split and judged on its held-out split: accuracy, AUC and the safe rate per iteration are
@@ -28,17 +31,17 @@ from recurchat.data.corpus import prepare_data
 from recurchat.data.loader import eval_batches
 from recurchat.data.tasks.probes import parse_probe
 from recurchat.errors import UserError
-from recurchat.eval.command import heldout_source
+from recurchat.eval.evaluate import heldout_source
 from recurchat.eval.probes import CALIBRATION_SEED, check_vocabulary, eval_batch
-from recurchat.model.exit_gate import ExitGate, trajectory
+from recurchat.model.exit_gate import ExitGate, settled, trajectory
 from recurchat.model.hardware import choose_dtype
 from recurchat.model.recurrent import RecurrentLM
 from recurchat.model.scoring import scoring
 
 
 def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep: int, dtype,
-                  batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(state [N, d], prev_state [N, d], step [N], kl [N]) for every (token, iteration ≤ deep) of up to
+                  batch_size: int = 8) -> tuple[torch.Tensor, ...]:
+    """(state [N, d], prev_state [N, d], step [N], kl [N], settled [N]) for every (token, iteration ≤ deep) of up to
     `max_tokens` tokens of `tokens`, read as consecutive sequences of the model's context length (eval_batches)."""
     T = model.cfg.seq_len
     if len(tokens) < T + 1:
@@ -47,19 +50,19 @@ def gate_examples(model: RecurrentLM, tokens: np.ndarray, max_tokens: int, deep:
 
 
 def probe_examples(model: RecurrentLM, batch, deep: int, dtype,
-                   batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   batch_size: int = 32) -> tuple[torch.Tensor, ...]:
     """The same examples for the labelled positions of a probe batch (data/tasks/probes.py) only."""
     return examples_of(model, ((part.x, part.y >= 0) for part in batch.chunks(batch_size)), deep, dtype)
 
 
 def examples_of(model: RecurrentLM, parts, deep: int, dtype) -> tuple[torch.Tensor, ...]:
     """Gate examples from (x [B, T], positions to keep [B, T] or None for all) pairs."""
-    out: list[list[torch.Tensor]] = [[], [], [], []]
+    out: list[list[torch.Tensor]] = [[], [], [], [], []]
     with scoring(model, dtype) as device:
         for x, keep in parts:
-            states, kl = trajectory(model, x.to(device), deep)
+            states, kl, tops = trajectory(model, x.to(device), deep)
             steps = torch.arange(1, deep + 1, device=device).view(deep, 1, 1).expand_as(kl)
-            for store, value in zip(out, (states[1:], states[:-1], steps, kl)):
+            for store, value in zip(out, (states[1:], states[:-1], steps, kl, settled(tops))):
                 value = value.cpu()
                 store.append(value[:, keep] if keep is not None else value.reshape(deep, -1, *value.shape[3:]))
     return tuple(torch.cat([part.reshape(-1, *part.shape[2:]) for part in field]) for field in out)
@@ -68,7 +71,7 @@ def examples_of(model: RecurrentLM, parts, deep: int, dtype) -> tuple[torch.Tens
 def fit_gate(gate: ExitGate, examples, safe: torch.Tensor, steps: int, batch: int = 4096, lr: float = 3e-3,
              seed: int = 0) -> float:
     """AdamW on BCE(gate logit, safe) over random minibatches; returns the last 10% of steps' mean loss."""
-    state, prev, step, _ = examples
+    state, prev, step = examples[:3]
     opt = torch.optim.AdamW(gate.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
@@ -99,11 +102,16 @@ def auc(score: torch.Tensor, label: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def judge(gate: ExitGate, examples, tau: float) -> dict:
-    """Held-out figures: accuracy at p = 0.5, AUC, and per iteration the safe rate, the gate's mean probability and
-    its AUC (NaN where every token is safe, or none is)."""
-    state, prev, step, kl = examples
-    safe = kl <= tau
+def safe_labels(examples, label: str, tau: float) -> torch.Tensor:
+    """bool [N]: which examples are safe to stop at, by `label` ("kl": KL ≤ tau nats; "answer": it settled)."""
+    return examples[3] <= tau if label == "kl" else examples[4]
+
+
+@torch.no_grad()
+def judge(gate: ExitGate, examples, safe: torch.Tensor) -> dict:
+    """Held-out figures against the labels `safe`: accuracy at p = 0.5, AUC, and per iteration the safe rate, the
+    gate's mean probability and its AUC (NaN where every token is safe, or none is)."""
+    state, prev, step = examples[:3]
     prob = torch.cat([torch.sigmoid(gate(*(t[i:i + 65536] for t in (state, prev, step))))
                       for i in range(0, len(step), 65536)])
     per_iteration = {str(i): {"safe_rate": float(safe[at].float().mean()), "mean_prob": float(prob[at].mean()),
@@ -127,17 +135,21 @@ def collect(loaded, model: RecurrentLM, deep: int, precision, data: str | None, 
             gate_examples(model, text.val, eval_tokens, deep, precision))
 
 
+GATE_LABELS = ("kl", "answer")  # what makes stopping at iteration i safe (safe_labels)
 PROBE_SEQUENCES = (512, 128)  # a probe's default (training, held-out) sequences: ~16 labels each
 
 
 def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None, train_tokens: int | None = None,
                     eval_tokens: int | None = None, steps: int = 400, hidden: int = 64, data: str | None = None,
-                    dtype: str = "auto", device: str = "auto", seed: int = 0, probe: str | None = None) -> dict:
+                    dtype: str = "auto", device: str = "auto", seed: int = 0, probe: str | None = None,
+                    label: str = "kl") -> dict:
     """`recurchat exit-train`: collect, fit, judge, save (exit_gate.safetensors beside the weights). With `probe`
-    (probe:NAME:LO-HI) the examples are that probe's labelled positions."""
+    (probe:NAME:LO-HI) the examples are that probe's labelled positions; `label` is "kl" (KL ≤ tau) or "answer"."""
     def log(line: str) -> None:
         print(line, file=sys.stderr)
 
+    if label not in GATE_LABELS:
+        raise UserError(f"--label must be one of {', '.join(GATE_LABELS)}, got {label!r}")
     if tau <= 0:
         raise UserError(f"--tau must be > 0 nats, got {tau}")
     loaded, model = checkpoint.load_model(ckpt, device)
@@ -153,19 +165,21 @@ def train_exit_gate(ckpt: str, tau: float = 0.01, deep_recur: int | None = None,
     train, held = collect(loaded, model, deep, precision, data, probe, train_tokens, eval_tokens)
     unit = "labels" if probe else "tokens"
     log(f"{len(train[2])} training examples ({len(train[2]) // deep} {unit} × {deep} iterations), "
-        f"{len(held[2])} held out; τ = {tau:g} nats")
+        f"{len(held[2])} held out; " + (f"τ = {tau:g} nats" if label == "kl" else "safe once the answer settles"))
     torch.manual_seed(seed)
     gate = ExitGate(cfg.d_model, deep, hidden)
-    train_loss = fit_gate(gate, train, (train[3] <= tau).float(), steps, seed=seed)
-    figures = judge(gate, held, tau)
+    train_loss = fit_gate(gate, train, safe_labels(train, label, tau).float(), steps, seed=seed)
+    figures = judge(gate, held, safe_labels(held, label, tau))
     for i, row in figures["by_iteration"].items():
         log(f"  iteration {i:>2}: safe {100 * row['safe_rate']:5.1f}% of held-out tokens, gate says "
             f"{100 * row['mean_prob']:5.1f}% on average, AUC {row['auc']:.3f}")
-    info = {"tau": tau, "deep_recur": deep, "train_tokens": len(train[2]) // deep, "eval_tokens": len(held[2]) // deep,
+    info = {"label": label, **({"tau": tau} if label == "kl" else {}), "deep_recur": deep,
+            "train_tokens": len(train[2]) // deep, "eval_tokens": len(held[2]) // deep,
             **({"probe": probe} if probe else {}),
             "steps": steps, "train_loss": train_loss, "dtype": precision.name, **figures}
     path = checkpoint.save_exit_gate(loaded.path, gate, info)
+    budget = f"--probe {probe} --max-acc-loss 0.01" if probe else "--max-bpb-loss 0.01"
     print(f"exit gate: held-out accuracy {100 * figures['accuracy']:.1f}% (safe rate "
           f"{100 * figures['safe_rate']:.1f}%), AUC {figures['auc']:.3f}; saved to {path}; calibrate it with "
-          f"`recurchat calibrate --ckpt {ckpt} --criterion gate --max-bpb-loss 0.01`")
+          f"`recurchat calibrate --ckpt {ckpt} --criterion gate {budget}`")
     return info

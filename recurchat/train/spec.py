@@ -42,6 +42,7 @@ class RunSpec:
     out: Path
     base: Checkpoint | None = None  # SFT, --init-from: the weights and tokenizer to start from
     resume: Checkpoint | None = None  # continue this checkpoint exactly
+    batch_size_given: bool = False  # --batch-size was on the command line: never adapt it to the world size
 
     @property
     def is_sft(self) -> bool:
@@ -114,6 +115,28 @@ def resume_spec(path: str | Path, out: str | Path, *, model: dict | None = None,
         diff = [k for k, v in (model or {}).items() if getattr(ck.model_cfg, k) != v]
         raise UserError(f"--resume {path}: model config differs from the checkpoint in {', '.join(diff)}")
     return validate(RunSpec(model_cfg, dataclasses.replace(ck.train_cfg, **(train or {})), Path(out), resume=ck))
+
+
+def fit_batch_to_world(spec: RunSpec, world_size: int) -> tuple[RunSpec, str | None]:
+    """(the spec, a line saying what changed) with a per-rank batch that splits `total_batch_tokens` evenly over
+    `world_size` ranks: the largest one up to the configured batch, so a preset's global batch holds under torchrun.
+    Where even one row per rank is more than the global batch, the global batch grows to one row per rank. An
+    explicit --batch-size, or one that already fits, is left as it is (accumulation_steps then says what is wrong)."""
+    t, rows = spec.train, spec.model.seq_len * world_size
+    fits = t.total_batch_tokens % (t.batch_size * rows) == 0
+    if spec.batch_size_given or fits:
+        return spec, None
+    if t.total_batch_tokens < rows:
+        train = dataclasses.replace(t, batch_size=1, total_batch_tokens=rows)
+        return dataclasses.replace(spec, train=train), (
+            f"note: {world_size} ranks × seq_len {spec.model.seq_len} exceed total_batch_tokens="
+            f"{t.total_batch_tokens}; the global batch grows to {rows} tokens (batch size 1 per rank)")
+    batch = max((b for b in range(1, t.batch_size + 1) if t.total_batch_tokens % (b * rows) == 0), default=None)
+    if batch is None:
+        return spec, None
+    return dataclasses.replace(spec, train=dataclasses.replace(t, batch_size=batch)), (
+        f"note: batch size {batch} per rank (not {t.batch_size}) keeps total_batch_tokens={t.total_batch_tokens} "
+        f"on {world_size} ranks")
 
 
 def validate(spec: RunSpec) -> RunSpec:

@@ -44,7 +44,7 @@ from recurchat.train import distributed, probes
 from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
 from recurchat.train.probes import check_probe
 from recurchat.train.recipes import micro_loss
-from recurchat.train.spec import RunSpec, eval_depths, resumable_loader_state, resume_spec
+from recurchat.train.spec import RunSpec, eval_depths, fit_batch_to_world, resumable_loader_state, resume_spec
 from recurchat.train.telemetry import Telemetry, truncate_log
 
 
@@ -187,6 +187,9 @@ def setup(spec: RunSpec, progress: bool = True) -> Run:
     dist = distributed.init()
     torch.manual_seed(spec.train.seed)
     log = print if dist.is_main else (lambda *a, **k: None)
+    spec, fitted = fit_batch_to_world(spec, dist.world_size)
+    if fitted:
+        log(fitted)
     tokenizer, data, sft = load_data(spec, dist, log)
     grad_accum = accumulation_steps(spec, dist)
     if dist.distributed and spec.train.progressive_loss > 0:

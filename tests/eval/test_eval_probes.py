@@ -98,9 +98,11 @@ def test_calibrate_on_a_probe_saves_an_exit_that_eval_auto_uses(parity_run, tmp_
     assert list(json.loads(out.read_text())["exit"]) == [saved["exit"]]
 
 
-def test_exit_gate_learns_from_a_probes_labels_and_stops_deeper_on_harder_levels(parity_run, tmp_path, capsys):
+@pytest.mark.parametrize("label", ["kl", "answer"])
+def test_exit_gate_learns_from_a_probes_labels_and_stops_deeper_on_harder_levels(parity_run, tmp_path, capsys, label):
     assert main(["exit-train", "--ckpt", str(parity_run), "--probe", "probe:parity:1-8", "--deep-recur", "12",
-                 "--train-tokens", "64", "--eval-tokens", "16", "--steps", "150", "--dtype", "fp32"]) == 0
+                 "--train-tokens", "64", "--eval-tokens", "16", "--steps", "150", "--dtype", "fp32",
+                 "--label", label]) == 0
     gate = checkpoint.load_exit_gate(parity_run)
     assert gate is not None and gate.max_iterations == 12
     err = capsys.readouterr().err

@@ -22,7 +22,7 @@ from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb
 from recurchat.eval.report import write_report
-from recurchat.eval.sweep import print_table, run_sweep
+from recurchat.eval.grid import print_table, run_sweep
 from recurchat.eval.tasks import centered, eval_generative, score_mc
 from recurchat.infer.engine import Engine, RecurParams
 

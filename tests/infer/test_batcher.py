@@ -44,7 +44,7 @@ def alone(engine: Engine, prompt, recur: RecurParams, params: SamplingParams = G
 
 def test_rows_with_different_depths_and_exit_criteria_in_one_batch_decode_as_alone(tiny_cfg):
     engine = Engine(random_model(tiny_cfg, seed=8), dtype="fp32")
-    batch = ContinuousBatch(engine, capacity=len(PROMPTS), max_len=tiny_cfg.seq_len, kv="full", depth=8)
+    batch = ContinuousBatch(engine.runner, capacity=len(PROMPTS), max_len=tiny_cfg.seq_len, kv="full", depth=8)
     for i, (prompt, recur) in enumerate(zip(PROMPTS, SETTINGS)):
         batch.add(sequence(i, engine, prompt, recur))
     out: dict = {}
@@ -57,7 +57,7 @@ def test_rows_with_different_depths_and_exit_criteria_in_one_batch_decode_as_alo
 
 def test_a_sequence_added_mid_stream_gets_its_first_token_at_the_next_step(tiny_cfg):
     engine = Engine(random_model(tiny_cfg, seed=9), dtype="fp32")
-    batch = ContinuousBatch(engine, capacity=4, max_len=tiny_cfg.seq_len, kv="full", depth=8)
+    batch = ContinuousBatch(engine.runner, capacity=4, max_len=tiny_cfg.seq_len, kv="full", depth=8)
     long = SamplingParams(max_tokens=12, temperature=0.0)
     for i in range(3):
         batch.add(sequence(i, engine, PROMPTS[i], SETTINGS[i], long))
@@ -84,7 +84,7 @@ def test_the_pool_is_allocated_once_and_rows_are_reused(tiny_cfg, monkeypatch):
 
     monkeypatch.setattr(batcher_module, "KVCache", Recording)
     engine = Engine(random_model(tiny_cfg, seed=10), dtype="fp32")
-    batch = ContinuousBatch(engine, capacity=2, max_len=tiny_cfg.seq_len, kv="full", depth=8)
+    batch = ContinuousBatch(engine.runner, capacity=2, max_len=tiny_cfg.seq_len, kv="full", depth=8)
     queue = [sequence(i, engine, PROMPTS[i], SETTINGS[i]) for i in range(len(PROMPTS))]
     out: dict = {}
     rows_used = []
@@ -102,7 +102,7 @@ def test_the_pool_is_allocated_once_and_rows_are_reused(tiny_cfg, monkeypatch):
 def test_chunked_prefill_equals_one_pass_and_takes_a_step_per_chunk(tiny_cfg):
     engine = Engine(random_model(tiny_cfg, seed=11), dtype="fp32")
     prompt = list(range(30, 41))  # 11 tokens: chunks of 4, 4, 3
-    batch = ContinuousBatch(engine, capacity=2, max_len=tiny_cfg.seq_len, kv="full", depth=8, prefill_chunk=4)
+    batch = ContinuousBatch(engine.runner, capacity=2, max_len=tiny_cfg.seq_len, kv="full", depth=8, prefill_chunk=4)
     batch.add(sequence(0, engine, prompt, SETTINGS[2]))
     assert batch.step() == [] and batch.step() == []
     out: dict = {}
@@ -113,7 +113,7 @@ def test_chunked_prefill_equals_one_pass_and_takes_a_step_per_chunk(tiny_cfg):
 def test_a_seeded_sampled_row_draws_the_same_tokens_alone_or_batched(tiny_cfg):
     engine = Engine(random_model(tiny_cfg, seed=12), dtype="fp32")
     sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=40, seed=7)
-    batch = ContinuousBatch(engine, capacity=3, max_len=tiny_cfg.seq_len, kv="full", depth=8)
+    batch = ContinuousBatch(engine.runner, capacity=3, max_len=tiny_cfg.seq_len, kv="full", depth=8)
     batch.add(sequence(0, engine, PROMPTS[0], SETTINGS[1], sampled))
     batch.add(sequence(1, engine, PROMPTS[1], SETTINGS[2], SamplingParams(max_tokens=10, temperature=1.0, seed=1)))
     out: dict = {}

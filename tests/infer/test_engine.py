@@ -31,10 +31,10 @@ def cached_logits(engine, seq, prompt_len, r, kv="full", max_steps=None):
     lens = torch.tensor([prompt_len])
     out = []
     with torch.no_grad():
-        logits, _ = engine._prefill(cache, idx, lens, r, max_steps)
+        logits, _ = engine.runner.prefill(cache, idx, lens, r, max_steps)
         out.append(logits[0])
         for t in range(prompt_len, len(seq)):
-            logits, depth, _ = engine._decode(cache, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]),
+            logits, depth, _ = engine.runner.decode(cache, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]),
                                              None, fixed_plans(r))
             assert int(depth[0]) == (r if m.recur else 0)
             out.append(logits[0])
@@ -82,11 +82,11 @@ def ring_reference_logits(engine, seq, prompt_len, r, k):
                                                                              positions]
     out = []
     with torch.no_grad():
-        logits, _ = engine._prefill(full, torch.tensor([seq[:prompt_len]]), torch.tensor([prompt_len]), r, r)
+        logits, _ = engine.runner.prefill(full, torch.tensor([seq[:prompt_len]]), torch.tensor([prompt_len]), r, r)
         keep_only_the_ring(slice(0, prompt_len))
         out.append(logits[0])
         for t in range(prompt_len, len(seq)):
-            logits, _, _ = engine._decode(full, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]), None,
+            logits, _, _ = engine.runner.decode(full, torch.tensor([seq[t]]), torch.tensor([0]), torch.tensor([t]), None,
                                           fixed_plans(r))
             keep_only_the_ring(slice(t, t + 1))
             out.append(logits[0])
@@ -212,9 +212,9 @@ def test_exited_rows_state_frozen(tiny_cfg, monkeypatch):
         ScriptedTracker.exit_at = exit_at
         cache = KVCache(tiny_cfg, "full", 2, tiny_cfg.seq_len, 6)
         with torch.no_grad():
-            engine._prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
+            engine.runner.prefill(cache, idx, torch.tensor([3, 3]), 2, 6)
             rows = torch.tensor(rows)
-            logits, depth, state = engine._decode(cache, torch.tensor([7, 8])[rows], rows, torch.tensor([3, 3])[rows],
+            logits, depth, state = engine.runner.decode(cache, torch.tensor([7, 8])[rows], rows, torch.tensor([3, 3])[rows],
                                                   None, RowPlans.same(DepthPlan(crit, 1, 6, 6), len(rows),
                                                                       torch.device("cpu")))
         return logits, depth, state, cache

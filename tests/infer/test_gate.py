@@ -15,18 +15,18 @@ from recurchat import checkpoint
 from recurchat.cli import main
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.sampling import SamplingParams
-from recurchat.model.exit_gate import ExitGate, trajectory
-from recurchat.train.exit_gate import auc, fit_gate, judge
+from recurchat.model.exit_gate import ExitGate, settled, trajectory
+from recurchat.train.exit_gate import auc, fit_gate, judge, safe_labels
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 PROMPTS = [[5, 9, 2, 7], [11, 3], [1, 2, 3, 4, 5, 6], [8], [40, 41, 42], [17, 18]]
 
 
-def test_trajectory_gives_the_forward_states_and_the_kl_to_the_deepest_distribution(tiny_cfg):
+def test_trajectory_gives_the_forward_states_the_kl_to_the_deepest_distribution_and_the_answers(tiny_cfg):
     model = random_model(tiny_cfg, seed=3)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 12))
-    states, kl = trajectory(model, idx, depth=5)
-    assert states.shape == (6, 2, 12, tiny_cfg.d_model) and kl.shape == (5, 2, 12)
+    states, kl, tops = trajectory(model, idx, depth=5)
+    assert states.shape == (6, 2, 12, tiny_cfg.d_model) and kl.shape == tops.shape == (5, 2, 12)
     with torch.no_grad():
         deep = torch.log_softmax(model(idx, num_recur=5), dim=-1)
         for r in (1, 3, 5):
@@ -35,6 +35,7 @@ def test_trajectory_gives_the_forward_states_and_the_kl_to_the_deepest_distribut
             logp = torch.log_softmax(logits, dim=-1)
             torch.testing.assert_close(kl[r - 1], (deep.exp() * (deep - logp)).sum(-1).clamp_min(0), atol=1e-5,
                                        rtol=1e-4)
+            assert torch.equal(tops[r - 1], logits.argmax(dim=-1))
     assert float(kl[-1].abs().max()) < 1e-5 and float(kl[0].mean()) > 1e-3  # depth matters in this model
 
 
@@ -63,7 +64,7 @@ def test_batched_gate_exits_equal_one_at_a_time_and_rows_stop_at_different_depth
     model = random_model(tiny_cfg, seed=5)
     torch.manual_seed(1)
     gate = ExitGate(tiny_cfg.d_model, tiny_cfg.r_max, hidden=16).eval()
-    states, _ = trajectory(model, torch.randint(0, tiny_cfg.vocab_size, (4, 16)), depth=tiny_cfg.r_max)
+    states = trajectory(model, torch.randint(0, tiny_cfg.vocab_size, (4, 16)), depth=tiny_cfg.r_max)[0]
     with torch.no_grad():
         probs = torch.sigmoid(gate(states[2], states[1], 2))
     recur = RecurParams(exit=f"gate:{float(probs.median()):.6f}", max_recur=tiny_cfg.r_max)
@@ -86,11 +87,21 @@ def test_fit_gate_learns_a_rule_of_state_and_iteration_and_judge_reports_it():
     torch.manual_seed(0)
     gate = ExitGate(8, 4, hidden=16)
     train = examples(4000, 0)
-    fit_gate(gate, train, (train[3] <= 0.5).float(), steps=300, batch=512, lr=1e-2)
-    figures = judge(gate, examples(2000, 1), tau=0.5)
+    fit_gate(gate, train, safe_labels(train, "kl", 0.5).float(), steps=300, batch=512, lr=1e-2)
+    held = examples(2000, 1)
+    figures = judge(gate, held, safe_labels(held, "kl", 0.5))
     assert figures["accuracy"] > 0.95 and figures["auc"] > 0.98
     assert figures["by_iteration"]["3"]["safe_rate"] == 1.0 and figures["by_iteration"]["4"]["mean_prob"] > 0.9
     assert 0.3 < figures["by_iteration"]["1"]["safe_rate"] < 0.7
+
+
+def test_settled_is_true_from_the_iteration_after_which_the_answer_never_changes_and_labels_use_it():
+    tops = torch.tensor([[3, 1, 2], [3, 2, 2], [5, 2, 2], [3, 2, 2]])  # [iterations, labels]
+    expect = torch.tensor([[False, False, True], [False, True, True], [False, True, True], [True, True, True]])
+    assert torch.equal(settled(tops), expect)  # label 0 returns to 3 only at the last iteration
+    examples = (None, None, None, torch.zeros(4, 3), settled(tops))
+    assert torch.equal(safe_labels(examples, "answer", 0.01), expect)
+    assert bool(safe_labels(examples, "kl", 0.01).all())
 
 
 def test_auc_counts_pairs_ordered_right_and_ties_as_half():

@@ -21,8 +21,8 @@ def test_a_chunk_after_a_prefill_equals_the_uncached_forward(tiny_cfg):
     seq = torch.randint(0, tiny_cfg.vocab_size, (1, 14), generator=torch.Generator().manual_seed(0))
     cache = KVCache(tiny_cfg, "full", 1, 14, 3)
     with torch.no_grad():
-        engine._prefill(cache, seq[:, :6], torch.tensor([6]), 3, 3)
-        chunk, _ = engine._chunk(cache, seq[:, 6:11], 6, 3)
+        engine.runner.prefill(cache, seq[:, :6], torch.tensor([6]), 3, 3)
+        chunk, _ = engine.runner.chunk(cache, seq[:, 6:11], 6, 3)
         ref = m(seq[:, :11], num_recur=3)
     assert torch.allclose(chunk[0], ref[0, 6:11], atol=1e-4), (chunk[0] - ref[0, 6:11]).abs().max()
 
@@ -33,9 +33,9 @@ def test_chunks_at_a_different_start_per_row_equal_the_uncached_forward(tiny_cfg
     seqs = torch.randint(0, tiny_cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     lens, cache = torch.tensor([4, 7, 5]), KVCache(tiny_cfg, "full", 3, 16, 3)
     with torch.no_grad():
-        engine._prefill(cache, seqs[:, :7], lens, 3, 3)  # rows padded to 7; each row's chunk overwrites its padding
+        engine.runner.prefill(cache, seqs[:, :7], lens, 3, 3)  # rows padded to 7; each row's chunk overwrites its padding
         chunk = torch.stack([seqs[b, int(lens[b]):int(lens[b]) + 5] for b in range(3)])
-        logits, _ = engine._chunk(cache, chunk, lens, 3)
+        logits, _ = engine.runner.chunk(cache, chunk, lens, 3)
         for b in range(3):
             ref = m(seqs[b:b + 1, :int(lens[b]) + 5], num_recur=3)[0, int(lens[b]):]
             assert torch.allclose(logits[b], ref, atol=1e-4), (b, (logits[b] - ref).abs().max())

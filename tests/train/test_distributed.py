@@ -228,3 +228,35 @@ def test_parallel_mode_is_validated():
     cfg.parallel = "zero3"
     with pytest.raises(UserError, match="unknown parallel mode"):
         cfg.validate()
+
+
+# -- a preset under torchrun: the per-rank batch adapts unless --batch-size is given -----------------------------
+
+def test_the_per_rank_batch_is_fitted_to_the_world_size_unless_given():
+    from recurchat.train.spec import RunSpec, fit_batch_to_world
+    preset = get_preset("cpu-tiny")  # batch 8 × seq_len 256, 2048 tokens per step
+    spec = RunSpec(preset.model, preset.train, Path("unused"))
+    assert fit_batch_to_world(spec, 1) == (spec, None)
+    assert fit_batch_to_world(spec, 3) == (spec, None)  # 8 rows per step do not split over 3 ranks: refused later
+    for world, batch in ((2, 4), (4, 2), (8, 1)):
+        fitted, note = fit_batch_to_world(spec, world)
+        assert fitted.train.batch_size == batch and fitted.train.total_batch_tokens == 2048
+        assert f"batch size {batch} per rank" in note
+    grown, note = fit_batch_to_world(spec, 16)
+    assert (grown.train.batch_size, grown.train.total_batch_tokens) == (1, 16 * 256) and "grows to 4096" in note
+    given = RunSpec(preset.model, preset.train, Path("unused"), batch_size_given=True)
+    assert fit_batch_to_world(given, 2) == (given, None)
+
+
+def test_torchrun_with_a_preset_keeps_its_global_batch_and_an_explicit_conflicting_batch_is_refused(tmp_path,
+                                                                                                    small_text):
+    args = ["--preset", "cpu-smoke", "--data", str(small_text), "--dtype", "fp32", "--max-steps", "2",
+            "--eval-every", "0"]  # cpu-smoke: batch 4 × seq_len 64 = 256 tokens, the whole step on one rank
+    launch(2, [*args, "--out", str(tmp_path / "fitted")])
+    saved = checkpoint.load(tmp_path / "fitted").train_cfg
+    assert (saved.batch_size, saved.total_batch_tokens) == (2, 256)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                           "recurchat", "train", "--quiet", *args, "--batch-size", "4", "--out", str(tmp_path / "x")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "is not a multiple of batch_size × seq_len × world_size = 512" in proc.stderr

@@ -1,6 +1,6 @@
 """Fixtures of the live-server tests: a smoke model trained once per module and a server on 127.0.0.1 around it.
 
-Used by `pytest tests/infer/test_server.py tests/infer/test_server_guards.py`.
+Used by `pytest tests/serve/test_server.py tests/serve/test_server_guards.py`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from server_support import AUTH, KEY, SLOW_R
 
 from recurchat.checkpoint import load_model
 from recurchat.cli import main
-from recurchat.infer.server import create_app, start_in_thread
+from recurchat.serve.server import create_app, start_in_thread
 
 
 @pytest.fixture(scope="module")

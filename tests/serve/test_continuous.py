@@ -1,7 +1,7 @@
 """The continuous scheduler behind a live server: a request that arrives while another streams is answered before
 that one ends (a static batch makes it wait), requests with different recursion settings share steps and answer as
 they would alone, and the KV budget sizes the row pool. Fixtures: conftest.py.
-Run: `pytest tests/infer/test_continuous.py`.
+Run: `pytest tests/serve/test_continuous.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from server_support import SLOW, SLOW_R
 
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.sampling import SamplingParams
-from recurchat.infer.server import create_app, start_in_thread
+from recurchat.serve.server import create_app, start_in_thread
 
 SHORT = {"model": "smoke", "prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
 

@@ -19,7 +19,7 @@ from recurchat.checkpoint import Checkpoint
 from recurchat.data.corpus import prepare_data
 from recurchat.errors import UserError
 from recurchat.eval.report import write_report
-from recurchat.eval.sweep import print_table, run_sweep
+from recurchat.eval.grid import print_table, run_sweep
 from recurchat.eval.tasks import parse_task_specs
 from recurchat.files import atomic_write_json
 from recurchat.infer.exit import ExitCriterion

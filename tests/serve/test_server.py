@@ -2,7 +2,7 @@
 happy paths, bad input, concurrency, back-pressure and cancellation (errors, limits and guards:
 test_server_guards.py; fixtures: conftest.py).
 
-Run: `pytest tests/infer/test_server.py` (a smoke model is trained once for the module; about a minute on 2 cores).
+Run: `pytest tests/serve/test_server.py` (a smoke model is trained once for the module; about a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import openai
 import pytest
 from server_support import AUTH, HELLO, KEY, SLOW, sse, stats
 
-from recurchat.infer.server import create_app, start_in_thread
+from recurchat.serve.server import create_app, start_in_thread
 
 # -- happy paths through the official client -------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Token ids → text increments for streamed replies: whole UTF-8 characters only, cut at the first stop string.
 
-Exercised by `pytest tests/infer/test_server.py` (stop strings, streamed and not).
+Exercised by `pytest tests/serve/test_server.py` (stop strings, streamed and not).
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from recurchat.infer.scheduler import Job, SchedulerClosed
+from recurchat.serve.scheduler import Job, SchedulerClosed
 
 
 @dataclass

@@ -3,14 +3,14 @@
     recurchat serve --ckpt runs/tiny                       # --batching continuous is the default
     recurchat bench serve --ckpt runs/tiny --json b.json   # static vs continuous under the same load
 
-Where the static scheduler (infer/scheduler.py) runs a batch to its end, here the engine thread loops over steps:
+Where the static scheduler (serve/scheduler.py) runs a batch to its end, here the engine thread loops over steps:
 admit waiting jobs into free rows, run one step (infer/batcher.py: decode, chunked prefill, sample), post each
 token to its job at once. Jobs with different recursion settings share a step (each row runs its own depth plan);
 only the KV layout splits them: a pool per (kv strategy, iteration slots), its slots the next power of two of the
 deepest plan it serves and at least r_max's, so a deeper pool also takes shallower jobs. A pool is allocated when
 first needed, reused while it has work, and dropped when idle. With a KV budget, a pool holds as many rows as the
 budget has room for (each row the whole context at the pool's depth); a job that could not fit even one row of
-its own is refused at submit with a 400. Exercised by `pytest tests/infer/test_continuous.py`.
+its own is refused at submit with a 400. Exercised by `pytest tests/serve/test_continuous.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from recurchat.infer.batcher import ContinuousBatch, Sequence, new_generator
 from recurchat.infer.engine import Engine, Event
 from recurchat.infer.kv_cache import bytes_per_token
 from recurchat.infer.plan import DepthPlan
-from recurchat.infer.scheduler import EngineFailure, Job, KVBudgetExceeded, Scheduler, SchedulerClosed, log
+from recurchat.serve.scheduler import EngineFailure, Job, KVBudgetExceeded, Scheduler, SchedulerClosed, log
 
 
 def slots_for(depth: int, r_max: int) -> int:
@@ -81,7 +81,7 @@ class ContinuousScheduler(Scheduler):
             rows = min(rows, (self.kv_budget_bytes - self._pool_bytes()) // self.row_bytes(kv, slots))
         if rows < 1:
             return None
-        pool = ContinuousBatch(self.engine, rows, self.engine.cfg.seq_len, kv, slots, self.prefill_chunk)
+        pool = ContinuousBatch(self.engine.runner, rows, self.engine.cfg.seq_len, kv, slots, self.prefill_chunk)
         self._pools[(kv, slots)] = pool
         self._stats["pools_created"] += 1
         self._stats["pools_live"] = len(self._pools)
@@ -104,7 +104,7 @@ class ContinuousScheduler(Scheduler):
                            job.recur.warm_start)
             if not pool.fits(seq):  # the server checks prompts first; a direct caller may not have
                 job.done = True
-                job._post(UserError(f"a prompt of {len(job.prompt)} tokens does not fit the context of "
+                job.post(UserError(f"a prompt of {len(job.prompt)} tokens does not fit the context of "
                                     f"{pool.max_len}"))
                 continue
             pool.add(seq)
@@ -118,7 +118,7 @@ class ContinuousScheduler(Scheduler):
     # -- the engine thread ----------------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        with self.engine._autocast():  # one region for the thread: weights are cast to bf16 once, not every step
+        with self.engine.runner.autocast():  # one region for the thread: weights are cast to bf16 once, not every step
             while True:
                 with self._cond:
                     while not self._pending and not self._jobs and not self._closed:
@@ -128,7 +128,7 @@ class ContinuousScheduler(Scheduler):
                     dropped = self._admit()
                 for job in dropped:
                     job.done = True
-                    job._post(Event(0, -1, 0, "cancelled"))
+                    job.post(Event(0, -1, 0, "cancelled"))
                 for key, pool in list(self._pools.items()):
                     if pool.busy:
                         self._step(key, pool)
@@ -162,7 +162,7 @@ class ContinuousScheduler(Scheduler):
             with self._cond:
                 self._stats[key] += 1
                 del self._jobs[job.id]
-        job._post(Event(0, ev.token, ev.depth, ev.finish_reason))  # a job is one row: its events say row 0
+        job.post(Event(0, ev.token, ev.depth, ev.finish_reason))  # a job is one row: its events say row 0
 
     def _fail_pool(self, key: tuple[str, int], pool: ContinuousBatch, e: Exception) -> None:
         if not isinstance(e, UserError):
@@ -175,7 +175,7 @@ class ContinuousScheduler(Scheduler):
             self._stats["failed"] += len(jobs)
         for job in jobs:
             job.done = True
-            job._post(e)
+            job.post(e)
 
     def _fail_all(self, e: Exception) -> None:
         with self._cond:
@@ -184,5 +184,5 @@ class ContinuousScheduler(Scheduler):
             self._pools.clear()
         for job in jobs:
             job.done = True
-            job._post(e)
+            job.post(e)
 

@@ -1,6 +1,6 @@
 """One worker thread owns the Engine; HTTP handlers submit jobs and read their tokens from asyncio queues.
 
-    pytest tests/infer/test_server.py      (the server drives this; `recurchat serve --ckpt DIR` in production)
+    pytest tests/serve/test_server.py      (the server drives this; `recurchat serve --ckpt DIR` in production)
 
 - torch modules and the engine's KV cache are not safe to drive from several threads at once, so exactly one
   thread calls `Engine.stream`; the event loop never blocks on the model.
@@ -82,7 +82,7 @@ class Job:
         if not self.done and self.cancel_reason is None:
             self.cancel_reason = reason
 
-    def _post(self, item: Event | BaseException) -> None:
+    def post(self, item: Event | BaseException) -> None:
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the loop is closed: the server is shutting down and nobody is listening
@@ -165,7 +165,7 @@ class Scheduler:
                 job.cancel("shutdown")
             self._cond.notify_all()
         for job in waiting:
-            job._post(SchedulerClosed("the server is shutting down"))
+            job.post(SchedulerClosed("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -197,7 +197,7 @@ class Scheduler:
         for job in batch:
             if job.cancel_reason is not None and job not in live:
                 job.done = True
-                job._post(Event(0, -1, 0, "cancelled"))  # whoever still awaits the job learns it is over
+                job.post(Event(0, -1, 0, "cancelled"))  # whoever still awaits the job learns it is over
         return live
 
     def _work(self) -> None:
@@ -223,7 +223,7 @@ class Scheduler:
                             ev.finish_reason, "completed")
                         with self._cond:
                             self._stats[key] += 1
-                    job._post(ev)
+                    job.post(ev)
         except Exception as e:  # a bug or a bad input the server did not catch: fail these jobs, keep serving
             if not isinstance(e, UserError):
                 log.exception("generation failed for a batch of %d request(s)", len(batch))
@@ -231,7 +231,7 @@ class Scheduler:
                 e.__cause__ = cause
             for row in open_rows:
                 batch[row].done = True
-                batch[row]._post(e)
+                batch[row].post(e)
             with self._cond:
                 self._stats["failed"] += len(open_rows)
         finally:

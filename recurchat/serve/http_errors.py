@@ -3,7 +3,7 @@
 A client mistake (ApiError, UserError) is a 4xx with its message. Anything else is a bug: a 500 whose message points
 at the log, where its traceback is written once (the scheduler has already logged an EngineFailure). Routes are
 `guarded` so a bug becomes that 500 inside the app: an exception left to Starlette's last-resort handler makes
-uvicorn reset the connection before the client reads the reply. Exercised by `pytest tests/infer/test_server.py`.
+uvicorn reset the connection before the client reads the reply. Exercised by `pytest tests/serve/test_server.py`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recurchat.errors import UserError
-from recurchat.infer.api_schema import ApiError, validation_error
-from recurchat.infer.scheduler import EngineFailure
+from recurchat.serve.api_schema import ApiError, validation_error
+from recurchat.serve.scheduler import EngineFailure
 
 log = logging.getLogger("recurchat.server")
 

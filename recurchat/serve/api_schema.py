@@ -1,6 +1,6 @@
 """Request bodies of the OpenAI-compatible API (pydantic, strict) and the OpenAI-style error they map to.
 
-Exercised by `pytest tests/infer/test_server.py` (the 100+ bad-request test goes through these models).
+Exercised by `pytest tests/serve/test_server.py` (the 100+ bad-request test goes through these models).
 """
 
 from __future__ import annotations

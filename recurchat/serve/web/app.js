@@ -1,7 +1,7 @@
 /* recurchat chat page logic: sends the conversation to /v1/chat/completions with stream + return_depths, parses
    the SSE stream from fetch(), renders each token as <span class="tok" data-depth> tinted by recursion depth, draws
    a per-message depth bar chart (inline SVG) and a colour legend.
-   Served at /web/app.js by `recurchat serve --ckpt DIR`; exercised by `pytest tests/infer/test_web.py`. */
+   Served at /web/app.js by `recurchat serve --ckpt DIR`; exercised by `pytest tests/serve/test_web.py`. */
 "use strict";
 
 const $ = (id) => document.getElementById(id);

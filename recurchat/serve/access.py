@@ -2,14 +2,14 @@
 then a request-body cap (413) enforced while the body is read, not after. ASGI middleware, so a rejected upload never
 reaches FastAPI's parsing, and an unauthenticated one is answered at once, its body never read.
 
-Exercised by `pytest tests/infer/test_server.py` (wrong-auth and oversized-body cases).
+Exercised by `pytest tests/serve/test_server.py` (wrong-auth and oversized-body cases).
 """
 
 from __future__ import annotations
 
 import hmac
 
-from recurchat.infer.api_schema import ApiError
+from recurchat.serve.api_schema import ApiError
 
 
 def is_public(path: str) -> bool:

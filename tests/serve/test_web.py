@@ -1,6 +1,6 @@
 """The chat page in a real browser: Debian's headless chromium driven by Playwright against a live server.
 
-Run: `pytest tests/infer/test_web.py` (needs /usr/bin/chromium: `apt-get install -y chromium`, which .ci/run does).
+Run: `pytest tests/serve/test_web.py` (needs /usr/bin/chromium: `apt-get install -y chromium`, which .ci/run does).
 The screenshot lands in pytest's tmp dir and, when $RECURCHAT_ARTIFACTS is set, is copied there as web_chat.png.
 """
 
@@ -14,7 +14,7 @@ import pytest
 
 from recurchat.checkpoint import load_model
 from recurchat.cli import main
-from recurchat.infer.server import create_app, start_in_thread
+from recurchat.serve.server import create_app, start_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -11,7 +11,7 @@ import sys
 from recurchat import checkpoint
 from recurchat.data.corpus import prepare_data
 from recurchat.eval.bpb import evaluate_bpb
-from recurchat.eval.command import heldout_source
+from recurchat.eval.evaluate import heldout_source
 from recurchat.model.flops import flops_per_token
 from recurchat.model.recurrent import RecurrentLM
 

@@ -1,7 +1,7 @@
-"""OpenAI-compatible HTTP API for a recursive checkpoint, plus the static chat page under infer/web/.
+"""OpenAI-compatible HTTP API for a recursive checkpoint, plus the static chat page under serve/web/.
 
     recurchat serve --ckpt runs/tiny-sft [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-    pytest tests/infer/test_server.py tests/infer/test_web.py
+    pytest tests/serve/test_server.py tests/serve/test_web.py
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (JSON or SSE with `"stream": true`), GET /v1/models,
 GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields a request may carry
@@ -9,9 +9,9 @@ GET /health (scheduler counters), GET / (the chat page). Beyond OpenAI's fields 
 `top_k` and `return_depths`; `usage` always adds `mean_depth` and `max_depth`.
 
 Every client mistake is a 4xx with OpenAI's error body {"error": {"message", "type", "param", "code"}}; only a bug
-is a 500. Generation runs on the scheduler's single engine thread (infer/scheduler.py); request bodies and errors
-are in infer/api_schema.py, how errors leave in infer/http_errors.py, detokenizing with stop strings in
-infer/detokenize.py, auth and body limits in infer/access.py.
+is a 500. Generation runs on the scheduler's single engine thread (serve/scheduler.py); request bodies and errors
+are in serve/api_schema.py, how errors leave in serve/http_errors.py, detokenizing with stop strings in
+serve/detokenize.py, auth and body limits in serve/access.py.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from fastapi.staticfiles import StaticFiles
 from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
-from recurchat.infer.access import AccessGuard
-from recurchat.infer.api_schema import (
+from recurchat.serve.access import AccessGuard
+from recurchat.serve.api_schema import (
     ApiError,
     ChatRequest,
     Common,
@@ -44,12 +44,12 @@ from recurchat.infer.api_schema import (
     Recursion,
     parse_body,
 )
-from recurchat.infer.continuous import ContinuousScheduler
-from recurchat.infer.detokenize import TextStream, text_pieces
+from recurchat.serve.continuous import ContinuousScheduler
+from recurchat.serve.detokenize import TextStream, text_pieces
 from recurchat.infer.engine import Engine, RecurError, RecurParams
-from recurchat.infer.http_errors import add_error_handlers, as_api_error, guarded
+from recurchat.serve.http_errors import add_error_handlers, as_api_error, guarded
 from recurchat.infer.sampling import SamplingParams
-from recurchat.infer.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed
+from recurchat.serve.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed
 from recurchat.model.recurrent import RecurrentLM
 
 WEB_DIR = Path(__file__).parent / "web"

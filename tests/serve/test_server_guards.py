@@ -1,7 +1,7 @@
 """The live server failing loudly and guarding its limits: engine errors as logged 500s, 415, the env API key,
 per-request RNGs, the KV budget, and chat replies that end at special tokens. Fixtures: conftest.py.
 
-Run: `pytest tests/infer/test_server_guards.py`.
+Run: `pytest tests/serve/test_server_guards.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from server_support import HELLO, stats
 
 from recurchat.checkpoint import load_model
-from recurchat.infer.server import create_app, start_in_thread
+from recurchat.serve.server import create_app, start_in_thread
 
 
 @pytest.mark.parametrize("batching", ["continuous", "static"])
@@ -26,7 +26,7 @@ def test_engine_failure_is_a_500_with_the_traceback_in_the_log(bundle, monkeypat
         def broken(*args, **kwargs):
             raise RuntimeError("boom: an engine bug")
 
-        monkeypatch.setattr(app.state.service.engine, "_chunk", broken)  # the prefill, in either scheduler
+        monkeypatch.setattr(app.state.service.engine.runner, "chunk", broken)  # the prefill, in either scheduler
         with httpx.Client(base_url=srv.url, timeout=60) as http, caplog.at_level("ERROR", "recurchat.server"):
             r = http.post("/v1/chat/completions", json={"model": "smoke", "messages": HELLO, "max_tokens": 3})
             health = http.get("/health").json()["scheduler"]
