@@ -75,8 +75,10 @@ def test_grid_study_with_baselines_writes_summary_and_plots(tmp_path, small_text
     assert recursive["depth_gain"] == pytest.approx(recursive["bpb"]["1"] / recursive["bpb"]["2"] - 1)
     assert recursive["baselines"] == {"iso-params": trials[0]["bpb"]["1"], "iso-flops": trials[1]["bpb"]["1"]}
     assert trials[0]["n_params"] < trials[1]["n_params"]
-    for name in ("summary.md", "bpb_vs_r.png", "phi.png", "sweep.json"):
-        assert (study / name).stat().st_size > 0
+    for name in ("bpb_vs_r.png", "phi.png"):
+        assert (study / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (study / name).stat().st_size > 5_000
+    stored = json.loads((study / "sweep.json").read_text())  # the plan every worker runs
+    assert stored["grid"] == "adapter_init=e,mean" and stored["standard"] == ["iso-params", "iso-flops"]
     assert "| 3 | recursive | adapter_init=mean |" in (study / "summary.md").read_text()
     # rerunning the finished study (same arguments, or none) trains nothing
     capsys.readouterr()

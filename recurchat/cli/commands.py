@@ -123,11 +123,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from recurchat.serve.server import serve_main
+    from recurchat.serve.settings import ServeConfig
 
-    serve_main(args.ckpt, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-               queue_size=args.queue_size, device=args.device, dtype=args.dtype,
-               max_recur_limit=args.max_recur_limit, kv_budget_mb=args.kv_budget_mb, batching=args.batching,
-               prefill_chunk=args.prefill_chunk)
+    settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    serve_main(args.ckpt, ServeConfig(**settings).validate())
     return 0
 
 

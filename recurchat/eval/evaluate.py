@@ -19,7 +19,7 @@ from recurchat.checkpoint import Checkpoint
 from recurchat.data.corpus import prepare_data
 from recurchat.errors import UserError
 from recurchat.eval.report import write_report
-from recurchat.eval.grid import print_table, run_sweep
+from recurchat.eval.grid import GridSettings, print_table, run_sweep
 from recurchat.eval.tasks import parse_task_specs
 from recurchat.files import atomic_write_json
 from recurchat.infer.exit import ExitCriterion
@@ -133,10 +133,10 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
         val = prepare_data(heldout_source(ckpt, req.data), cfg.vocab_size, tokenizer=tok,
                            log=lambda *a, **k: print(*a, file=sys.stderr, **k)).val
     eval_tokens = req.eval_tokens or ckpt.train_cfg.eval_tokens
-    result = run_sweep(model, tok, val, tok.token_bytes(), specs, depths, exits, limit=req.limit, seed=req.seed,
-                       max_recur=req.max_recur, progress=not req.quiet, batch_size=req.batch_size,
-                       bpb_tokens=eval_tokens, kv=req.kv, dtype=dtype.name, max_tokens=req.max_tokens,
-                       exit_gate=checkpoint.load_exit_gate(ckpt.path))
+    grid = GridSettings(specs, depths, exits, limit=req.limit, seed=req.seed, max_recur=req.max_recur,
+                        batch_size=req.batch_size, bpb_tokens=eval_tokens, max_tokens=req.max_tokens, kv=req.kv,
+                        dtype=dtype.name, progress=not req.quiet)
+    result = run_sweep(model, tok, val, tok.token_bytes(), grid, exit_gate=checkpoint.load_exit_gate(ckpt.path))
     if "bpb" in result.get("tasks", {}):
         result["bpb"] = result["tasks"]["bpb"]
     result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),

@@ -81,6 +81,29 @@ def _by_difficulty(results: list[dict]) -> dict[str, dict[str, float]]:
             for d, rs in sorted(groups.items())}
 
 
+@dataclass(frozen=True)
+class GridSettings:
+    """What shapes one task × r × exit evaluation (`run_sweep`), built once by its caller (`recurchat eval`).
+
+    `limit` caps examples per task (builtin tasks: a seeded test stream of uniform difficulty; benchmarks: the first
+    `limit` questions); `bpb_tokens` caps held-out tokens for bpb (None: all of them); `max_recur` caps an exit
+    criterion's depth (None: r_max)."""
+
+    specs: Sequence[str]
+    depths: Sequence[int]
+    exits: Sequence[str] = ()
+    limit: int = 100
+    seed: int = 0
+    max_recur: int | None = None
+    batch_size: int = 16
+    bpb_tokens: int | None = None
+    mc_mode: str = "loglik"
+    max_tokens: int = 16
+    kv: str = "full"
+    dtype: str = "auto"
+    progress: bool = True
+
+
 @dataclass
 class Sweep:
     """What every (task, setting) evaluation of one sweep shares; `evaluate` caches each pair's raw results."""
@@ -91,13 +114,17 @@ class Sweep:
     val_tokens: np.ndarray | None
     token_bytes: torch.Tensor | None
     data: dict[str, tuple[list, float]]  # accuracy tasks: (examples, chance)
-    batch_size: int
-    bpb_tokens: int | None
-    mc_mode: str
-    max_tokens: int
-    kv: str
+    settings: GridSettings
     exit_cap: int
     cache: dict = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.settings.batch_size
+
+    @property
+    def kv(self) -> str:
+        return self.settings.kv
 
     def recur_of(self, setting: str) -> RecurParams:
         cfg = self.model.cfg
@@ -116,10 +143,10 @@ class Sweep:
         adaptive = recur.exit is not None
         if spec.kind == "bpb" and adaptive:
             return evaluate_bpb_exit(engine, self.val_tokens, self.token_bytes, self.batch_size, seq_len,
-                                     self.bpb_tokens, recur)
+                                     self.settings.bpb_tokens, recur)
         if spec.kind == "bpb":
             return (evaluate_bpb(self.model, self.val_tokens, self.token_bytes, self.batch_size, seq_len,
-                                 self.bpb_tokens, num_recur=recur.num_recur, dtype=engine.dtype),
+                                 self.settings.bpb_tokens, num_recur=recur.num_recur, dtype=engine.dtype),
                     float(recur.num_recur))
         if spec.kind == "probe" and adaptive:
             return probes.score_exit(engine, self.data[spec.name][0], recur, self.batch_size)
@@ -127,10 +154,11 @@ class Sweep:
             return probes.score_fixed(self.model, self.data[spec.name][0], recur.num_recur, engine.dtype,
                                       self.batch_size)
         if spec.kind == "mc":
-            return score_mc(self.model, self.tokenizer, self.data[spec.name][0], recur.num_recur, self.mc_mode,
+            return score_mc(self.model, self.tokenizer, self.data[spec.name][0], recur.num_recur, self.settings.mc_mode,
                             self.batch_size, engine=engine if adaptive else None,
                             recur=recur if adaptive else None, dtype=engine.dtype)
-        n_tokens = max(GSM8K_MAX_TOKENS, self.max_tokens) if spec.kind == "gen" else self.max_tokens
+        n_tokens = self.settings.max_tokens
+        n_tokens = max(GSM8K_MAX_TOKENS, n_tokens) if spec.kind == "gen" else n_tokens
         return eval_generative(engine, self.tokenizer, self.data[spec.name][0], recur, n_tokens, self.batch_size)
 
 
@@ -190,18 +218,12 @@ def centered_means(result: dict, settings: list[str]) -> dict:
 
 
 def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray | None, token_bytes: torch.Tensor | None,
-              specs: Sequence[str], depths: Sequence[int], exits: Sequence[str], limit: int, seed: int = 0,
-              max_recur: int | None = None, progress: bool = True, *, batch_size: int = 16,
-              bpb_tokens: int | None = None, mc_mode: str = "loglik", max_tokens: int = 16, kv: str = "full",
-              dtype: str = "auto", exit_gate=None) -> dict:
-    """Evaluate every task at every fixed depth and every exit criterion; see the module docstring for the dict.
-
-    `limit` caps examples per task (builtin tasks: a seeded test stream of uniform difficulty; benchmarks: the
-    first `limit` questions). `bpb_tokens` caps held-out tokens for bpb (None: all of `val_tokens`).
-    """
-    cfg = model.cfg
-    parsed = parse_task_specs(specs)
-    depths, exits, notes = checked_settings(cfg, depths, exits, limit)
+              grid: GridSettings, exit_gate=None) -> dict:
+    """Evaluate every task of `grid` at every fixed depth and every exit criterion; see the module docstring for the
+    dict. `val_tokens` / `token_bytes`: held-out text for bpb (token_bytes None: the tokenizer's)."""
+    cfg, limit, seed = model.cfg, grid.limit, grid.seed
+    parsed = parse_task_specs(grid.specs)
+    depths, exits, notes = checked_settings(cfg, grid.depths, grid.exits, limit)
     if any(s.kind == "bpb" for s in parsed):
         if val_tokens is None or len(val_tokens) < 2:
             raise UserError("bpb needs held-out tokens (val_tokens is empty)")
@@ -211,9 +233,8 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
         if s.kind == "probe":
             probes.check_vocabulary(parse_probe(s.name), tokenizer, model)
     was_training = model.training
-    engine = Engine(model, dtype=dtype, exit_gate=exit_gate)
-    sweep = Sweep(model, tokenizer, engine, val_tokens, token_bytes, data, batch_size, bpb_tokens, mc_mode,
-                  max_tokens, kv, max_recur or cfg.r_max)
+    engine = Engine(model, dtype=grid.dtype, exit_gate=exit_gate)
+    sweep = Sweep(model, tokenizer, engine, val_tokens, token_bytes, data, grid, grid.max_recur or cfg.r_max)
     # r̄ (or r = 1 for the standard model) is where by_difficulty is measured when no exit criterion is given
     diff_setting = exits[0] if exits else str(1 if cfg.n_shared == 0 else cfg.mean_recur)
     settings = [str(r) for r in depths] + exits
@@ -222,7 +243,7 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     result: dict = {"tasks": {}, "exit": {}, "by_difficulty": {}, "acc_by_difficulty": {}, "centered_mean": {},
                     "chance": {}, "params": int(model.num_params()["total"]), "acc_norm": {}, "trajectory": {}}
     try:
-        with tqdm(total=len(parsed) * len(settings) + len(extra), desc="eval", disable=not progress,
+        with tqdm(total=len(parsed) * len(settings) + len(extra), desc="eval", disable=not grid.progress,
                   leave=False) as bar:
             for setting in settings:
                 entry: dict = {"acc": {}, "mean_recursions_by_task": {}}
@@ -247,7 +268,7 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
     result["chance"] = {name: chance for name, (_, chance) in data.items()}
     result["centered_mean"] = centered_means(result, settings)
     result["settings"] = {"depths": depths, "exits": exits, "limit": limit, "seed": seed, "max_recur": sweep.exit_cap,
-                          "mc_mode": mc_mode, "by_difficulty_at": diff_setting, "mean_recur": cfg.mean_recur,
+                          "mc_mode": grid.mc_mode, "by_difficulty_at": diff_setting, "mean_recur": cfg.mean_recur,
                           "n_examples": {name: len(examples) for name, (examples, _) in data.items()}}
     result["notes"] = notes
     return result

@@ -142,10 +142,7 @@ class RecurchatForCausalLM(PreTrainedModel, GenerationMixin):
                              chunk=T)
         x = m.run_prelude(input_ids, cos, sin, cache.kv.prelude(view))
         if m.recur:
-            e, s = x, m.initial_state(x)
-            for i in range(r):
-                s = m.iterate(e, s, cos, sin, cache.kv.recur(i, view))
-            x = s
+            x = m.loop(x, m.initial_state(x), cos, sin, r, kv=lambda i: cache.kv.recur(i, view))
             for t in ([None] if start == 0 else range(start, start + T)):  # deeper iterations read iteration r
                 cache.kv.fill_forward(rows, None if t is None else torch.full((B,), t, device=input_ids.device), r,
                                       cache.depth)
@@ -167,21 +164,26 @@ class RecurchatForCausalLM(PreTrainedModel, GenerationMixin):
         s, final = m.initial_state(e), torch.empty_like(e)
         active, depths = torch.arange(B, device=input_ids.device), torch.full((B,), deepest, device=e.device)
         tracker = ExitTracker(crit, B, e.device, None, s[:, -1])
-        for i in range(deepest):
-            rows_view = cache.kv.rows(active, positions[active])
-            s = m.iterate(e[active], s, cos, sin, cache.kv.recur(i, rows_view))
+
+        def active_view():
+            return cache.kv.rows(active, positions[active])
+
+        def after(step: int, s: torch.Tensor):  # the criterion; stopped rows are filled forward and leave
+            nonlocal active
             logits = None
             if crit.needs_logits:
-                logits = m.head(m.run_coda(s, cos, sin, cache.kv.coda(rows_view)))[:, -1]
-            done = tracker.update(i + 1, s[:, -1], logits) | (i + 1 >= deepest)
-            if bool(done.any()):
-                stopped = active[done]
-                final[stopped], depths[stopped] = s[done], i + 1
-                cache.kv.fill_forward(stopped, positions[stopped], i + 1, deepest)
-                active, s = active[~done], s[~done]
-                tracker.keep(~done)
-            if not active.numel():
-                break
+                logits = m.head(m.run_coda(s, cos, sin, cache.kv.coda(active_view())))[:, -1]
+            done = tracker.update(step, s[:, -1], logits) | (step >= deepest)
+            if not bool(done.any()):
+                return None
+            stopped = active[done]
+            final[stopped], depths[stopped] = s[done], step
+            cache.kv.fill_forward(stopped, positions[stopped], step, deepest)
+            active = active[~done]
+            tracker.keep(~done)
+            return (e[active], s[~done], cos, sin) if active.numel() else ()
+
+        m.loop(e, s, cos, sin, deepest, kv=lambda i: cache.kv.recur(i, active_view()), after=after)
         cache.length += 1
         return m.head(m.run_coda(final, cos, sin, cache.kv.coda(view))), depths[:, None]
 

@@ -101,9 +101,7 @@ class Runner:
         x = m.run_prelude(idx, cos, sin, cache.prelude(view))
         state = None
         if m.recur:
-            e, s = x, m.initial_state(x)
-            for i in range(r):
-                s = m.iterate(e, s, cos, sin, cache.recur(i, view))
+            s = m.loop(x, m.initial_state(x), cos, sin, r, kv=lambda i: cache.recur(i, view))
             self.iterations += r * n * (T if isinstance(start, torch.Tensor) else 1)  # a prefill counts once per row
             x = state = s
         return m.head(m.run_coda(x, cos, sin, cache.coda(view))), state
@@ -137,20 +135,23 @@ class Runner:
             s0 = warm if warm_rows is None else torch.where(warm_rows[:, None, None], warm.to(s0.dtype), s0)
         act = ActiveRows(torch.arange(n, device=self.device), x, s0, cos, sin, rows, pos, view, plans)
         checks = ExitChecks(plans, act.s[:, -1], self.exit_gate)
-        for i in range(checks.last_step):
-            step = i + 1
-            act.s = m.iterate(act.e, act.s, act.cos, act.sin, cache.recur(i, act.view))
+
+        def after(step: int, s: torch.Tensor):  # the exit checks, and the rows that stopped leave the batch
+            act.s = s
             self.iterations += act.size
             if step not in checks.steps:
-                continue
+                return None
             done = self._check_exit(act, cache, checks, out, step)
             if not bool(done.any()):
-                continue
+                return None
             self._retire(act, done, cache, out, step)
             if bool(done.all()):
-                break
+                return ()
             checks.keep(act.plans.group, ~done)
             act.keep(~done, cache)
+            return act.e, act.s, act.cos, act.sin
+
+        m.loop(act.e, act.s, act.cos, act.sin, checks.last_step, kv=lambda i: cache.recur(i, act.view), after=after)
         if bool(out.headless.any()):
             # one coda + head pass for every row that stopped without logits, whatever its depth: on a
             # memory-bound step a pass per exit depth would read the coda's and the head's weights once per depth

@@ -158,6 +158,28 @@ class RecurrentLM(nn.Module):
             x = block(x, cos, sin, None if caches is None else caches[i])
         return norm(x, self.eps) if self.cfg.state_norm else x
 
+    def loop(self, e: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: int,
+             kv=None, after=None, iterate=None) -> torch.Tensor:
+        """The recurrent loop, written here once for every caller (training forward, unroll, the engine's passes,
+        the HF modeling file): up to `steps` applications of `iterate` (default self.iterate; the trainer passes its
+        compiled stage) from state s; returns the last state.
+
+        `kv(i)` gives iteration i's (0-based) KV caches, one per shared block. `after(i, s)` is the per-iteration
+        hook, called with the state after iteration i (1-based): it returns None to go on, a tuple (e, s, cos, sin)
+        to go on with those rows (the rows that stopped taken out), or () to stop the loop."""
+        iterate = iterate or self.iterate
+        for i in range(steps):
+            s = iterate(e, s, cos, sin, None if kv is None else kv(i))
+            if after is None:
+                continue
+            rows = after(i + 1, s)
+            if rows is None:
+                continue
+            if not rows:
+                break
+            e, s, cos, sin = rows
+        return s
+
     def run_coda(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, caches=None) -> torch.Tensor:
         for i, block in enumerate(self.coda):
             x = block(x, cos, sin, None if caches is None else caches[i])
@@ -180,8 +202,7 @@ class RecurrentLM(nn.Module):
         cos, sin = self.rope(0, idx.size(1))
         e = self.run_prelude(idx, cos, sin)
         states = [self.initial_state(e)]
-        for _ in range(depth):
-            states.append(self.iterate(e, states[-1], cos, sin))
+        self.loop(e, states[0], cos, sin, depth, after=lambda i, s: states.append(s))
         return states, cos, sin
 
     def tail_logits(self, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -238,11 +259,8 @@ class RecurrentLM(nn.Module):
                 # No autograd graph for these iterations: memory stays flat in r, and the grad iterations start
                 # from a detached state (gradients still reach e — and so the prelude — through the adapter).
                 with torch.no_grad():
-                    for _ in range(n_nograd):
-                        s = iterate(e, s, cos, sin)
-            for _ in range(r - n_nograd):
-                s = iterate(e, s, cos, sin)
-            x = state = s
+                    s = self.loop(e, s, cos, sin, n_nograd, iterate=iterate)
+            x = state = self.loop(e, s, cos, sin, r - n_nograd, iterate=iterate)
         out = stages.get("tail", self.loss_or_logits)(x, cos, sin, targets, loss_reduction)
         return (out, state) if return_state else out
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
-import os
 import threading
 import time
 import uuid
@@ -35,6 +35,9 @@ from fastapi.staticfiles import StaticFiles
 from recurchat.checkpoint import AUTO_EXIT, Checkpoint, calibrated_exit
 from recurchat.data.chat import render_prompt
 from recurchat.errors import UserError
+from recurchat.infer.engine import Engine, RecurError, RecurParams
+from recurchat.infer.sampling import SamplingParams
+from recurchat.model.recurrent import RecurrentLM
 from recurchat.serve.access import AccessGuard
 from recurchat.serve.api_schema import (
     ApiError,
@@ -46,15 +49,12 @@ from recurchat.serve.api_schema import (
 )
 from recurchat.serve.continuous import ContinuousScheduler
 from recurchat.serve.detokenize import TextStream, text_pieces
-from recurchat.infer.engine import Engine, RecurError, RecurParams
 from recurchat.serve.http_errors import add_error_handlers, as_api_error, guarded
-from recurchat.infer.sampling import SamplingParams
 from recurchat.serve.scheduler import Job, KVBudgetExceeded, QueueFull, Scheduler, SchedulerClosed
-from recurchat.model.recurrent import RecurrentLM
+from recurchat.serve.settings import ServeConfig
 
 WEB_DIR = Path(__file__).parent / "web"
 ALIAS = "recurchat"  # accepted as a model id whatever the checkpoint directory is called
-API_KEY_ENV = "RECURCHAT_API_KEY"  # read when --api-key is not given (a key on the command line shows in `ps`)
 
 # -- the service ------------------------------------------------------------------------------------------------------
 
@@ -62,24 +62,21 @@ API_KEY_ENV = "RECURCHAT_API_KEY"  # read when --api-key is not given (a key on 
 class Service:
     """Everything a request needs: tokenizer, limits, scheduler; turns request bodies into engine jobs."""
 
-    def __init__(self, ckpt: Checkpoint, model: RecurrentLM, name: str, max_batch: int, queue_size: int,
-                 max_recur_limit: int | None, dtype: str = "auto", kv_budget_mb: float = 0.0,
-                 batching: str = "continuous", prefill_chunk: int = 256):
+    def __init__(self, ckpt: Checkpoint, model: RecurrentLM, config: ServeConfig):
         self.tok = ckpt.tokenizer
         self.cfg = model.cfg
-        self.name = name
+        self.config = config.validate()
+        self.name = config.model_name or _bundle_name(Path(ckpt.path))
         self.ctx = self.cfg.seq_len
-        self.recur_limit = max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache without bound
+        self.recur_limit = config.max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache unbounded
         self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
-        self.engine = Engine.for_checkpoint(ckpt, model, dtype)
-        budget = int(kv_budget_mb * 2**20)
-        if batching == "continuous":
-            self.scheduler: Scheduler = ContinuousScheduler(self.engine, max_batch=max_batch, queue_size=queue_size,
-                                                            kv_budget_bytes=budget, prefill_chunk=prefill_chunk)
-        elif batching == "static":
-            self.scheduler = Scheduler(self.engine, max_batch=max_batch, queue_size=queue_size, kv_budget_bytes=budget)
+        self.engine = Engine.for_checkpoint(ckpt, model, config.dtype)
+        limits = {"max_batch": config.max_batch, "queue_size": config.queue_size,
+                  "kv_budget_bytes": config.kv_budget_bytes}
+        if config.batching == "continuous":
+            self.scheduler: Scheduler = ContinuousScheduler(self.engine, prefill_chunk=config.prefill_chunk, **limits)
         else:
-            raise UserError(f"batching must be 'static' or 'continuous', got {batching!r}")
+            self.scheduler = Scheduler(self.engine, **limits)
         self.created = int(time.time())
         self.chat_stops = self.tok.special_ids()  # a reply never shows <|user_start|> & co: it ends there
 
@@ -250,22 +247,18 @@ def _bundle_name(path: Path) -> str:
     return path.parent.name if path.name == "checkpoint" else path.name
 
 
-def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | None = None, max_batch: int = 8,
-               queue_size: int = 64, device: str = "auto", model_name: str | None = None,
-               max_body_bytes: int = 1_000_000, max_recur_limit: int | None = None,
-               dtype: str = "auto", kv_budget_mb: float = 0.0, batching: str = "continuous",
-               prefill_chunk: int = 256) -> FastAPI:
-    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`.
-    `batching`: continuous (requests join the running batch at every step) or static (a batch runs to its end)."""
+def create_app(ckpt_path_or_model_bundle: str | Path | tuple, config: ServeConfig | None = None,
+               **settings) -> FastAPI:
+    """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`,
+    served by `config` (default ServeConfig()) with any of its fields overridden by `settings`."""
     from recurchat.checkpoint import load_model
 
-    api_key = api_key or os.environ.get(API_KEY_ENV) or None
+    config = dataclasses.replace(config or ServeConfig(), **settings).with_key_from_env().validate()
     if isinstance(ckpt_path_or_model_bundle, tuple):
         ckpt, model = ckpt_path_or_model_bundle
     else:
-        ckpt, model = load_model(str(ckpt_path_or_model_bundle), device)
-    service = Service(ckpt, model, model_name or _bundle_name(Path(ckpt.path)), max_batch, queue_size,
-                      max_recur_limit, dtype, kv_budget_mb, batching, prefill_chunk)
+        ckpt, model = load_model(str(ckpt_path_or_model_bundle), config.device)
+    service = Service(ckpt, model, config)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -314,7 +307,7 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, api_key: str | Non
 
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     # as middleware (not a wrapper) so the result is still a FastAPI app whose .state embedders can reach
-    app.add_middleware(AccessGuard, api_key=api_key, max_body_bytes=max_body_bytes)
+    app.add_middleware(AccessGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
     return app
 
 
@@ -354,15 +347,11 @@ def start_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeou
     return ServerThread(server, thread, host, bound)
 
 
-def serve_main(ckpt: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-               max_batch: int = 8, queue_size: int = 64, device: str = "auto", dtype: str = "auto",
-               max_recur_limit: int | None = None, kv_budget_mb: float = 0.0, batching: str = "continuous",
-               prefill_chunk: int = 256) -> None:
+def serve_main(ckpt: str, config: ServeConfig) -> None:
     """`recurchat serve`: load the checkpoint, serve the API and the chat page until Ctrl-C."""
-    app = create_app(ckpt, api_key=api_key, max_batch=max_batch, queue_size=queue_size, device=device, dtype=dtype,
-                     max_recur_limit=max_recur_limit, kv_budget_mb=kv_budget_mb, batching=batching,
-                     prefill_chunk=prefill_chunk)
+    app = create_app(ckpt, config)
     name = app.state.service.name
     print(app.state.service.engine.describe(), flush=True)
-    print(f"serving {name!r} on http://{host}:{port}  (chat page at /, API at /v1, health at /health)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    print(f"serving {name!r} on http://{config.host}:{config.port}  (chat page at /, API at /v1, health at /health)",
+          flush=True)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="info", timeout_graceful_shutdown=5)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recurchat import checkpoint
 from recurchat.config import get_preset
-from recurchat.data.tasks.probes import CHASE_NAMES, CHASE_CHAINS, parse_probe
+from recurchat.data.tasks.probes import CHASE_BUDGET, parse_probe
 from recurchat.eval.calibrate import calibrate_probe_checkpoint
 from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.errors import UserError
@@ -39,7 +39,7 @@ def held_out(probe: str) -> str:
     spec = parse_probe(probe)
     top = 2 * spec.levels[-1]
     if spec.probe.name == "chase":
-        top = min(top, CHASE_NAMES // CHASE_CHAINS)
+        top = min(top, CHASE_BUDGET)
     return f"probe:{spec.probe.name}:{spec.levels[0]}-{top}"
 
 

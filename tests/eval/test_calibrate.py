@@ -97,7 +97,8 @@ def test_calibrate_then_exit_auto_in_sample_eval_and_server(tmp_path, small_text
                  "--json", str(bench)]) == 0
     res = json.loads(bench.read_text())
     assert res["exit"] == saved["exit"]
-    assert res["exit_calibrated_speedup_b1"] == res["exit_speedup_b1"] > 0
+    assert res["exit_calibrated_speedup_b1"] == res["exit_speedup_b1"] == pytest.approx(
+        res["decode_tok_s_b1_exit"] / res["decode_tok_s_b1"])
     assert res["exit_calibrated_bpb_delta"] == pytest.approx(res["bpb_exit"] / res["bpb_fixed"] - 1)
     body = {"model": "smoke", "prompt": "The", "max_tokens": 3, "recursion": {"exit": "auto"}}
     assert post_once(run, body).status_code == 200

@@ -22,7 +22,7 @@ from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb
 from recurchat.eval.report import write_report
-from recurchat.eval.grid import print_table, run_sweep
+from recurchat.eval.grid import GridSettings, print_table, run_sweep
 from recurchat.eval.tasks import centered, eval_generative, score_mc
 from recurchat.infer.engine import Engine, RecurParams
 
@@ -49,14 +49,15 @@ def val_tokens(tokenizer) -> np.ndarray:
 @pytest.fixture(scope="module")
 def sweep(tokenizer, val_tokens) -> dict:
     model = random_model(CFG)
-    return run_sweep(model, tokenizer, val_tokens, tokenizer.token_bytes(), SPECS, [1, 2], ["latent:1e9"], 4,
-                     progress=False)
+    return run_sweep(model, tokenizer, val_tokens, tokenizer.token_bytes(),
+                     GridSettings(SPECS, [1, 2], ["latent:1e9"], 4, progress=False))
 
 
 @pytest.fixture(scope="module")
 def standard(tokenizer, val_tokens) -> dict:
     model = random_model(dataclasses.replace(CFG, n_shared=0), seed=1)
-    return run_sweep(model, tokenizer, val_tokens, None, SPECS, [1, 2], ["latent:1e9"], 2, progress=False)
+    return run_sweep(model, tokenizer, val_tokens, None,
+                     GridSettings(SPECS, [1, 2], ["latent:1e9"], 2, progress=False))
 
 
 def test_sweep_json_layout(sweep):
@@ -124,7 +125,8 @@ def test_standard_model_is_evaluated_at_r1_only(standard):
 
 
 def test_by_difficulty_at_mean_recur_without_exits(tokenizer):
-    result = run_sweep(random_model(CFG), tokenizer, None, None, ["hops"], [1], [], 3, seed=5, progress=False)
+    result = run_sweep(random_model(CFG), tokenizer, None, None, GridSettings(["hops"], [1], [], 3, seed=5,
+                                                                              progress=False))
     assert result["settings"]["by_difficulty_at"] == "2" and result["exit"] == {}
     assert all(v["mean_recursions"] == 2.0 for v in result["by_difficulty"]["hops"].values())  # measured at r̄ = 2
 
@@ -132,13 +134,13 @@ def test_by_difficulty_at_mean_recur_without_exits(tokenizer):
 def test_sweep_rejects_bad_input_before_evaluating(tokenizer):
     model = random_model(CFG)
     with pytest.raises(UserError, match="bad exit criterion"):
-        run_sweep(model, tokenizer, None, None, ["hops"], [1], ["kl"], 2, progress=False)
+        run_sweep(model, tokenizer, None, None, GridSettings(["hops"], [1], ["kl"], 2, progress=False))
     with pytest.raises(UserError, match="held-out tokens"):
-        run_sweep(model, tokenizer, None, None, ["bpb"], [1], [], 2, progress=False)
+        run_sweep(model, tokenizer, None, None, GridSettings(["bpb"], [1], [], 2, progress=False))
     with pytest.raises(UserError, match="unknown task"):
-        run_sweep(model, tokenizer, None, None, ["nope"], [1], [], 2, progress=False)
+        run_sweep(model, tokenizer, None, None, GridSettings(["nope"], [1], [], 2, progress=False))
     with pytest.raises(UserError, match="limit"):
-        run_sweep(model, tokenizer, None, None, ["hops"], [1], [], 0, progress=False)
+        run_sweep(model, tokenizer, None, None, GridSettings(["hops"], [1], [], 0, progress=False))
 
 
 def test_print_table(sweep, standard):

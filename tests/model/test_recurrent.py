@@ -130,7 +130,7 @@ def test_standard_model_is_plain_stack(tiny_cfg):
     assert torch.allclose(m(idx, num_recur=7), ref, atol=1e-6)  # r is meaningless without a recurrent block
 
 
-def test_recursive_at_init_equals_unrolled_twin_shape(tiny_cfg):
+def test_a_fresh_recursive_model_gives_the_same_logits_at_every_depth(tiny_cfg):
     """Zero-init output projections: at init every iteration is a no-op on e (e has unit RMS, so with the default
     mean adapter and state norm s₁ = norm((e + e)/2) = e)."""
     m = RecurrentLM(tiny_cfg)

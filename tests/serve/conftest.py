@@ -9,18 +9,15 @@ import httpx
 import openai
 import pytest
 from server_support import AUTH, KEY, SLOW_R
+from support import smoke_run
 
 from recurchat.checkpoint import load_model
-from recurchat.cli import main
 from recurchat.serve.server import create_app, start_in_thread
 
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, small_text):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(out),
-                 "--max-steps", "4"]) == 0
-    return load_model(str(out), "cpu")
+    return load_model(str(smoke_run(tmp_path_factory.mktemp("runs"), small_text)), "cpu")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from support import smoke_run
 
 from recurchat.checkpoint import load_model
-from recurchat.cli import main
 from recurchat.serve.server import create_app, start_in_thread
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,9 +27,7 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, small_text):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    assert main(["train", "--preset", "cpu-smoke", "--quiet", "--data", str(small_text), "--out", str(out),
-                 "--max-steps", "4"]) == 0
+    out = smoke_run(tmp_path_factory.mktemp("runs"), small_text)
     srv = start_in_thread(create_app(load_model(str(out), "cpu")))
     yield srv
     srv.stop()

@@ -10,6 +10,7 @@ import torch
 
 from recurchat import checkpoint
 from recurchat.cli import main
+from recurchat.model.flops import flops_per_token
 from recurchat.model.recurrent import RecurrentLM
 
 SMOKE = ["--preset", "cpu-smoke", "--quiet"]
@@ -33,9 +34,13 @@ def test_smoke_run_writes_checkpoint_and_metrics(tmp_path, small_text):
     metrics = read_metrics(out)
     steps = [m for m in metrics if "loss" in m]
     assert [m["step"] for m in steps] == list(range(1, 13))
+    cfg = checkpoint.load(out).model_cfg
+    tokens = checkpoint.load(out).train_cfg.total_batch_tokens
     for m in steps:
-        assert all(1 <= r <= 8 for r in m["r"]) and m["tok_s"] > 0 and 0 < m["mfu"] < 1
-        assert m["flops_per_token"] > 0
+        assert all(1 <= r <= 8 for r in m["r"]) and 0 < m["mfu"] < 1
+        assert m["tok_s"] == pytest.approx(tokens / m["dt"])  # this step's tokens over its own wall time
+        expect = sum(flops_per_token(cfg, r, 2, seq_len=cfg.seq_len) for r in m["r"]) / len(m["r"])  # bptt_k = 2
+        assert m["flops_per_token"] == pytest.approx(expect)  # the mean over its micro-steps' depths
     evals = [m for m in metrics if "val_bpb" in m]
     assert evals and set(evals[-1]["val_bpb"]) == {"1", "2", "4"}
     # no temp directories left behind

@@ -13,7 +13,11 @@ loss reads only those positions. The difficulty of a label is the number of sequ
 - `chase`: in-context multi-query pointer chasing. Statements `name value` (a constant) and `name name` (an alias)
   for several chains, shuffled, then `?` and queries: every name of every chain once, in random order, each
   labelled with its chain's value. Difficulty = hops + 1 (1 is a direct look-up). A level range `1-3` draws chains
-  of 1..3 names.
+  of 1..3 names until the sequence holds CHASE_BUDGET names (the last chain cut to fit), each chain ending in a value
+  drawn from CHASE_VALUES: every sequence has the same length and the same number of statements and queries
+  whatever its levels, so held-out levels differ from trained ones in hops only, never in context length or in how
+  far a query is from its statements (with chains of a fixed count, longer chains meant longer sequences, and a
+  model trained on 1-2 failed direct look-ups in the longer sequences of 1-4).
 
 Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
 from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.
@@ -35,7 +39,7 @@ PREFIX = "probe:"
 EVAL_SEED = 1 << 40  # eval sequences are seeded from here on; training seeds stay far below it
 CHASE_NAMES = 32
 CHASE_VALUES = 10
-CHASE_CHAINS = 4
+CHASE_BUDGET = 8  # names per chase sequence: 8 statements, `?`, 8 queries
 
 
 @dataclass(frozen=True)
@@ -125,10 +129,11 @@ def s3_table() -> tuple[list[list[int]], int]:
 
 
 class PointerChase:
-    """Multi-query pointer chasing in context: several alias chains, every name queried, each query labelled."""
+    """Multi-query pointer chasing in context: alias chains filling a fixed name budget, every name queried."""
 
     name = "chase"
-    description = "in-context pointer chasing: 4 chains per sequence, every name queried; difficulty = hops + 1"
+    description = (f"in-context pointer chasing: chains of {CHASE_BUDGET} names per sequence, every name queried; "
+                   "difficulty = hops + 1")
     chance = 1.0 / CHASE_VALUES
 
     def __init__(self):
@@ -137,21 +142,27 @@ class PointerChase:
                                 [f"v{i}" for i in range(CHASE_VALUES)])
 
     def max_width(self, levels: list[int]) -> int:
-        """<|bos|>, two tokens per statement, `?`, one query per name: every chain at the longest level."""
-        names = CHASE_CHAINS * max(levels)
-        return 1 + 2 * names + 1 + names
+        """<|bos|>, two tokens per statement, `?`, one query per name: the same for every level range."""
+        return 1 + 2 * CHASE_BUDGET + 1 + CHASE_BUDGET
+
+    def lengths(self, levels: list[int], g: torch.Generator) -> list[int]:
+        """Chain lengths drawn from `levels` until they hold CHASE_BUDGET names; the last one is cut to fit."""
+        out: list[int] = []
+        while sum(out) < CHASE_BUDGET:
+            drawn = levels[int(torch.randint(len(levels), (1,), generator=g))]
+            out.append(min(drawn, CHASE_BUDGET - sum(out)))
+        return out
 
     def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
         """(symbol indices, label per position or -1, difficulty per position) for one sequence."""
-        lengths = [levels[int(torch.randint(len(levels), (1,), generator=g))] for _ in range(CHASE_CHAINS)]
         names = torch.randperm(CHASE_NAMES, generator=g).tolist()
-        values = torch.randperm(CHASE_VALUES, generator=g)[:CHASE_CHAINS].tolist()
         statements, queries = [], []
-        for c, length in enumerate(lengths):
+        for length in self.lengths(levels, g):
             chain, names = names[:length], names[length:]
-            statements.append((chain[0], CHASE_NAMES + values[c]))
+            value = int(torch.randint(CHASE_VALUES, (1,), generator=g))
+            statements.append((chain[0], CHASE_NAMES + value))
             statements += [(b, a) for a, b in zip(chain, chain[1:])]
-            queries += [(name, values[c], hops + 1) for hops, name in enumerate(chain)]
+            queries += [(name, value, hops + 1) for hops, name in enumerate(chain)]
         order = torch.randperm(len(statements), generator=g).tolist()
         ask = torch.randperm(len(queries), generator=g).tolist()
         symbols = [s for i in order for s in statements[i]] + [CHASE_NAMES + CHASE_VALUES]
@@ -228,8 +239,8 @@ def parse_probe(spec: str) -> ProbeSpec:
         raise UserError(f"probe {name!r}: bad level range {levels!r} (expected LO-HI, e.g. 1-8)") from None
     if not 1 <= lo_i <= hi_i <= MAX_LEVEL:
         raise UserError(f"probe {name!r}: levels must satisfy 1 <= LO <= HI <= {MAX_LEVEL}, got {levels!r}")
-    if name == "chase" and hi_i > CHASE_NAMES // CHASE_CHAINS:
-        raise UserError(f"probe 'chase': at most {CHASE_NAMES // CHASE_CHAINS} hops per chain, got {hi_i}")
+    if name == "chase" and hi_i > CHASE_BUDGET:
+        raise UserError(f"probe 'chase': chains of at most {CHASE_BUDGET} names (the sequence's budget), got {hi_i}")
     return ProbeSpec(PROBES[name], list(range(lo_i, hi_i + 1)))
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recurchat.data.loader import ProbeLoader
-from recurchat.data.tasks.probes import CHASE_NAMES, PROBES, ProbeBatch, parse_probe, s3_table
+from recurchat.data.tasks.probes import CHASE_BUDGET, CHASE_NAMES, PROBES, ProbeBatch, parse_probe, s3_table
 from recurchat.errors import UserError
 
 
@@ -78,6 +78,17 @@ def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
             assert row_d[t] == hops + 1
             seen.add(row_d[t])
     assert seen == {1, 2, 3, 4, 5}
+    assert batch.x.shape[1] == 1 + 2 * CHASE_BUDGET + 1 + CHASE_BUDGET  # every sequence fills the name budget
+
+
+def test_chase_sequences_have_one_length_whatever_the_levels():
+    short, long = parse_probe("probe:chase:1-2"), parse_probe("probe:chase:3-4")
+    for spec in (short, long):
+        batch = spec.batch(16, seed=3)
+        ask = (batch.x == spec.tokenizer().encode("?")[0]).int().argmax(dim=1)
+        assert (ask == 1 + 2 * CHASE_BUDGET).all() and batch.x.shape[1] == spec.width
+    assert short.width == long.width
+    assert set(long.batch(16, seed=3).difficulty[long.batch(16, seed=3).y >= 0].tolist()) <= {3, 4}
 
 
 def test_within_reach_masks_labels_beyond_r_plus_slack():
@@ -102,7 +113,7 @@ def test_tokenizer_round_trips_and_keeps_special_ids():
     ("probe:parity:a-b", "bad level range"),
     ("probe:parity:5-2", "levels must satisfy"),
     ("probe:parity:0-3", "levels must satisfy"),
-    (f"probe:chase:1-{CHASE_NAMES}", "at most 8 hops"),
+    (f"probe:chase:1-{CHASE_NAMES}", "chains of at most 8 names"),
 ])
 def test_bad_specs_are_one_line_errors(spec, message):
     with pytest.raises(UserError, match=message):
