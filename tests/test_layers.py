@@ -22,7 +22,7 @@ LAYERS = [
     ("serve", ("recurchat.serve",)),
     ("eval", ("recurchat.eval",)),
     ("train", ("recurchat.train",)),
-    ("drivers", ("recurchat.speedrun", "recurchat.bench", "recurchat.sweep", "recurchat.export",
+    ("drivers", ("recurchat.speedrun", "recurchat.bench", "recurchat.sweep",
                  "recurchat.interop")),
     ("cli", ("recurchat.cli", "recurchat.__main__")),
 ]

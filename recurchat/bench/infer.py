@@ -2,7 +2,8 @@
 
     recurchat bench infer --ckpt runs/tiny [--exit kl:3e-2] [--json bench_infer.json]
 
-Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive), the naive recompute sampler at batch 1 (same
+Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive) and what they reach of the FLOP-limited rate at the
+measured peak of the model's matmuls, the naive recompute sampler at batch 1 (same
 continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per strategy, a threshold
 sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
 fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks cost).
@@ -25,12 +26,26 @@ from recurchat.infer.naive import generate_naive
 from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.speculative import parse_speculate, speculate
 from recurchat.model.flops import block_matrix_params, flops_per_token
+from recurchat.model.hardware import resolve_peak
 from recurchat.model.recurrent import RecurrentLM
 
 
 def head_flops(cfg) -> float:
     """Forward FLOPs per token of one coda + lm_head pass (what a logit-based exit check costs)."""
     return 2 * (cfg.n_coda * block_matrix_params(cfg) + cfg.d_model * cfg.vocab_size)
+
+
+def flop_limit(engine: Engine, rows: dict, mean_context: int, log) -> dict:
+    """The decode rate the model's FLOPs allow at the measured peak of its matmuls (fixed r̄, attention over the mean
+    context), and what batch 1 and 8 reach of it: the headline of "close to the limit"."""
+    cfg = engine.cfg
+    peak = resolve_peak(engine.device, engine.dtype, cfg, rows=cfg.seq_len).flops
+    limit = peak / flops_per_token(cfg, cfg.mean_recur, backward=False, seq_len=mean_context)
+    out = {"decode_flop_limit_tok_s": limit, "decode_b1_of_flop_limit": rows["decode_tok_s_b1"] / limit,
+           "decode_b8_of_flop_limit": rows["decode_tok_s_b8"] / limit}
+    log(f"  FLOP-limited decode at the measured peak ({peak / 1e9:,.0f} GFLOP/s): {limit:,.0f} tok/s; batch 1 "
+        f"reaches {100 * out['decode_b1_of_flop_limit']:.1f}%, batch 8 {100 * out['decode_b8_of_flop_limit']:.1f}%")
+    return out
 
 
 def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, repeats: int = 3):
@@ -163,6 +178,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     for k, v in rows.items():
         log(f"  {k:<24} {v:9.1f} tok/s")
     log(f"  cached/naive at batch 1: {rows['decode_tok_s_b1'] / naive_tok_s:.1f}×")
+    limits = flop_limit(engine, rows, prompt_len + tokens // 2, log)
     spec = speculative(engine, prompts8, tokens, speculate, (rows["decode_tok_s_b1"], rows["decode_tok_s_b8"]),
                        [g.tokens for g in g8_fixed], log) if cfg.recursive else {}
     log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
@@ -182,4 +198,4 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
             **({"exit_calibrated_speedup_b1": speedup_b1, "exit_calibrated_speedup_b8": measured,
                 "exit_calibrated_bpb_delta": bpb_exit / bpb_fixed - 1} if calibrated else {}),
             "cached_over_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s, **spec,
-            "kv_bytes_per_token": kv, "pareto": pareto}
+            "kv_bytes_per_token": kv, "pareto": pareto, **limits}

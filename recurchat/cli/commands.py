@@ -132,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     try:
-        from recurchat.export.hf import export_hf
+        from recurchat.interop.hf_export import export_hf
     except ImportError as e:
         raise UserError(f"recurchat export hf needs transformers (pip install transformers): {e}") from None
     export_hf(args.ckpt, args.out, push=args.push, card_eval_tokens=args.card_eval_tokens)

@@ -1,2 +1,3 @@
 """Bridges to other ecosystems: Llama-family checkpoints in (transformers folders and GGUF files), retrofitting a
-standard checkpoint into a recursive one. `recurchat export hf` (the way out) lives in export/."""
+standard checkpoint into a recursive one; and the way out, `recurchat export hf` (hf_export.py, hf_modeling.py,
+model_card.py)."""

@@ -145,7 +145,7 @@ class Block(nn.Module):
     output's scale is fixed however often the block is applied."""
 
     def __init__(self, cfg, sandwich: bool = False):
-        """`cfg` is a ModelConfig (any object with its fields: export/hf_modeling.py passes its own)."""
+        """`cfg` is a ModelConfig (any object with its fields: interop/hf_modeling.py passes its own)."""
         super().__init__()
         self.attn = Attention(cfg.d_model, cfg.n_head, cfg.n_kv_head, cfg.qk_gain, cfg.attn_window, cfg.qk_norm)
         self.mlp = MLP(cfg.d_model, cfg.mlp_width, cfg.mlp)

@@ -93,6 +93,7 @@ def test_bench_infer_json(ckpt, tmp_path):
     # each ratio is the ratio of the rates it names, measured in this run
     assert res["cached_over_naive_b1"] == pytest.approx(res["decode_tok_s_b1"] / res["naive_tok_s_b1"])
     assert res["exit_speedup_b1"] == pytest.approx(res["decode_tok_s_b1_exit"] / res["decode_tok_s_b1"])
+    assert res["decode_b8_of_flop_limit"] == pytest.approx(res["decode_tok_s_b8"] / res["decode_flop_limit_tok_s"])
     assert res["kv_bytes_per_token"]["last"] < res["kv_bytes_per_token"]["full"]
     # 8 prompts × 24 tokens each (no stop token at temperature 0): the measured speedup is the ratio of tok/s, and
     # the reported figure is measured / predicted

@@ -134,3 +134,23 @@ def test_a_chat_reply_ends_at_any_special_token_and_never_shows_one(bundle):
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == "" and choice["finish_reason"] == "stop", choice
     assert "<|" in done.json()["choices"][0]["text"]  # a raw completion is not a chat turn: it may show them
+
+
+def test_serve_settings_are_one_object_checked_before_anything_loads(bundle, monkeypatch):
+    from recurchat.cli import build_parser
+    from recurchat.errors import UserError
+    from recurchat.serve.settings import ServeConfig
+
+    with pytest.raises(UserError, match="batching must be 'static' or 'continuous'"):
+        create_app(bundle, batching="dynamic")
+    with pytest.raises(UserError, match="max_batch must be >= 1"):
+        ServeConfig(max_batch=0).validate()
+    app = create_app(bundle, ServeConfig(max_batch=3, queue_size=5), model_name="mine")  # keywords override
+    assert app.state.service.config.max_batch == 3 and app.state.service.name == "mine"
+    assert app.state.service.scheduler.max_batch == 3
+    monkeypatch.setenv("RECURCHAT_API_KEY", "from-env")
+    assert create_app(bundle).state.service.config.api_key == "from-env"
+    # every `recurchat serve` flag is a ServeConfig field of the same name (the CLI builds it in one line)
+    args = build_parser(["serve"]).parse_args(["serve", "--ckpt", "x"])
+    flags = set(vars(args)) - {"command", "func", "ckpt", "threads"}  # --threads is set process-wide by the CLI
+    assert flags <= {f for f in ServeConfig.__dataclass_fields__}

@@ -1,7 +1,7 @@
 """The transformers side of an exported model: RecurchatConfig, RecurchatForCausalLM and its recursion-aware cache.
 
 `recurchat export hf` writes this module into the exported folder as `modeling_recurchat.py`, after recurchat's own
-layers, recursive model, KV cache and exit criteria (export/hf.py concatenates the sources and drops the
+layers, recursive model, KV cache and exit criteria (interop/hf_export.py concatenates the sources and drops the
 `from recurchat…` imports), so the folder loads with `trust_remote_code=True` and no recurchat installed, and
 computes exactly what recurchat computes. Per call:
 

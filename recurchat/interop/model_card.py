@@ -1,7 +1,7 @@
 """The model card (README.md) of an exported folder: what the model is, what it costs, how well it predicts text at
 each depth, and how to choose the depth — every figure computed at export time from the checkpoint.
 
-Written by `recurchat export hf` (export/hf.py). Exercised by `pytest tests/test_export_hf.py`.
+Written by `recurchat export hf` (interop/hf_export.py). Exercised by `pytest tests/test_export_hf.py`.
 """
 
 from __future__ import annotations
