@@ -2,6 +2,9 @@
 
     recurchat chat --ckpt runs/tiny --exit kl:1e-3 -p "In the beginning"
 
+The passes themselves (chunk/prefill, decode with exits) are the model runner's (infer/runner.py); the engine checks
+requests, streams and collects generations, and scores teacher-forced sequences on them.
+
 - Prefill runs each prompt's tokens in one pass (prompts of different lengths are right-padded: causal attention
   never lets a real token see the padding, and decode overwrites it) at a fixed depth; exits are not taken there.
 - Decode: one token per unfinished row, each at its own position (its own rotary angle and attention mask).
