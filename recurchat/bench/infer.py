@@ -52,11 +52,11 @@ def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, rep
     sp = SamplingParams(max_tokens=tokens, temperature=0.0)
     times, gens = [], None
     for _ in range(repeats):
-        engine.iterations = engine.extra_heads = 0
+        engine.runner.iterations = engine.runner.extra_heads = 0
         t0 = time.perf_counter()
         gens = engine.generate(prompts, sp, recur)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), gens, engine.extra_heads
+    return statistics.median(times), gens, engine.runner.extra_heads
 
 
 def quality(engine: Engine, val, token_bytes: torch.Tensor, eval_tokens: int, adaptive: RecurParams,

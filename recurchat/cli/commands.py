@@ -126,7 +126,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recurchat.serve.settings import ServeConfig
 
     settings = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
-    serve_main(args.ckpt, ServeConfig(**settings).validate())
+    serve_main(args.ckpt, ServeConfig(**settings))  # create_app checks it before loading anything
     return 0
 
 

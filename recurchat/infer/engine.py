@@ -48,24 +48,6 @@ class Engine:
         self.model, self.cfg, self.device = self.runner.model, self.runner.cfg, self.runner.device
         self.dtype, self.exit_gate = self.runner.dtype, self.runner.exit_gate
 
-    @property
-    def iterations(self) -> int:
-        """Recurrent-block applications × rows since the last reset (set it to 0 to reset), for compute accounting."""
-        return self.runner.iterations
-
-    @iterations.setter
-    def iterations(self, value: int) -> None:
-        self.runner.iterations = value
-
-    @property
-    def extra_heads(self) -> int:
-        """Coda + lm_head runs × rows beyond one per token (exit checks that did not exit)."""
-        return self.runner.extra_heads
-
-    @extra_heads.setter
-    def extra_heads(self, value: int) -> None:
-        self.runner.extra_heads = value
-
     @classmethod
     def for_checkpoint(cls, ckpt: Checkpoint, model: RecurrentLM, dtype: str = "auto") -> "Engine":
         """The engine for a loaded checkpoint (checkpoint.load_model), with the exit gate trained for it, if any."""

@@ -65,7 +65,7 @@ class Service:
     def __init__(self, ckpt: Checkpoint, model: RecurrentLM, config: ServeConfig):
         self.tok = ckpt.tokenizer
         self.cfg = model.cfg
-        self.config = config.validate()
+        self.config = config  # checked by create_app, which builds it
         self.name = config.model_name or _bundle_name(Path(ckpt.path))
         self.ctx = self.cfg.seq_len
         self.recur_limit = config.max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache unbounded

@@ -170,12 +170,12 @@ def test_exited_row_no_longer_changes_and_compute_is_saved(tiny_cfg):
     engine = Engine(m, dtype="fp32")
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     sp = SamplingParams(max_tokens=6, temperature=0.0)
-    engine.iterations = 0
+    engine.runner.iterations = 0
     fixed = engine.generate(prompts, sp, RecurParams(num_recur=6))
-    fixed_iters = engine.iterations
-    engine.iterations = 0
+    fixed_iters = engine.runner.iterations
+    engine.runner.iterations = 0
     early = engine.generate(prompts, sp, RecurParams(exit="latent:1e9", max_recur=6, min_recur=2))
-    early_iters = engine.iterations
+    early_iters = engine.runner.iterations
     assert all(d == 2 for g in early for d in g.depths[1:])
     assert early_iters < fixed_iters
     assert all(d == 6 for g in fixed for d in g.depths)
