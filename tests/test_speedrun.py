@@ -108,3 +108,18 @@ def test_a_killed_speedrun_continues_its_training_stage_from_the_last_checkpoint
 def test_speedrun_unknown_preset(tmp_path, capsys):
     assert main(["speedrun", "--preset", "nope", "--out", str(tmp_path / "x")]) == 2
     assert "unknown speedrun preset" in capsys.readouterr().err
+
+
+def test_probe_exit_row_gives_depth_ratios_and_points_lost(tmp_path):
+    """The card's exit row: recursions on the easiest level and on the held-out ones, the hardest held-out level ÷
+    the easiest level, and the points lost against 4r̄ over all levels and over the held-out ones."""
+    from recurchat.speedrun.probes import ProbeNumbers, eval_file, exit_row
+
+    levels = {"1": 1.0, "2": 1.0, "3": 0.9, "4": 0.8}  # under the exit; fixed 4r̄ = 24 scores 1.0 everywhere
+    recursive = {"exit": {"latent:1e-05": {"acc": {}}},
+                 "acc_by_difficulty": {"probe:parity:1-4": {"24": dict.fromkeys(levels, 1.0), "latent:1e-05": levels}},
+                 "by_difficulty": {"probe:parity:1-4": {d: {"acc": a, "mean_recursions": r}
+                                                        for (d, a), r in zip(levels.items(), (2, 3, 5, 8))}}}
+    eval_file(tmp_path, "parity:1-2", "recursive").write_text(json.dumps(recursive))
+    row = exit_row(ProbeNumbers(tmp_path, "parity:1-2", [("recursive", False)]))
+    assert row == ("| parity:1-2 | `latent:1e-05` | 2.00 | 5.00 → 8.00 (1.60×) | 4.00× | 0.850 | +7.5 / +15.0 |")

@@ -12,8 +12,10 @@ Without --ckpt a randomly initialised preset model is timed (exit behaviour is t
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -30,22 +32,94 @@ from recurchat.model.hardware import resolve_peak
 from recurchat.model.recurrent import RecurrentLM
 
 
+@dataclass
+class DecodeRates:
+    """Decode tok/s at batch 1 and 8, at fixed r̄ and under the exit, and the naive sampler's at batch 1."""
+
+    b1: float
+    b8: float
+    b1_exit: float
+    b8_exit: float
+    naive_b1: float
+
+    def to_json(self) -> dict:
+        return {"decode_tok_s_b1": self.b1, "decode_tok_s_b8": self.b8, "decode_tok_s_b1_exit": self.b1_exit,
+                "decode_tok_s_b8_exit": self.b8_exit, "naive_tok_s_b1": self.naive_b1}
+
+
+@dataclass
+class Speculation:
+    """Self-speculative decoding (`spec` = DRAFT_R:K) against fixed r̄ on the same prompts."""
+
+    spec: str
+    speedup_b1: float
+    speedup_b8: float
+    acceptance: float
+    sampling_speedup_b1: float  # temperature 0.8, speculative sampling
+    sampling_acceptance: float
+    greedy_identical: bool
+    first_difference: int | None  # the first token where greedy output differs (bf16 near-ties), else None
+
+    def to_json(self) -> dict:
+        return {"speculate": self.spec, **{f"speculative_{f.name}": getattr(self, f.name)
+                                           for f in dataclasses.fields(self) if f.name != "spec"}}
+
+
+@dataclass
+class InferBench:
+    """`recurchat bench infer`'s figures; `to_json()` is its --json file (flat keys, as docs/benchmarks.md lists)."""
+
+    device: str
+    dtype: str
+    exit: str
+    fixed_recursions: int
+    decode: DecodeRates
+    exit_mean_recursions: float  # per decoded token at batch 8
+    exit_speedup_b8: float  # wall clock, fixed r̄ ÷ exit, batch 8
+    exit_speedup_predicted: float  # what the exit's FLOPs predict at batch 8
+    bpb_fixed: float
+    bpb_exit: float
+    exit_eval_mean_recursions: float  # per held-out token while scoring bpb
+    flop_limit_tok_s: float
+    kv_bytes_per_token: dict[str, int]
+    pareto: list[dict]
+    speculation: Speculation | None = None
+    calibrated: bool = False  # `exit` is the checkpoint's calibrated exit: the exit_calibrated_* keys repeat it
+
+    def to_json(self) -> dict:
+        d, exit_b1 = self.decode, self.decode.b1_exit / self.decode.b1
+        bpb_delta = self.bpb_exit / self.bpb_fixed - 1
+        calibrated = {"exit_calibrated_speedup_b1": exit_b1, "exit_calibrated_speedup_b8": self.exit_speedup_b8,
+                      "exit_calibrated_bpb_delta": bpb_delta}
+        return {**d.to_json(), "device": self.device, "dtype": self.dtype, "exit": self.exit,
+                "exit_mean_recursions": self.exit_mean_recursions, "fixed_recursions": self.fixed_recursions,
+                "exit_bpb_delta": bpb_delta, "bpb_fixed": self.bpb_fixed, "bpb_exit": self.bpb_exit,
+                "exit_eval_mean_recursions": self.exit_eval_mean_recursions,
+                "exit_speedup_measured": self.exit_speedup_b8, "exit_speedup_predicted": self.exit_speedup_predicted,
+                "exit_speedup_vs_predicted": self.exit_speedup_b8 / self.exit_speedup_predicted,
+                "exit_speedup_b1": exit_b1, "exit_speedup_b8": self.exit_speedup_b8,
+                **(calibrated if self.calibrated else {}), "cached_over_naive_b1": d.b1 / d.naive_b1,
+                **(self.speculation.to_json() if self.speculation else {}),
+                "kv_bytes_per_token": self.kv_bytes_per_token, "pareto": self.pareto,
+                "decode_flop_limit_tok_s": self.flop_limit_tok_s,
+                "decode_b1_of_flop_limit": d.b1 / self.flop_limit_tok_s,
+                "decode_b8_of_flop_limit": d.b8 / self.flop_limit_tok_s}
+
+
 def head_flops(cfg) -> float:
     """Forward FLOPs per token of one coda + lm_head pass (what a logit-based exit check costs)."""
     return 2 * (cfg.n_coda * block_matrix_params(cfg) + cfg.d_model * cfg.vocab_size)
 
 
-def flop_limit(engine: Engine, rows: dict, mean_context: int, log) -> dict:
+def flop_limit(engine: Engine, rates: DecodeRates, mean_context: int, log) -> float:
     """The decode rate the model's FLOPs allow at the measured peak of its matmuls (fixed r̄, attention over the mean
-    context), and what batch 1 and 8 reach of it: the headline of "close to the limit"."""
+    context), logged with what batch 1 and 8 reach of it: the headline of "close to the limit"."""
     cfg = engine.cfg
     peak = resolve_peak(engine.device, engine.dtype, cfg, rows=cfg.seq_len).flops
     limit = peak / flops_per_token(cfg, cfg.mean_recur, backward=False, seq_len=mean_context)
-    out = {"decode_flop_limit_tok_s": limit, "decode_b1_of_flop_limit": rows["decode_tok_s_b1"] / limit,
-           "decode_b8_of_flop_limit": rows["decode_tok_s_b8"] / limit}
     log(f"  FLOP-limited decode at the measured peak ({peak / 1e9:,.0f} GFLOP/s): {limit:,.0f} tok/s; batch 1 "
-        f"reaches {100 * out['decode_b1_of_flop_limit']:.1f}%, batch 8 {100 * out['decode_b8_of_flop_limit']:.1f}%")
-    return out
+        f"reaches {100 * rates.b1 / limit:.1f}%, batch 8 {100 * rates.b8 / limit:.1f}%")
+    return limit
 
 
 def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, repeats: int = 3):
@@ -93,7 +167,7 @@ def timed_speculation(engine: Engine, prompts, sampling: SamplingParams, spec: s
 
 
 def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: tuple[float, float],
-                fixed_greedy: list[list[int]], log) -> dict:
+                fixed_greedy: list[list[int]], log) -> Speculation:
     """Self-speculative decoding (`spec` = DRAFT_R:K) against fixed-r̄ decoding of the same prompts: greedy at
     batch 1 and 8, and sampling (temperature 0.8, speculative sampling) at batch 1."""
     greedy = SamplingParams(max_tokens=tokens, temperature=0.0)
@@ -109,14 +183,11 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
     # identical by construction in exact arithmetic; in bf16 a near-tie can round the other way in the chunked
     # verification (fp32: identical, tests/infer/test_speculative.py), so the first difference is reported too
     differ = next((i for i, (a, b) in enumerate(zip(s1[0].tokens, fixed_greedy[0])) if a != b), None)
-    out = {"speculate": spec, "speculative_speedup_b1": tok_s1 / fixed_tok_s[0],
-           "speculative_speedup_b8": tok_s8 / fixed_tok_s[1], "speculative_acceptance": s1[0].acceptance,
-           "speculative_sampling_speedup_b1": tok_ss / fixed_sampled_tok_s,
-           "speculative_sampling_acceptance": ss[0].acceptance,
-           "speculative_greedy_identical": identical, "speculative_first_difference": differ}
-    log(f"  speculative {spec}: greedy {out['speculative_speedup_b1']:.2f}× fixed r̄ at batch 1 (acceptance "
-        f"{100 * s1[0].acceptance:.0f}%), {out['speculative_speedup_b8']:.2f}× at batch 8; sampling at T=0.8 "
-        f"{out['speculative_sampling_speedup_b1']:.2f}× at batch 1 (acceptance {100 * ss[0].acceptance:.0f}%); "
+    out = Speculation(spec, tok_s1 / fixed_tok_s[0], tok_s8 / fixed_tok_s[1], s1[0].acceptance,
+                      tok_ss / fixed_sampled_tok_s, ss[0].acceptance, identical, differ)
+    log(f"  speculative {spec}: greedy {out.speedup_b1:.2f}× fixed r̄ at batch 1 (acceptance "
+        f"{100 * s1[0].acceptance:.0f}%), {out.speedup_b8:.2f}× at batch 8; sampling at T=0.8 "
+        f"{out.sampling_speedup_b1:.2f}× at batch 1 (acceptance {100 * ss[0].acceptance:.0f}%); "
         f"greedy identical to fixed-r̄ greedy: {identical}"
         + (f" (first difference at token {differ}, {engine.dtype.name})" if differ is not None else ""))
     return out
@@ -124,7 +195,7 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto",
-                calibrated: bool = False, speculate: str = "1:6") -> dict:
+                calibrated: bool = False, speculate: str = "1:6") -> InferBench:
     """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
     its figures under exit_calibrated_* keys."""
     from recurchat.checkpoint import load_exit_gate, load_model  # the loading path every command uses
@@ -171,16 +242,13 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     f_exit = sum(flops_per_token(cfg, d, backward=False) for d in depths8) + heads8 * head_flops(cfg)
     predicted = f_fixed / f_exit
     measured = t8 / t8x
-    rows = {"decode_tok_s_b1": tokens / t1, "decode_tok_s_b8": 8 * tokens / t8,
-            "decode_tok_s_b1_exit": len(g1x[0].tokens) / t1x, "decode_tok_s_b8_exit": n8 / t8x,
-            "naive_tok_s_b1": naive_tok_s}
-    speedup_b1 = rows["decode_tok_s_b1_exit"] / rows["decode_tok_s_b1"]
-    for k, v in rows.items():
+    rates = DecodeRates(tokens / t1, 8 * tokens / t8, len(g1x[0].tokens) / t1x, n8 / t8x, naive_tok_s)
+    for k, v in rates.to_json().items():
         log(f"  {k:<24} {v:9.1f} tok/s")
-    log(f"  cached/naive at batch 1: {rows['decode_tok_s_b1'] / naive_tok_s:.1f}×")
-    limits = flop_limit(engine, rows, prompt_len + tokens // 2, log)
-    spec = speculative(engine, prompts8, tokens, speculate, (rows["decode_tok_s_b1"], rows["decode_tok_s_b8"]),
-                       [g.tokens for g in g8_fixed], log) if cfg.recursive else {}
+    log(f"  cached/naive at batch 1: {rates.b1 / naive_tok_s:.1f}×")
+    limit = flop_limit(engine, rates, prompt_len + tokens // 2, log)
+    spec = speculative(engine, prompts8, tokens, speculate, (rates.b1, rates.b8),
+                       [g.tokens for g in g8_fixed], log) if cfg.recursive else None
     log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
         f"FLOPs-predicted {predicted:.2f}× → ratio {measured / predicted:.2f}")
 
@@ -188,14 +256,5 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
                                                      adaptive, sweep, log)
     kv = {s: bytes_per_token(cfg, s, rbar, engine.dtype.torch_dtype) for s in ("full", "last", "ring:2")}
     log(f"  KV bytes/token at r̄ ({engine.dtype.name}): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
-    return {**rows, "device": str(engine.device.type), "dtype": engine.dtype.name, "exit": exit_spec,
-            "exit_mean_recursions": mean_rec,
-            "fixed_recursions": rbar, "exit_bpb_delta": bpb_exit / bpb_fixed - 1, "bpb_fixed": bpb_fixed,
-            "bpb_exit": bpb_exit, "exit_eval_mean_recursions": mean_exit,
-            "exit_speedup_measured": measured, "exit_speedup_predicted": predicted,
-            "exit_speedup_vs_predicted": measured / predicted,
-            "exit_speedup_b1": speedup_b1, "exit_speedup_b8": measured,
-            **({"exit_calibrated_speedup_b1": speedup_b1, "exit_calibrated_speedup_b8": measured,
-                "exit_calibrated_bpb_delta": bpb_exit / bpb_fixed - 1} if calibrated else {}),
-            "cached_over_naive_b1": rows["decode_tok_s_b1"] / naive_tok_s, **spec,
-            "kv_bytes_per_token": kv, "pareto": pareto, **limits}
+    return InferBench(str(engine.device.type), engine.dtype.name, exit_spec, rbar, rates, mean_rec, measured,
+                      predicted, bpb_fixed, bpb_exit, mean_exit, limit, kv, pareto, spec, calibrated)

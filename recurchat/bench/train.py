@@ -14,6 +14,7 @@ Medians over the timed steps; the machine may be noisy, so compare ratios, not a
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -171,8 +172,41 @@ def bptt_memory(su: Setup) -> dict:
     return {"truncated": truncated, "full": full, "r": r_deep, "k": rbar}
 
 
+@dataclass
+class TrainBench:
+    """`recurchat bench train`'s figures; `to_json()` is its --json file. FLOP/s ratios are recursive ÷ its unrolled
+    twin; MFU against `peak_flops`; `cases` holds every timed case's own numbers."""
+
+    device: str
+    machine: dict
+    preset: str
+    batch_size: int
+    seq_len: int
+    dtype_chosen: str
+    bf16_over_fp32_matmul: float
+    peak_flops: float
+    peak_flops_source: str
+    optimizer_step_fraction: float  # of the step the training loop runs here (compiled on CUDA, eager on CPU)
+    recursive_vs_unrolled_flops_ratio: float
+    recursive_vs_unrolled_flops_ratio_eager: float
+    compiled_vs_eager_speedup: float
+    mfu_recursive_eager: float
+    mfu_recursive_compiled: float
+    mfu_standard_compiled: float
+    mfu_recursive_sampled_compiled: float
+    recompiles_after_warmup: int
+    distinct_r_after_warmup: int
+    bptt_memory_ratio: float  # truncated ÷ full BPTT at r = 4·r̄
+    bptt_memory_bytes: dict
+    params: dict[str, int]
+    cases: list[dict]
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def bench_train(preset: str = "cpu-tiny", steps: int = 8, warmup: int = 3, batch_size: int = 8,
-                device: str = "auto", sampled_steps: int = 16, log=print, dtype: str = "auto") -> dict:
+                device: str = "auto", sampled_steps: int = 16, log=print, dtype: str = "auto") -> TrainBench:
     dev = hardware.resolve_device(device)
     p = get_preset(preset)
     cfg, tcfg = p.model, p.train
@@ -193,35 +227,18 @@ def bench_train(preset: str = "cpu-tiny", steps: int = 8, warmup: int = 3, batch
     memory = bptt_memory(su)
     # The training loop's own setting: compiled on CUDA, eager on CPU (trainer.py's default).
     trained = rec_comp if dev.type == "cuda" else rec_eager
-    result = {
-        "device": dev.type,
-        "machine": hardware.run_record(dev, choice, peak),
-        "preset": preset,
-        "batch_size": batch_size,
-        "seq_len": cfg.seq_len,
-        "dtype_chosen": choice.name,
-        "bf16_over_fp32_matmul": hardware.bf16_over_fp32_matmul(dev),
-        "peak_flops": peak.flops,
-        "peak_flops_source": peak.source,
-        "optimizer_step_fraction": trained["optimizer_step_fraction"],
-        "recursive_vs_unrolled_flops_ratio": rec_comp["flops_s"] / std_comp["flops_s"],
-        "recursive_vs_unrolled_flops_ratio_eager": rec_eager["flops_s"] / std_eager["flops_s"],
-        "compiled_vs_eager_speedup": rec_eager["step_s"] / rec_comp["step_s"],
-        "mfu_recursive_eager": rec_eager["mfu"],
-        "mfu_recursive_compiled": rec_comp["mfu"],
-        "mfu_standard_compiled": std_comp["mfu"],
-        "mfu_recursive_sampled_compiled": sampled["mfu"],
-        "recompiles_after_warmup": sampled["recompiles"],
-        "distinct_r_after_warmup": sampled["distinct_r"],
-        "bptt_memory_ratio": memory["truncated"] / memory["full"],
-        "bptt_memory_bytes": memory,
-        "params": {"recursive": rec_eager["params"], "standard": std_eager["params"]},
-        "cases": [rec_eager, std_eager, rec_comp, std_comp, sampled],
-    }
-    log(f"dtype {choice.name} (bf16 matmul {result['bf16_over_fp32_matmul']:.2f}× fp32 here); optimizer share of an "
-        f"{'compiled' if dev.type == 'cuda' else 'eager'} step {100 * result['optimizer_step_fraction']:.1f}%; "
-        f"recursive/unrolled FLOP/s (compiled) {result['recursive_vs_unrolled_flops_ratio']:.3f}, "
-        f"compiled/eager speedup {result['compiled_vs_eager_speedup']:.2f}×, MFU recursive compiled "
-        f"{100 * result['mfu_recursive_compiled']:.1f}%, recompiles after warm-up {sampled['recompiles']}, "
-        f"BPTT memory ratio {result['bptt_memory_ratio']:.3f}")
+    result = TrainBench(
+        dev.type, hardware.run_record(dev, choice, peak), preset, batch_size, cfg.seq_len, choice.name,
+        hardware.bf16_over_fp32_matmul(dev), peak.flops, peak.source, trained["optimizer_step_fraction"],
+        rec_comp["flops_s"] / std_comp["flops_s"], rec_eager["flops_s"] / std_eager["flops_s"],
+        rec_eager["step_s"] / rec_comp["step_s"], rec_eager["mfu"], rec_comp["mfu"], std_comp["mfu"], sampled["mfu"],
+        sampled["recompiles"], sampled["distinct_r"], memory["truncated"] / memory["full"], memory,
+        {"recursive": rec_eager["params"], "standard": std_eager["params"]},
+        [rec_eager, std_eager, rec_comp, std_comp, sampled])
+    log(f"dtype {choice.name} (bf16 matmul {result.bf16_over_fp32_matmul:.2f}× fp32 here); optimizer share of an "
+        f"{'compiled' if dev.type == 'cuda' else 'eager'} step {100 * result.optimizer_step_fraction:.1f}%; "
+        f"recursive/unrolled FLOP/s (compiled) {result.recursive_vs_unrolled_flops_ratio:.3f}, "
+        f"compiled/eager speedup {result.compiled_vs_eager_speedup:.2f}×, MFU recursive compiled "
+        f"{100 * result.mfu_recursive_compiled:.1f}%, recompiles after warm-up {sampled['recompiles']}, "
+        f"BPTT memory ratio {result.bptt_memory_ratio:.3f}")
     return result

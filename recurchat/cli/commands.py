@@ -7,10 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 from recurchat.config import ModelConfig, TrainConfig, get_preset
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_json
+
+if TYPE_CHECKING:
+    from recurchat.train.trainer import StepMetrics
 
 
 def overrides(cls, args: argparse.Namespace) -> dict:
@@ -18,9 +22,10 @@ def overrides(cls, args: argparse.Namespace) -> dict:
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
 
 
-def print_result(result: dict) -> None:
-    if result:  # only rank 0 of a torchrun job returns metrics
-        print(json.dumps({k: result[k] for k in ("step", "loss", "val_bpb", "val_bpb_text") if k in result}))
+def print_result(result: StepMetrics | None) -> None:
+    if result is not None:  # only rank 0 of a torchrun job returns metrics
+        print(json.dumps({"step": result.step, "loss": result.loss,
+                          **{k: v for k, v in result.evaluation.items() if k in ("val_bpb", "val_bpb_text")}}))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -206,7 +211,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from recurchat.bench.train import bench_train
 
         result = bench_train(args.preset, steps=args.steps, batch_size=args.batch_size, device=args.device,
-                             dtype=args.dtype)
+                             dtype=args.dtype).to_json()
     elif args.what == "infer":
         from recurchat.bench.infer import bench_infer
         from recurchat.checkpoint import AUTO_EXIT, resolve_exit
@@ -219,7 +224,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for spec in (exit_spec, *sweep):
             ExitCriterion.parse(spec)
         result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
-                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate)
+                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate).to_json()
     elif args.what == "serve":
         from recurchat.bench.serve import MODES, bench_serve
 

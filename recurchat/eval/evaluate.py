@@ -20,6 +20,7 @@ from recurchat.data.corpus import prepare_data
 from recurchat.errors import UserError
 from recurchat.eval.report import write_report
 from recurchat.eval.grid import GridSettings, print_table, run_sweep
+from recurchat.eval.result import EvalResult
 from recurchat.eval.tasks import parse_task_specs
 from recurchat.files import atomic_write_json
 from recurchat.infer.exit import ExitCriterion
@@ -69,13 +70,17 @@ def heldout_source(ckpt: Checkpoint, override: str | None) -> str | None:
     return None if not own or own.startswith("builtin:") else own
 
 
-def read_baseline(path: str | None) -> dict | None:
+def read_baseline(path: str | None) -> EvalResult | None:
+    """`--baseline FILE`: a standard model's `recurchat eval --json` output."""
     if not path:
         return None
     try:
-        return json.loads(Path(path).read_text())
+        d = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"--baseline {path}: cannot read JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"--baseline {path}: not a `recurchat eval --json` result (a JSON object)")
+    return EvalResult.from_json(d)
 
 
 def evaluate_with_harness(req: EvalRequest) -> dict:
@@ -110,8 +115,9 @@ def evaluate_with_harness(req: EvalRequest) -> dict:
     return out
 
 
-def evaluate_checkpoint(req: EvalRequest) -> dict:
-    """Run the sweep `req` describes; bad task names, depths and exit criteria fail before the model loads."""
+def evaluate_checkpoint(req: EvalRequest) -> EvalResult | dict:
+    """Run the sweep `req` describes (an EvalResult; with --harness, lm-eval's results as a dict); bad task names,
+    depths and exit criteria fail before the model loads."""
     if req.harness:
         return evaluate_with_harness(req)
     specs = [t.strip() for t in req.tasks.split(",") if t.strip()]
@@ -137,13 +143,11 @@ def evaluate_checkpoint(req: EvalRequest) -> dict:
                         batch_size=req.batch_size, bpb_tokens=eval_tokens, max_tokens=req.max_tokens, kv=req.kv,
                         dtype=dtype.name, progress=not req.quiet)
     result = run_sweep(model, tok, val, tok.token_bytes(), grid, exit_gate=checkpoint.load_exit_gate(ckpt.path))
-    if "bpb" in result.get("tasks", {}):
-        result["bpb"] = result["tasks"]["bpb"]
-    result.update({"params": model.num_params()["total"], "model": dataclasses.asdict(cfg),
-                   "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)})
+    result.extra.update({**({"bpb": result.tasks["bpb"]} if "bpb" in result.tasks else {}),
+                         "model": dataclasses.asdict(cfg), "eval_tokens": eval_tokens, "checkpoint": str(ckpt.path)})
     print(print_table(result))
     if req.json:
-        atomic_write_json(req.json, result)
+        atomic_write_json(req.json, result.to_json())
     if req.report:
         path = write_report(result, req.report, title=f"recurchat eval: {ckpt.path}",
                             baseline=read_baseline(req.baseline))

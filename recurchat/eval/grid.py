@@ -2,7 +2,7 @@
 
     recurchat eval --ckpt DIR --tasks bpb,hops,arc-easy:data/arc_easy.jsonl --recur 1,2,4,8 --exit kl:0.03
 
-`run_sweep` returns a JSON-ready dict (keys of depths are strings, e.g. "4"):
+`run_sweep` returns an EvalResult (eval/result.py) whose `to_json()` is (keys of depths are strings, e.g. "4"):
     tasks          {task: {r: accuracy}}, and {"bpb": {r: bits per byte}}
     exit           {criterion: {"acc": {task: accuracy}, "bpb": x (only with bpb), "mean_recursions": x,
                                 "mean_recursions_by_task": {task: x}}}
@@ -40,6 +40,7 @@ from recurchat.data.tokenizer import Tokenizer
 from recurchat.errors import UserError
 from recurchat.eval import probes
 from recurchat.eval.bpb import evaluate_bpb, evaluate_bpb_exit
+from recurchat.eval.result import EvalResult
 from recurchat.eval.tasks import TaskSpec, centered, eval_generative, mc_chance, parse_task_specs, score_mc
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.exit import ExitCriterion
@@ -218,9 +219,9 @@ def centered_means(result: dict, settings: list[str]) -> dict:
 
 
 def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray | None, token_bytes: torch.Tensor | None,
-              grid: GridSettings, exit_gate=None) -> dict:
+              grid: GridSettings, exit_gate=None) -> EvalResult:
     """Evaluate every task of `grid` at every fixed depth and every exit criterion; see the module docstring for the
-    dict. `val_tokens` / `token_bytes`: held-out text for bpb (token_bytes None: the tokenizer's)."""
+    sections. `val_tokens` / `token_bytes`: held-out text for bpb (token_bytes None: the tokenizer's)."""
     cfg, limit, seed = model.cfg, grid.limit, grid.seed
     parsed = parse_task_specs(grid.specs)
     depths, exits, notes = checked_settings(cfg, grid.depths, grid.exits, limit)
@@ -271,7 +272,7 @@ def run_sweep(model: RecurrentLM, tokenizer: Tokenizer, val_tokens: np.ndarray |
                           "mc_mode": grid.mc_mode, "by_difficulty_at": diff_setting, "mean_recur": cfg.mean_recur,
                           "n_examples": {name: len(examples) for name, (examples, _) in data.items()}}
     result["notes"] = notes
-    return result
+    return EvalResult.from_json(result)
 
 
 # ---- tables -------------------------------------------------------------------------------------------------
@@ -281,35 +282,31 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def fixed_table(result: dict) -> tuple[list[str], list[list[str]]]:
+def fixed_table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per task (bpb last) plus the centred mean; one column per fixed depth r."""
-    tasks = result.get("tasks") or {}
     depth_keys: list[str] = []
-    for values in tasks.values():
+    for values in result.tasks.values():
         depth_keys += [k for k in values if k not in depth_keys]
     depth_keys.sort(key=lambda k: (0, int(k)) if k.isdigit() else (1, k))
     header = ["task", *(f"r={k}" for k in depth_keys)]
-    names = [n for n in tasks if n != "bpb"] + (["bpb"] if "bpb" in tasks else [])
-    rows = [[name, *(_fmt(tasks[name].get(k), 4 if name == "bpb" else 3) for k in depth_keys)] for name in names]
-    centred = result.get("centered_mean") or {}
-    if any(k in centred for k in depth_keys):
-        rows.append(["centered mean", *(_fmt(centred.get(k)) for k in depth_keys)])
+    names = result.accuracy_tasks() + (["bpb"] if "bpb" in result.tasks else [])
+    rows = [[name, *(_fmt(result.tasks[name].get(k), 4 if name == "bpb" else 3) for k in depth_keys)]
+            for name in names]
+    if any(k in result.centered_mean for k in depth_keys):
+        rows.append(["centered mean", *(_fmt(result.centered_mean.get(k)) for k in depth_keys)])
     return header, rows
 
 
-def exit_table(result: dict) -> tuple[list[str], list[list[str]]]:
+def exit_table(result: EvalResult) -> tuple[list[str], list[list[str]]]:
     """(header, rows): one row per exit criterion with its mean recursions, bpb, task accuracies, centred mean."""
-    exits = result.get("exit") or {}
     names: list[str] = []
-    for entry in exits.values():
-        names += [n for n in (entry.get("acc") or {}) if n not in names]
-    has_bpb = any("bpb" in e for e in exits.values())
+    for entry in result.exit.values():
+        names += [n for n in entry.acc if n not in names]
+    has_bpb = any(e.bpb is not None for e in result.exit.values())
     header = ["exit", "mean r", *(["bpb"] if has_bpb else []), *names, "centered mean"]
-    rows = []
-    for spec, entry in exits.items():
-        acc = entry.get("acc") or {}
-        rows.append([spec, _fmt(entry.get("mean_recursions"), 2), *([_fmt(entry.get("bpb"), 4)] if has_bpb else []),
-                     *(_fmt(acc.get(n)) for n in names), _fmt((result.get("centered_mean") or {}).get(spec))])
+    rows = [[spec, _fmt(entry.mean_recursions, 2), *([_fmt(entry.bpb, 4)] if has_bpb else []),
+             *(_fmt(entry.acc.get(n)) for n in names), _fmt(result.centered_mean.get(spec))]
+            for spec, entry in result.exit.items()]
     return header, rows
 
 
@@ -320,7 +317,7 @@ def _plain(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def print_table(result: dict) -> str:
+def print_table(result: EvalResult) -> str:
     """The sweep as plain text (task × r, then one row per exit criterion); returns it rather than printing."""
     parts = []
     header, rows = fixed_table(result)
@@ -329,5 +326,5 @@ def print_table(result: dict) -> str:
     header, rows = exit_table(result)
     if rows:
         parts.append(_plain(header, rows))
-    parts += [f"note: {n}" for n in result.get("notes") or []]
+    parts += [f"note: {n}" for n in result.notes]
     return "\n\n".join(parts)

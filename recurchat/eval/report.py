@@ -6,7 +6,8 @@ standard model's result as the baseline.
 Writes report.md plus acc_vs_r.png, bpb_vs_r.png, pareto.png, depth_vs_difficulty.png, acc_heatmap.png (accuracy
 by difficulty × r) and trajectory.png (state change per iteration and the settling iteration, by difficulty), each
 only when its data is present. Figures are drawn on matplotlib's Agg canvas directly (no pyplot), so nothing global
-is switched and no display is needed. Every file is written atomically. Exercised by `pytest tests/eval/test_eval_report.py`.
+is switched and no display is needed. Every file is written atomically.
+Exercised by `pytest tests/eval/test_eval_report.py`.
 """
 
 from __future__ import annotations
@@ -17,33 +18,8 @@ from pathlib import Path
 
 from recurchat.errors import UserError
 from recurchat.eval.grid import exit_table, fixed_table
+from recurchat.eval.result import EvalResult, depth_series, finite
 from recurchat.files import atomic_write_bytes, atomic_write_text
-
-
-def _num(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
-
-
-def _depth_series(values: dict | None) -> list[tuple[int, float]]:
-    """(r, value) pairs sorted by r, skipping non-depth keys and missing or non-finite values."""
-    points = []
-    for k, v in (values or {}).items():
-        if str(k).isdigit() and _num(v) is not None:
-            points.append((int(k), float(v)))
-    return sorted(points)
-
-
-def _baseline_value(baseline: dict | None, task: str) -> float | None:
-    """A standard model's number for `task`: its r = 1 entry (the only one it has), else its first finite one."""
-    values = ((baseline or {}).get("tasks") or {}).get(task) or {}
-    if _num(values.get("1")) is not None:
-        return float(values["1"])
-    return next((float(v) for v in values.values() if _num(v) is not None), None)
-
-
-def _baseline_centered(baseline: dict | None) -> float | None:
-    centred = (baseline or {}).get("centered_mean") or {}
-    return _num(centred.get("1")) if "1" in centred else next((_num(v) for v in centred.values()), None)
 
 
 def _figure(n_panels: int = 1):
@@ -82,14 +58,9 @@ def _depth_ticks(ax, points) -> None:
         ax.set_xticks(ticks)
 
 
-def _acc_tasks(result: dict) -> list[str]:
-    return [name for name in (result.get("tasks") or {}) if name != "bpb"]
-
-
 # ---- plots --------------------------------------------------------------------------------------------------
-def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
-    tasks = result.get("tasks") or {}
-    series = {name: _depth_series(tasks[name]) for name in _acc_tasks(result)}
+def _plot_acc_vs_r(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
+    series = {name: result.fixed_series(name) for name in result.accuracy_tasks()}
     series = {k: v for k, v in series.items() if v}
     if not series:
         return False
@@ -97,10 +68,10 @@ def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
     for i, (name, points) in enumerate(series.items()):
         color = f"C{i % 10}"
         ax.plot(*zip(*points), marker="o", color=color, label=name)
-        base = _baseline_value(baseline, name)
+        base = baseline.standard_value(name) if baseline else None
         if base is not None:
             ax.axhline(base, color=color, linestyle="--", linewidth=1, label=f"{name} (standard)")
-    centred = _depth_series(result.get("centered_mean"))
+    centred = depth_series(result.centered_mean)
     if len(series) > 1 and centred:
         ax.plot(*zip(*centred), marker="s", color="black", linewidth=2, label="centered mean")
     _depth_ticks(ax, [p for points in series.values() for p in points])
@@ -111,17 +82,17 @@ def _plot_acc_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
     return True
 
 
-def _plot_bpb_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
-    points = _depth_series((result.get("tasks") or {}).get("bpb"))
+def _plot_bpb_vs_r(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
+    points = result.fixed_series("bpb")
     if not points:
         return False
     fig, (ax,) = _figure()
     ax.plot(*zip(*points), marker="o", color="C0", label="fixed r")
-    for i, (spec, entry) in enumerate((result.get("exit") or {}).items()):
-        x, y = _num((entry or {}).get("mean_recursions")), _num((entry or {}).get("bpb"))
+    for i, (spec, entry) in enumerate(result.exit.items()):
+        x, y = entry.mean_recursions, entry.bpb
         if x is not None and y is not None:
             ax.scatter([x], [y], marker="*", s=140, color=f"C{(i + 1) % 10}", zorder=3, label=f"exit {spec}")
-    base = _baseline_value(baseline, "bpb")
+    base = baseline.standard_value("bpb") if baseline else None
     if base is not None:
         ax.axhline(base, color="gray", linestyle="--", label="standard model")
     ax.set(xlabel="recursions per token", ylabel="bits per byte", title="held-out bpb vs r")
@@ -131,31 +102,24 @@ def _plot_bpb_vs_r(result: dict, baseline: dict | None, path: Path) -> bool:
     return True
 
 
-def _plot_pareto(result: dict, baseline: dict | None, path: Path) -> bool:
+def _plot_pareto(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
     """One panel per task (and one for the centred mean): accuracy against recursions spent per token."""
-    tasks = result.get("tasks") or {}
-    exits = result.get("exit") or {}
     panels = []  # (title, fixed points, exit points [(spec, x, y)], baseline)
-    for name in _acc_tasks(result):
-        exit_points = []
-        for spec, entry in exits.items():
-            entry = entry or {}
-            x = _num((entry.get("mean_recursions_by_task") or {}).get(name))
-            x = x if x is not None else _num(entry.get("mean_recursions"))
-            y = _num((entry.get("acc") or {}).get(name))
-            if x is not None and y is not None:
-                exit_points.append((spec, x, y))
-        panels.append((name, _depth_series(tasks.get(name)), exit_points, _baseline_value(baseline, name)))
-    centred = result.get("centered_mean") or {}
+    for name in result.accuracy_tasks():
+        exit_points = [(spec, x, y) for spec, entry in result.exit.items()
+                       if (x := entry.recursions_for(name)) is not None
+                       and (y := finite(entry.acc.get(name))) is not None]
+        base = baseline.standard_value(name) if baseline else None
+        panels.append((name, result.fixed_series(name), exit_points, base))
     if len(panels) > 1:
         exit_points = []
-        for spec, entry in exits.items():
-            by_task = [_num(v) for v in ((entry or {}).get("mean_recursions_by_task") or {}).values()]
-            by_task = [v for v in by_task if v is not None]
-            y = _num(centred.get(spec))
+        for spec, entry in result.exit.items():
+            by_task = [v for v in map(finite, entry.mean_recursions_by_task.values()) if v is not None]
+            y = finite(result.centered_mean.get(spec))
             if by_task and y is not None:
                 exit_points.append((spec, sum(by_task) / len(by_task), y))
-        panels.append(("centered mean", _depth_series(centred), exit_points, _baseline_centered(baseline)))
+        panels.append(("centered mean", depth_series(result.centered_mean), exit_points,
+                       baseline.standard_centered() if baseline else None))
     panels = [p for p in panels if p[1] or p[2]]
     if not panels:
         return False
@@ -175,12 +139,10 @@ def _plot_pareto(result: dict, baseline: dict | None, path: Path) -> bool:
     return True
 
 
-def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -> bool:
-    by_diff = result.get("by_difficulty") or {}
+def _plot_depth_vs_difficulty(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
     series = {}
-    for name, levels in by_diff.items():
-        points = [(int(d), _num((v or {}).get("mean_recursions")), _num((v or {}).get("acc")))
-                  for d, v in (levels or {}).items() if str(d).lstrip("-").isdigit()]
+    for name, levels in result.by_difficulty.items():
+        points = [(int(d), v.mean_recursions, v.acc) for d, v in levels.items() if str(d).lstrip("-").isdigit()]
         if points:
             series[name] = sorted(points)
     if not series:
@@ -194,12 +156,12 @@ def _plot_depth_vs_difficulty(result: dict, baseline: dict | None, path: Path) -
             ax_r.plot(*zip(*depth), marker="o", color=color, label=name)
         if acc:
             ax_acc.plot(*zip(*acc), marker="o", color=color, label=name)
-        base_levels = ((baseline or {}).get("by_difficulty") or {}).get(name) or {}
-        base = sorted((int(d), float(v["acc"])) for d, v in base_levels.items()
-                      if str(d).lstrip("-").isdigit() and _num((v or {}).get("acc")) is not None)
+        base_levels = baseline.by_difficulty.get(name, {}) if baseline else {}
+        base = sorted((int(d), v.acc) for d, v in base_levels.items()
+                      if str(d).lstrip("-").isdigit() and v.acc is not None)
         if base:
             ax_acc.plot(*zip(*base), linestyle="--", color=color, label=f"{name} (standard)")
-    where = (result.get("settings") or {}).get("by_difficulty_at")
+    where = result.by_difficulty_at
     ax_r.set(xlabel="difficulty", ylabel="mean recursions per token",
              title=f"recursions used vs difficulty{f' ({_setting_label(where)})' if where else ''}")
     ax_acc.set(xlabel="difficulty", ylabel="accuracy", title="accuracy vs difficulty")
@@ -216,13 +178,13 @@ def _heatmap_grid(levels_by_setting: dict) -> tuple[list[str], list[int], list[l
     levels = sorted({int(d) for k in depths for d in levels_by_setting[k]})
     if not depths or not levels:
         return None
-    grid = [[_num(levels_by_setting[k].get(str(d))) for k in depths] for d in levels]
+    grid = [[finite(levels_by_setting[k].get(str(d))) for k in depths] for d in levels]
     return depths, levels, [[math.nan if v is None else v for v in row] for row in grid]
 
 
-def plot_accuracy_heatmaps(result: dict, path: Path, names: list[str] | None = None, title: str = "") -> bool:
+def plot_accuracy_heatmaps(result: EvalResult, path: Path, names: list[str] | None = None, title: str = "") -> bool:
     """One panel per probe (or task with levels): accuracy by difficulty (rows) × fixed r (columns)."""
-    grids = {n: g for n, v in (result.get("acc_by_difficulty") or {}).items()
+    grids = {n: g for n, v in result.acc_by_difficulty.items()
              if (names is None or n in names) and (g := _heatmap_grid(v or {}))}
     if not grids:
         return False
@@ -238,12 +200,12 @@ def plot_accuracy_heatmaps(result: dict, path: Path, names: list[str] | None = N
     return True
 
 
-def _plot_heatmaps(result: dict, baseline: dict | None, path: Path) -> bool:
+def _plot_heatmaps(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
     return plot_accuracy_heatmaps(result, path)
 
 
-def _plot_trajectory(result: dict, baseline: dict | None, path: Path) -> bool:
-    traj = {n: t for n, t in (result.get("trajectory") or {}).items() if (t or {}).get("rel_change")}
+def _plot_trajectory(result: EvalResult, baseline: EvalResult | None, path: Path) -> bool:
+    traj = {n: t for n, t in result.trajectory.items() if (t or {}).get("rel_change")}
     if not traj:
         return False
     fig, axes = _figure(2 * len(traj))
@@ -279,16 +241,16 @@ def _markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["---"] + ["---:"] * (len(header) - 1)), *(line(r) for r in rows)])
 
 
-def _difficulty_table(result: dict) -> str | None:
+def _difficulty_table(result: EvalResult) -> str | None:
     rows = []
-    for name, levels in (result.get("by_difficulty") or {}).items():
-        for d, v in (levels or {}).items():
-            acc, r = _num((v or {}).get("acc")), _num((v or {}).get("mean_recursions"))
+    for name, levels in result.by_difficulty.items():
+        for d, v in levels.items():
+            acc, r = v.acc, v.mean_recursions
             rows.append([name, str(d), "-" if acc is None else f"{acc:.3f}", "-" if r is None else f"{r:.2f}"])
     return _markdown(["task", "difficulty", "acc", "mean r"], rows) if rows else None
 
 
-def _sections(result: dict, heading: str) -> list[str]:
+def _sections(result: EvalResult, heading: str) -> list[str]:
     parts = []
     header, rows = fixed_table(result)
     if rows:
@@ -298,13 +260,13 @@ def _sections(result: dict, heading: str) -> list[str]:
         parts += [f"### {heading}: exit criteria", "", _markdown(header, rows), ""]
     table = _difficulty_table(result)
     if table:
-        at = (result.get("settings") or {}).get("by_difficulty_at")
+        at = result.by_difficulty_at
         parts += [f"### {heading}: by difficulty{f' (at {_setting_label(at)})' if at else ''}", "", table, ""]
     return parts
 
 
-def write_report(result: dict, out_dir: str | Path, title: str = "recurchat eval",
-                 baseline: dict | None = None) -> Path:
+def write_report(result: EvalResult, out_dir: str | Path, title: str = "recurchat eval",
+                 baseline: EvalResult | None = None) -> Path:
     """Write report.md and the plots into `out_dir`; returns the path of report.md. `baseline` (a standard
     model's sweep result) is drawn as dashed lines and tabulated after the main result."""
     try:
@@ -314,14 +276,13 @@ def write_report(result: dict, out_dir: str | Path, title: str = "recurchat eval
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
-    if _num(result.get("params")) is not None:
-        lines += [f"Parameters: {int(result['params']):,}", ""]
-    settings = result.get("settings") or {}
-    if settings.get("n_examples"):
-        counts = ", ".join(f"{k} {v}" for k, v in settings["n_examples"].items())
+    if result.params is not None:
+        lines += [f"Parameters: {result.params:,}", ""]
+    if result.settings.get("n_examples"):
+        counts = ", ".join(f"{k} {v}" for k, v in result.settings["n_examples"].items())
         lines += [f"Examples per task: {counts}", ""]
-    lines += [f"> note: {n}" for n in result.get("notes") or []]
-    if result.get("notes"):
+    lines += [f"> note: {n}" for n in result.notes]
+    if result.notes:
         lines.append("")
     lines += _sections(result, "Results")
     if baseline:

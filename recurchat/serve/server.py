@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -247,6 +247,46 @@ def _bundle_name(path: Path) -> str:
     return path.parent.name if path.name == "checkpoint" else path.name
 
 
+def api_routes(service: Service) -> APIRouter:
+    """The OpenAI-compatible endpoints, /health and the web page, all served by `service`."""
+    routes = APIRouter()
+
+    @routes.post("/v1/chat/completions")
+    @guarded
+    async def chat_completions(request: Request):
+        body = await parse_body(request, ChatRequest)
+        service.check_model(body.model)
+        prompt = await asyncio.to_thread(service.chat_prompt, body)  # tokenizing a long chat blocks: not on the loop
+        return await generate(service, request, body, prompt, service.chat_stops, chat=True)
+
+    @routes.post("/v1/completions")
+    @guarded
+    async def completions(request: Request):
+        body = await parse_body(request, CompletionRequest)
+        service.check_model(body.model)
+        prompt = await asyncio.to_thread(service.completion_prompt, body)
+        return await generate(service, request, body, prompt, (service.tok.bos_id,), chat=False)
+
+    @routes.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [service.model_card()]}
+
+    @routes.get("/v1/models/{name}")
+    async def model(name: str):
+        service.check_model(name)
+        return service.model_card()
+
+    @routes.get("/health")
+    async def health():
+        return {"status": "ok", "model": service.name, "scheduler": service.scheduler.stats()}
+
+    @routes.get("/", include_in_schema=False)
+    async def index():
+        return FileResponse(WEB_DIR / "index.html")
+
+    return routes
+
+
 def create_app(ckpt_path_or_model_bundle: str | Path | tuple, config: ServeConfig | None = None,
                **settings) -> FastAPI:
     """The app for a checkpoint directory, or for a `(ckpt, model)` pair from `recurchat.checkpoint.load_model`,
@@ -268,43 +308,8 @@ def create_app(ckpt_path_or_model_bundle: str | Path | tuple, config: ServeConfi
 
     app = FastAPI(title="recurchat", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.service = service
-
     add_error_handlers(app)
-
-    @app.post("/v1/chat/completions")
-    @guarded
-    async def chat_completions(request: Request):
-        body = await parse_body(request, ChatRequest)
-        service.check_model(body.model)
-        prompt = await asyncio.to_thread(service.chat_prompt, body)  # tokenizing a long chat blocks: not on the loop
-        return await generate(service, request, body, prompt, service.chat_stops, chat=True)
-
-    @app.post("/v1/completions")
-    @guarded
-    async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
-        service.check_model(body.model)
-        prompt = await asyncio.to_thread(service.completion_prompt, body)
-        return await generate(service, request, body, prompt, (service.tok.bos_id,),
-                              chat=False)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [service.model_card()]}
-
-    @app.get("/v1/models/{name}")
-    async def model(name: str):
-        service.check_model(name)
-        return service.model_card()
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "model": service.name, "scheduler": service.scheduler.stats()}
-
-    @app.get("/", include_in_schema=False)
-    async def index():
-        return FileResponse(WEB_DIR / "index.html")
-
+    app.include_router(api_routes(service))
     app.mount("/web", StaticFiles(directory=WEB_DIR), name="web")
     # as middleware (not a wrapper) so the result is still a FastAPI app whose .state embedders can reach
     app.add_middleware(AccessGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)

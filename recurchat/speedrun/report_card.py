@@ -21,6 +21,7 @@ import torch
 
 from recurchat.config import ModelConfig, get_preset
 from recurchat.eval.report import legend, save_png
+from recurchat.eval.result import EvalResult
 from recurchat.files import atomic_write_text
 from recurchat.model.flops import flops_per_token
 from recurchat.speedrun.probes import card_section
@@ -90,23 +91,23 @@ class Numbers:
 
     def __init__(self, out: Path, name: str, cfg: ModelConfig, probe_levels: int):
         self.name, self.cfg = name, cfg
-        self.base = json.loads((out / f"eval-base-{name}.json").read_text())
-        self.sft = json.loads((out / f"eval-{name}.json").read_text())
+        self.base = EvalResult.from_json(json.loads((out / f"eval-base-{name}.json").read_text()))
+        self.sft = EvalResult.from_json(json.loads((out / f"eval-{name}.json").read_text()))
         self.tok_s = median_tok_s(out / name)
         self.trained, self.held_out = range(1, probe_levels + 1), range(probe_levels + 1, 2 * probe_levels + 1)
-        probe = next(k for k in self.sft["acc_by_difficulty"] if k.startswith(PROBE))
-        self.by_level = self.sft["acc_by_difficulty"][probe]  # {r or criterion: {level: acc}}
-        self.by_difficulty = self.sft["by_difficulty"][probe]  # {level: {acc, mean_recursions}} at the first exit
+        probe = next(k for k in self.sft.acc_by_difficulty if k.startswith(PROBE))
+        self.by_level = self.sft.acc_by_difficulty[probe]  # {r or criterion: {level: acc}}
+        self.by_difficulty = self.sft.by_difficulty[probe]  # {level: Level(acc, mean_recursions)} at the first exit
 
     @property
     def r_bar(self) -> str:
         return str(self.cfg.mean_recur) if self.cfg.recursive else "1"
 
     def base_bpb(self, r: int) -> float | None:
-        return self.base["tasks"]["bpb"].get(str(r if self.cfg.recursive else 1))
+        return self.base.tasks["bpb"].get(str(r if self.cfg.recursive else 1))
 
     def sft_bpb_ratio(self) -> float:
-        return self.sft["tasks"]["bpb"][self.r_bar] / self.base["tasks"]["bpb"][self.r_bar]
+        return self.sft.tasks["bpb"][self.r_bar] / self.base.tasks["bpb"][self.r_bar]
 
     def probe_acc(self, setting: str, levels: range) -> float | None:
         return level_mean(self.by_level.get(setting, {}), levels)
@@ -125,7 +126,7 @@ def headline_table(models: list[Numbers], r_bar: int) -> list[str]:
     for m in models:
         recursive = m.cfg.recursive
         rows.append(
-            f"| {LABELS[m.name]} | {m.sft['params']:,} | {flops_per_token(m.cfg, backward=False):.3g} | "
+            f"| {LABELS[m.name]} | {m.sft.params:,} | {flops_per_token(m.cfg, backward=False):.3g} | "
             f"{m.tok_s:,.0f} | {fmt(m.base_bpb(1), '.4f')} | {fmt(m.base_bpb(r_bar) if recursive else None, '.4f')} | "
             f"{fmt(m.base_bpb(deep) if recursive else None, '.4f')} | {m.sft_bpb_ratio():.3f}× | "
             f"{fmt(m.probe_acc(m.r_bar, m.trained))} | {fmt(m.probe_acc(m.r_bar, m.held_out))} | "
@@ -137,10 +138,10 @@ def exit_table(rec: Numbers, criterion: str) -> tuple[list[str], float]:
     """Recursions per token and accuracy by difficulty under `criterion`, and the slope of recursions on level."""
     levels = sorted(int(d) for d in rec.by_difficulty)
     rows = [f"| {PROBE} difficulty | " + " | ".join(map(str, levels)) + " |", "|---|" + "---:|" * len(levels),
-            "| mean recursions | " + " | ".join(f"{rec.by_difficulty[str(d)]['mean_recursions']:.2f}"
+            "| mean recursions | " + " | ".join(f"{rec.by_difficulty[str(d)].mean_recursions:.2f}"
                                              for d in levels) + " |",
-            "| accuracy | " + " | ".join(f"{rec.by_difficulty[str(d)]['acc']:.3f}" for d in levels) + " |"]
-    fit = slope([float(d) for d in levels], [rec.by_difficulty[str(d)]["mean_recursions"] for d in levels])
+            "| accuracy | " + " | ".join(f"{rec.by_difficulty[str(d)].acc:.3f}" for d in levels) + " |"]
+    fit = slope([float(d) for d in levels], [rec.by_difficulty[str(d)].mean_recursions for d in levels])
     return rows, fit
 
 
@@ -157,7 +158,7 @@ def sentences(rec: Numbers, iso_flop: Numbers, iso_params: Numbers, criterion: s
     r, deep = rec.cfg.mean_recur, 4 * rec.cfg.mean_recur
     out = [f"At r̄ = {r} the recursive base model's held-out bpb ({rec.base_bpb(r):.4f}) is "
            f"{percent(rec.base_bpb(r), iso_flop.base_bpb(1))} against the iso-FLOP twin ({iso_flop.base_bpb(1):.4f}) "
-           f"with {100 * rec.sft['params'] / iso_flop.sft['params']:.0f}% of its parameters, and "
+           f"with {100 * rec.sft.params / iso_flop.sft.params:.0f}% of its parameters, and "
            f"{percent(rec.base_bpb(r), iso_params.base_bpb(1))} against the iso-params model "
            f"({iso_params.base_bpb(1):.4f}), which runs {flops_ratio(iso_params, rec):.0f}% of its FLOPs per token "
            "(negative = lower bpb, better)."]
@@ -186,7 +187,7 @@ def models_table(models: list[Numbers], bptt_k: int) -> list[str]:
     for m in models:
         c = m.cfg
         depth = f", r̄={c.mean_recur}" if c.recursive else ""
-        rows.append(f"| {LABELS[m.name]} | {c.n_prelude}/{c.n_shared}/{c.n_coda}{depth} | {m.sft['params']:,} | "
+        rows.append(f"| {LABELS[m.name]} | {c.n_prelude}/{c.n_shared}/{c.n_coda}{depth} | {m.sft.params:,} | "
                     f"{flops_per_token(c, c.mean_recur, bptt_k):.3g} | {flops_per_token(c, backward=False):.3g} |")
     return rows
 
@@ -211,7 +212,7 @@ def report_card(out: Path, preset_name: str, sp, runs: tuple[tuple[str, str], ..
     cfg, names = get_preset(sp.model_preset).model, [name for name, _ in runs]
     models = [Numbers(out, name, cfg.twin(kind) if kind else cfg, sp.probe_levels) for name, kind in runs]
     rec, iso_flop, iso_params = models
-    criterion = rec.sft["settings"]["by_difficulty_at"]
+    criterion = rec.sft.by_difficulty_at
     write_report(rec.sft, out / "eval", title="recursive model (iso-FLOP twin as baseline)", baseline=iso_flop.sft)
     loss_curves({LABELS[m.name]: (out / m.name, m.r_bar) for m in models}, out / "loss_curves.png")
     exits, fit = exit_table(rec, criterion)

@@ -48,6 +48,35 @@ from recurchat.train.spec import RunSpec, eval_depths, fit_batch_to_world, resum
 from recurchat.train.telemetry import Telemetry, truncate_log
 
 
+@dataclass
+class StepMetrics:
+    """One optimizer step's figures (`record()` is its metrics.jsonl line); after the last step `evaluation` holds
+    the final held-out evaluation (val_bpb / val_bpb_text, or val_acc / val_acc_long for a probe)."""
+
+    step: int
+    loss: float
+    r: list[int]
+    lr_mult: float
+    grad_norm: float
+    tok_s: float
+    flops_per_token: float
+    mfu: float
+    dt: float
+    text_batches: int | None = None  # SFT mixing in pretraining text: how many micro-steps were text
+    evaluation: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def r_mean(self) -> float:
+        return sum(self.r) / len(self.r)
+
+    def record(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("text_batches", "evaluation")}
+        out["r_mean"] = self.r_mean
+        if self.text_batches is not None:
+            out["text_batches"] = self.text_batches
+        return out | {k: v for k, v in self.evaluation.items() if k != "step"}
+
+
 class Diverged(RuntimeError):
     """The loss became NaN or infinite: a property of the settings (too high a learning rate), not a bug."""
 
@@ -246,7 +275,7 @@ def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tens
     return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
-def train_step(run: Run, step: int) -> dict:
+def train_step(run: Run, step: int) -> StepMetrics:
     """One optimizer step (`grad_accum` micro-steps, each at its own sampled r); returns the step's metrics."""
     t0 = time.perf_counter()
     cfg, dist = run.spec.train, run.dist
@@ -281,10 +310,9 @@ def train_step(run: Run, step: int) -> dict:
         raise Diverged(f"loss became {loss_val} at step {step}; lower the learning rates")
     dt = time.perf_counter() - t0
     tokens, flops = n_tokens * dist.world_size, flops * dist.world_size
-    return {"step": step + 1, "loss": loss_val, "r": rs, "r_mean": sum(rs) / len(rs), "lr_mult": lrm,
-            "grad_norm": distributed.as_float(grad_norm), "tok_s": tokens / dt, "flops_per_token": flops / tokens,
-            "mfu": mfu(flops / tokens, tokens / dt, run.peak.flops * dist.world_size), "dt": dt,
-            **({"text_batches": sum(on_text)} if run.text_loader is not None else {})}
+    return StepMetrics(step + 1, loss_val, rs, lrm, distributed.as_float(grad_norm), tokens / dt, flops / tokens,
+                       mfu(flops / tokens, tokens / dt, run.peak.flops * dist.world_size), dt,
+                       sum(on_text) if run.text_loader is not None else None)
 
 
 def evaluate(run: Run, step: int) -> dict:
@@ -358,36 +386,36 @@ def save_due(run: Run, done: int, last_save: float) -> bool:
     return distributed.main_decides(run.dist, monotonic() - last_save >= 60 * cfg.save_every_min)
 
 
-def train(spec: RunSpec, progress: bool = True) -> dict:
-    """Train to `max_steps` (or `stop_after` more steps) and write spec.out/checkpoint; returns the last metrics
-    (on rank 0; other ranks of a torchrun job return {} so only one copy is printed)."""
+def train(spec: RunSpec, progress: bool = True) -> StepMetrics | None:
+    """Train to `max_steps` (or `stop_after` more steps) and write spec.out/checkpoint; returns the last step's
+    metrics with the final evaluation (on rank 0; other ranks of a torchrun job, and a run with no step left to
+    take, return None, so only one copy is printed)."""
     run = setup(spec, progress)
-    cfg, last, last_save = spec.train, {}, monotonic()
+    cfg, last, last_save = spec.train, None, monotonic()
     run.model.train()
     for step in range(run.start_step, run.end_step):
         last = train_step(run, step)
-        done = last["step"]
+        done = last.step
         if done % cfg.log_every == 0 or done == run.end_step:
-            run.telemetry.log(last)
-        run.telemetry.progress(loss=f"{last['loss']:.3f}", r=f"{last['r_mean']:.1f}", tok_s=f"{last['tok_s']:.0f}",
-                               mfu=f"{100 * last['mfu']:.1f}%")
+            run.telemetry.log(last.record())
+        run.telemetry.progress(loss=f"{last.loss:.3f}", r=f"{last.r_mean:.1f}", tok_s=f"{last.tok_s:.0f}",
+                               mfu=f"{100 * last.mfu:.1f}%")
         if cfg.eval_every and done % cfg.eval_every == 0 and done != run.end_step:
             evaluate(run, done)
         if done != run.end_step and save_due(run, done, last_save):
             save(run, done)
             last_save = monotonic()
     if run.end_step > run.start_step:
-        final = evaluate(run, run.end_step)
-        last.update({k: final[k] for k in ("val_bpb", "val_bpb_text", "val_acc", "val_acc_long") if k in final})
+        last.evaluation = evaluate(run, run.end_step)
         save(run, run.end_step)
     run.telemetry.close()
     if run.rank_log is not None:
         run.rank_log.close()
     distributed.shutdown()
-    return last if run.dist.is_main else {}
+    return last if run.dist.is_main else None
 
 
-def train_or_resume(out: Path, fresh: Callable[[], RunSpec], progress: bool = False) -> dict:
+def train_or_resume(out: Path, fresh: Callable[[], RunSpec], progress: bool = False) -> StepMetrics | None:
     """Train `fresh()` into `out`, or, when `out` holds the checkpoint of an interrupted run, resume it to its end."""
     interrupted = checkpoint.find(out) is not None
     return train(resume_spec(out, out, train={"stop_after": 0}) if interrupted else fresh(), progress)

@@ -23,6 +23,7 @@ from recurchat.errors import UserError
 from recurchat.eval.bpb import evaluate_bpb
 from recurchat.eval.report import write_report
 from recurchat.eval.grid import GridSettings, print_table, run_sweep
+from recurchat.eval.result import EvalResult
 from recurchat.eval.tasks import centered, eval_generative, score_mc
 from recurchat.infer.engine import Engine, RecurParams
 
@@ -61,7 +62,9 @@ def standard(tokenizer, val_tokens) -> dict:
 
 
 def test_sweep_json_layout(sweep):
+    sweep = sweep.to_json()
     json.loads(json.dumps(sweep))  # JSON-serialisable as it is
+    assert EvalResult.from_json(sweep).to_json() == sweep  # what `eval --json` writes reads back as it was
     assert set(sweep) == {"tasks", "exit", "by_difficulty", "acc_by_difficulty", "centered_mean", "chance",
                           "params", "acc_norm", "settings", "notes", "trajectory"}
     assert list(sweep["tasks"]) == ["bpb", "hops", "arc-easy"]
@@ -108,27 +111,27 @@ def test_sweep_values_are_what_each_evaluation_returns(sweep, tokenizer, val_tok
     hops = stream(get_task("hops"), "test", 0, 4)
     for r in (1, 2):
         mc = score_mc(model, tokenizer, arc, r, batch_size=16, dtype=engine.dtype)
-        assert sweep["tasks"]["arc-easy"][str(r)] == sum(x["correct"] for x in mc) / 4
-        assert sweep["acc_norm"]["arc-easy"][str(r)] == sum(x["correct_norm"] for x in mc) / 4
+        assert sweep.tasks["arc-easy"][str(r)] == sum(x["correct"] for x in mc) / 4
+        assert sweep.acc_norm["arc-easy"][str(r)] == sum(x["correct_norm"] for x in mc) / 4
         gen = eval_generative(engine, tokenizer, hops, RecurParams(num_recur=r), max_tokens=16, batch_size=16)
-        assert sweep["tasks"]["hops"][str(r)] == sum(x["correct"] for x in gen) / 4
+        assert sweep.tasks["hops"][str(r)] == sum(x["correct"] for x in gen) / 4
         bpb = evaluate_bpb(model, val_tokens, tokenizer.token_bytes(), 16, CFG.seq_len, None, num_recur=r,
                            dtype=engine.dtype)
-        assert sweep["tasks"]["bpb"][str(r)] == pytest.approx(bpb, rel=1e-6)
+        assert sweep.tasks["bpb"][str(r)] == pytest.approx(bpb, rel=1e-6)
 
 
 def test_standard_model_is_evaluated_at_r1_only(standard):
-    assert all(list(v) == ["1"] for v in standard["tasks"].values())
-    assert standard["exit"] == {} and list(standard["centered_mean"]) == ["1"]
-    assert "standard model" in standard["notes"][0]
-    assert standard["settings"]["n_examples"] == {"hops": 2, "arc-easy": 2}
+    assert all(list(v) == ["1"] for v in standard.tasks.values())
+    assert standard.exit == {} and list(standard.centered_mean) == ["1"]
+    assert "standard model" in standard.notes[0]
+    assert standard.settings["n_examples"] == {"hops": 2, "arc-easy": 2}
 
 
 def test_by_difficulty_at_mean_recur_without_exits(tokenizer):
     result = run_sweep(random_model(CFG), tokenizer, None, None, GridSettings(["hops"], [1], [], 3, seed=5,
                                                                               progress=False))
-    assert result["settings"]["by_difficulty_at"] == "2" and result["exit"] == {}
-    assert all(v["mean_recursions"] == 2.0 for v in result["by_difficulty"]["hops"].values())  # measured at r̄ = 2
+    assert result.by_difficulty_at == "2" and result.exit == {}
+    assert all(v.mean_recursions == 2.0 for v in result.by_difficulty["hops"].values())  # measured at r̄ = 2
 
 
 def test_sweep_rejects_bad_input_before_evaluating(tokenizer):
@@ -150,7 +153,7 @@ def test_print_table(sweep, standard):
     assert any(line.startswith("hops") for line in lines) and any(line.startswith("centered mean") for line in lines)
     assert any(line.startswith("latent:1e9") for line in lines)
     assert "note: standard model" in print_table(standard)
-    assert print_table({}) == ""
+    assert print_table(EvalResult()) == ""
 
 
 def _is_png(path: Path) -> bool:
@@ -169,11 +172,12 @@ def test_write_report(sweep, standard, tmp_path):
 
 
 def test_write_report_skips_missing_data(tmp_path):
-    path = write_report({}, tmp_path / "empty", title="nothing")
+    path = write_report(EvalResult(), tmp_path / "empty", title="nothing")
     assert path.read_text().startswith("# nothing") and not list(path.parent.glob("*.png"))
     partial = {"tasks": {"hops": {"1": 0.5, "2": None, "x": 0.1}}, "exit": {"kl:0.1": {}},
                "by_difficulty": {"hops": {"1": {"acc": 0.5}}}, "centered_mean": {"1": float("nan")}}
-    path = write_report(partial, tmp_path / "partial", baseline={"tasks": {}})
+    path = write_report(EvalResult.from_json(partial), tmp_path / "partial",
+                        baseline=EvalResult.from_json({"tasks": {}}))
     pngs = {p.name for p in path.parent.glob("*.png")}
     assert pngs == {"acc_vs_r.png", "pareto.png", "depth_vs_difficulty.png"}
     assert all(_is_png(path.parent / name) for name in pngs)

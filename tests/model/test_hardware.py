@@ -118,7 +118,7 @@ def test_trainer_computes_in_the_chosen_dtype(fake_probe, small_text, tmp_path, 
                          "data": str(small_text)})
     with MatmulDtypes() as seen:
         result = train(RunSpec(preset.model, cfg, tmp_path / "run"), progress=False)
-    assert result["step"] == 2
+    assert result.step == 2
     assert seen.dtypes == {expected}
     run = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])["run"]
     assert run["dtype"] == ("bf16" if expected == torch.bfloat16 else "fp32")
