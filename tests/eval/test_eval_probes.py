@@ -109,7 +109,7 @@ def test_exit_gate_learns_from_a_probes_labels_and_stops_deeper_on_harder_levels
     assert "training examples (" in err and "labels × 12 iterations" in err
     out = tmp_path / "gate.json"
     assert main(["eval", "--ckpt", str(parity_run), "--tasks", "probe:parity:1-8", "--recur", "12",
-                 "--exit", "gate:0.5", "--max-recur", "12", "--limit", "32", "--json", str(out), "--quiet",
+                 "--exit", "gate:0.9", "--max-recur", "12", "--limit", "32", "--json", str(out), "--quiet",
                  "--dtype", "fp32"]) == 0
     spent = {int(d): v["mean_recursions"] for d, v in json.loads(out.read_text())["by_difficulty"][
         "probe:parity:1-8"].items()}
