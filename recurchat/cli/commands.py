@@ -14,7 +14,7 @@ from recurchat.errors import UserError
 from recurchat.files import atomic_write_json
 
 if TYPE_CHECKING:
-    from recurchat.train.trainer import StepMetrics
+    from recurchat.train.telemetry import StepMetrics
 
 
 def overrides(cls, args: argparse.Namespace) -> dict:

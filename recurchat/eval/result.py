@@ -26,6 +26,13 @@ def depth_series(values: dict | None) -> list[tuple[int, float]]:
     return sorted((int(k), float(v)) for k, v in (values or {}).items() if str(k).isdigit() and finite(v) is not None)
 
 
+def at_r1(values: dict) -> float | None:
+    """A standard model's figure from a {r: value} dict: its r = 1 entry (the only one it has), else the first."""
+    if finite(values.get("1")) is not None:
+        return float(values["1"])
+    return next((float(v) for v in values.values() if finite(v) is not None), None)
+
+
 @dataclass
 class ExitResult:
     """What one exit criterion scored and spent: accuracy per task, bpb (when bpb ran) and recursions per token."""
@@ -111,18 +118,12 @@ class EvalResult:
         """(r, value) at each fixed depth for `task` (accuracy, or bits per byte for bpb)."""
         return depth_series(self.tasks.get(task))
 
-    def at_r1(self, values: dict) -> float | None:
-        """A standard model's figure from a {r: value} dict: its r = 1 entry (the only one it has), else the first."""
-        if finite(values.get("1")) is not None:
-            return float(values["1"])
-        return next((float(v) for v in values.values() if finite(v) is not None), None)
-
     def standard_value(self, task: str) -> float | None:
         """This result read as a standard model's baseline for `task`."""
-        return self.at_r1(self.tasks.get(task) or {})
+        return at_r1(self.tasks.get(task) or {})
 
     def standard_centered(self) -> float | None:
-        return self.at_r1(self.centered_mean)
+        return at_r1(self.centered_mean)
 
     @property
     def by_difficulty_at(self) -> str | None:

@@ -1,4 +1,5 @@
-"""Run telemetry: metrics.jsonl (one JSON object per line), optional wandb, and a tqdm progress bar.
+"""Run telemetry: StepMetrics (one step's figures), metrics.jsonl (one JSON object per line), optional wandb, and a
+tqdm progress bar.
 
 Only rank 0 writes. wandb is used when installed and a project is given; without WANDB_API_KEY it runs offline
 (files under the run directory, sync later with `wandb sync`). Exercise: `pytest tests/train/test_trainer.py`.
@@ -8,11 +9,41 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
 from recurchat.files import atomic_write_text
+
+
+@dataclass
+class StepMetrics:
+    """One optimizer step's figures (`record()` is its metrics.jsonl line); after the last step `evaluation` holds
+    the final held-out evaluation (val_bpb / val_bpb_text, or val_acc / val_acc_long for a probe)."""
+
+    step: int
+    loss: float
+    r: list[int]
+    lr_mult: float
+    grad_norm: float
+    tok_s: float
+    flops_per_token: float
+    mfu: float
+    dt: float
+    text_batches: int | None = None  # SFT mixing in pretraining text: how many micro-steps were text
+    evaluation: dict = field(default_factory=dict)
+
+    @property
+    def r_mean(self) -> float:
+        return sum(self.r) / len(self.r)
+
+    def record(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("text_batches", "evaluation")}
+        out["r_mean"] = self.r_mean
+        if self.text_batches is not None:
+            out["text_batches"] = self.text_batches
+        return out
 
 
 def read_records(path: Path) -> list[dict]:

@@ -45,36 +45,7 @@ from recurchat.train.optim import build_optimizers, lr_multiplier, set_lr
 from recurchat.train.probes import check_probe
 from recurchat.train.recipes import micro_loss
 from recurchat.train.spec import RunSpec, eval_depths, fit_batch_to_world, resumable_loader_state, resume_spec
-from recurchat.train.telemetry import Telemetry, truncate_log
-
-
-@dataclass
-class StepMetrics:
-    """One optimizer step's figures (`record()` is its metrics.jsonl line); after the last step `evaluation` holds
-    the final held-out evaluation (val_bpb / val_bpb_text, or val_acc / val_acc_long for a probe)."""
-
-    step: int
-    loss: float
-    r: list[int]
-    lr_mult: float
-    grad_norm: float
-    tok_s: float
-    flops_per_token: float
-    mfu: float
-    dt: float
-    text_batches: int | None = None  # SFT mixing in pretraining text: how many micro-steps were text
-    evaluation: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def r_mean(self) -> float:
-        return sum(self.r) / len(self.r)
-
-    def record(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("text_batches", "evaluation")}
-        out["r_mean"] = self.r_mean
-        if self.text_batches is not None:
-            out["text_batches"] = self.text_batches
-        return out | {k: v for k, v in self.evaluation.items() if k != "step"}
+from recurchat.train.telemetry import StepMetrics, Telemetry, truncate_log
 
 
 class Diverged(RuntimeError):
