@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recurchat import checkpoint
 from recurchat.config import get_preset
-from recurchat.data.tasks.probes import CHASE_BUDGET, parse_probe
+from recurchat.data.tasks.probes import parse_probe
 from recurchat.eval.calibrate import calibrate_probe_checkpoint
 from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.errors import UserError
@@ -36,12 +36,13 @@ LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "
 
 
 def held_out(probe: str) -> str:
-    """`parity:1-8` → `probe:parity:1-16`: the trained levels and as many again (chase: up to its longest chain)."""
+    """`parity:1-8` → `probe:parity:1-16`: the trained levels and as many again (chase: up to its budget of
+    names, the longest chain a sequence holds)."""
     spec = parse_probe(probe)
     top = 2 * spec.levels[-1]
     if spec.probe.name == "chase":
-        top = min(top, CHASE_BUDGET)
-    return f"probe:{spec.probe.name}:{spec.levels[0]}-{top}"
+        top = min(top, spec.probe.names)
+    return spec.at_levels(spec.levels[0], top).name
 
 
 def depths() -> str:

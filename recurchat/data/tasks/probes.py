@@ -13,11 +13,14 @@ loss reads only those positions. The difficulty of a label is the number of sequ
 - `chase`: in-context multi-query pointer chasing. Statements `name value` (a constant) and `name name` (an alias)
   for several chains, shuffled, then `?` and queries: every name of every chain once, in random order, each
   labelled with its chain's value. Difficulty = hops + 1 (1 is a direct look-up). A level range `1-3` draws chains
-  of 1..3 names until the sequence holds CHASE_BUDGET names (the last chain cut to fit), each chain ending in a value
-  drawn from CHASE_VALUES: every sequence has the same length and the same number of statements and queries
+  of 1..3 names until the sequence holds its budget of names (`probe:chase:1-3:names=16`; 8 when not given; the last
+  chain cut to fit), each chain ending in a value drawn from CHASE_VALUES: every sequence has the same length and the same number of statements and queries
   whatever its levels, so held-out levels differ from trained ones in hops only, never in context length or in how
   far a query is from its statements (with chains of a fixed count, longer chains meant longer sequences, and a
-  model trained on 1-2 failed direct look-ups in the longer sequences of 1-4).
+  model trained on 1-2 failed direct look-ups in the longer sequences of 1-4). The budget bounds the longest chain
+  and sets how many other chains share a sequence with it: with 8 names a chain of 8 is alone and every query has
+  the same answer, so held-out long chains need a larger budget to stay hard. Every budget draws its names from the
+  same CHASE_POOL, so one vocabulary (and one checkpoint) serves them all.
 
 Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
 from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.
@@ -37,9 +40,9 @@ from recurchat.errors import UserError
 
 PREFIX = "probe:"
 EVAL_SEED = 1 << 40  # eval sequences are seeded from here on; training seeds stay far below it
-CHASE_NAMES = 32
+CHASE_POOL = 32  # name tokens in the chase vocabulary; a sequence uses `names` of them
 CHASE_VALUES = 10
-CHASE_BUDGET = 8  # names per chase sequence: 8 statements, `?`, 8 queries
+DEFAULT_CHASE_NAMES = 8  # names per chase sequence unless the spec says `:names=N`: 8 statements, `?`, 8 queries
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,8 @@ class StateTracking:
         self.vocab = Vocabulary([f"x{i}" for i in range(n)], [f"s{i}" for i in range(n)])
         self.chance = 1.0 / n
 
+    options = ""  # state tracking takes no `:key=value` options
+
     def max_width(self, levels: list[int]) -> int:
         """Tokens in the longest sequence of these levels: <|bos|> and one symbol per step."""
         return 1 + max(levels)
@@ -129,43 +134,48 @@ def s3_table() -> tuple[list[list[int]], int]:
 
 
 class PointerChase:
-    """Multi-query pointer chasing in context: alias chains filling a fixed name budget, every name queried."""
+    """Multi-query pointer chasing in context: alias chains filling a budget of `names`, every name queried."""
 
     name = "chase"
-    description = (f"in-context pointer chasing: chains of {CHASE_BUDGET} names per sequence, every name queried; "
-                   "difficulty = hops + 1")
     chance = 1.0 / CHASE_VALUES
 
-    def __init__(self):
-        names = [f"n{i}" for i in range(CHASE_NAMES)]
-        self.vocab = Vocabulary([*names, *(f"v{i}" for i in range(CHASE_VALUES)), "?"],
+    def __init__(self, names: int = DEFAULT_CHASE_NAMES):
+        self.names = names
+        self.description = (f"in-context pointer chasing: chains of {names} names per sequence (`:names=N` sets it), "
+                            "every name queried; difficulty = hops + 1")
+        self.vocab = Vocabulary([*(f"n{i}" for i in range(CHASE_POOL)), *(f"v{i}" for i in range(CHASE_VALUES)), "?"],
                                 [f"v{i}" for i in range(CHASE_VALUES)])
+
+    @property
+    def options(self) -> str:
+        """The spec's option suffix: `:names=N` when the budget is not the default."""
+        return "" if self.names == DEFAULT_CHASE_NAMES else f":names={self.names}"
 
     def max_width(self, levels: list[int]) -> int:
         """<|bos|>, two tokens per statement, `?`, one query per name: the same for every level range."""
-        return 1 + 2 * CHASE_BUDGET + 1 + CHASE_BUDGET
+        return 1 + 2 * self.names + 1 + self.names
 
     def lengths(self, levels: list[int], g: torch.Generator) -> list[int]:
-        """Chain lengths drawn from `levels` until they hold CHASE_BUDGET names; the last one is cut to fit."""
+        """Chain lengths drawn from `levels` until they hold the budget of names; the last one is cut to fit."""
         out: list[int] = []
-        while sum(out) < CHASE_BUDGET:
+        while sum(out) < self.names:
             drawn = levels[int(torch.randint(len(levels), (1,), generator=g))]
-            out.append(min(drawn, CHASE_BUDGET - sum(out)))
+            out.append(min(drawn, self.names - sum(out)))
         return out
 
     def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
         """(symbol indices, label per position or -1, difficulty per position) for one sequence."""
-        names = torch.randperm(CHASE_NAMES, generator=g).tolist()
+        names = torch.randperm(CHASE_POOL, generator=g).tolist()
         statements, queries = [], []
         for length in self.lengths(levels, g):
             chain, names = names[:length], names[length:]
             value = int(torch.randint(CHASE_VALUES, (1,), generator=g))
-            statements.append((chain[0], CHASE_NAMES + value))
+            statements.append((chain[0], CHASE_POOL + value))
             statements += [(b, a) for a, b in zip(chain, chain[1:])]
             queries += [(name, value, hops + 1) for hops, name in enumerate(chain)]
         order = torch.randperm(len(statements), generator=g).tolist()
         ask = torch.randperm(len(queries), generator=g).tolist()
-        symbols = [s for i in order for s in statements[i]] + [CHASE_NAMES + CHASE_VALUES]
+        symbols = [s for i in order for s in statements[i]] + [CHASE_POOL + CHASE_VALUES]
         labels, steps = [-1] * len(symbols), [0] * len(symbols)
         for i in ask:
             name, value, difficulty = queries[i]
@@ -208,7 +218,11 @@ class ProbeSpec:
 
     @property
     def name(self) -> str:
-        return f"{PREFIX}{self.probe.name}:{self.levels[0]}-{self.levels[-1]}"
+        return f"{PREFIX}{self.probe.name}:{self.levels[0]}-{self.levels[-1]}{self.probe.options}"
+
+    def at_levels(self, lo: int, hi: int) -> ProbeSpec:
+        """The same probe (and options) drawing difficulties lo..hi instead."""
+        return ProbeSpec(self.probe, list(range(lo, hi + 1)))
 
     def batch(self, n: int, seed: int) -> ProbeBatch:
         return self.probe.batch(self.levels, n, torch.Generator().manual_seed(seed))
@@ -227,9 +241,10 @@ def is_probe(spec: str) -> bool:
 
 
 def parse_probe(spec: str) -> ProbeSpec:
-    """"probe:parity:1-8" → ProbeSpec; a one-line UserError naming the problem otherwise."""
+    """"probe:parity:1-8", "probe:chase:1-4:names=16" → ProbeSpec; a one-line UserError naming the problem
+    otherwise."""
     body = spec.strip()[len(PREFIX):] if is_probe(spec) else spec.strip()
-    name, _, levels = body.partition(":")
+    name, levels, *options = body.split(":")
     if name not in PROBES:
         raise UserError(f"unknown probe {name!r} (choices: {', '.join(sorted(PROBES))}); e.g. probe:parity:1-8")
     lo, _, hi = (levels or "1-8").partition("-")
@@ -239,9 +254,22 @@ def parse_probe(spec: str) -> ProbeSpec:
         raise UserError(f"probe {name!r}: bad level range {levels!r} (expected LO-HI, e.g. 1-8)") from None
     if not 1 <= lo_i <= hi_i <= MAX_LEVEL:
         raise UserError(f"probe {name!r}: levels must satisfy 1 <= LO <= HI <= {MAX_LEVEL}, got {levels!r}")
-    if name == "chase" and hi_i > CHASE_BUDGET:
-        raise UserError(f"probe 'chase': chains of at most {CHASE_BUDGET} names (the sequence's budget), got {hi_i}")
-    return ProbeSpec(PROBES[name], list(range(lo_i, hi_i + 1)))
+    probe = PROBES[name] if not options else probe_with_options(name, options)
+    if name == "chase" and hi_i > probe.names:
+        raise UserError(f"probe 'chase': chains of at most {probe.names} names (the sequence's budget; "
+                        f"`:names=N` raises it), got {hi_i}")
+    return ProbeSpec(probe, list(range(lo_i, hi_i + 1)))
+
+
+def probe_with_options(name: str, options: list[str]):
+    """The probe `name` built with `key=value` options; only chase takes one (`names`, its budget per sequence)."""
+    key, _, value = options[0].partition("=")
+    if name != "chase" or len(options) > 1 or key != "names":
+        raise UserError(f"probe {name!r}: unknown option {':'.join(options)!r} "
+                        f"({'chase takes names=N' if name == 'chase' else 'it takes none'})")
+    if not value.isdigit() or not 1 <= int(value) <= CHASE_POOL:
+        raise UserError(f"probe 'chase': names must be an integer in 1..{CHASE_POOL}, got {value!r}")
+    return PointerChase(int(value))
 
 
 def same_vocabulary(spec: ProbeSpec, tokenizer: Tokenizer) -> bool:

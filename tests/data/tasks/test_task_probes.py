@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recurchat.data.loader import ProbeLoader
-from recurchat.data.tasks.probes import CHASE_BUDGET, CHASE_NAMES, PROBES, ProbeBatch, parse_probe, s3_table
+from recurchat.data.tasks.probes import CHASE_POOL, DEFAULT_CHASE_NAMES, PROBES, ProbeBatch, parse_probe, s3_table
 from recurchat.errors import UserError
 
 
@@ -78,7 +78,18 @@ def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
             assert row_d[t] == hops + 1
             seen.add(row_d[t])
     assert seen == {1, 2, 3, 4, 5}
-    assert batch.x.shape[1] == 1 + 2 * CHASE_BUDGET + 1 + CHASE_BUDGET  # every sequence fills the name budget
+    assert batch.x.shape[1] == 1 + 2 * DEFAULT_CHASE_NAMES + 1 + DEFAULT_CHASE_NAMES  # every sequence fills the name budget
+
+
+def test_chase_names_option_sets_the_budget_and_keeps_the_vocabulary():
+    wide = parse_probe("probe:chase:1-8:names=24")
+    assert wide.name == "probe:chase:1-8:names=24" and parse_probe(wide.name).name == wide.name
+    assert parse_probe("probe:chase:1-4:names=8").name == "probe:chase:1-4"  # the default budget is not spelled out
+    assert wide.at_levels(1, 16).name == "probe:chase:1-16:names=24"
+    batch = wide.batch(8, seed=1)
+    assert batch.x.shape[1] == wide.width == 1 + 2 * 24 + 1 + 24
+    assert ((batch.y >= 0).sum(dim=1) == 24).all()  # every one of the 24 names is queried
+    assert wide.tokenizer().fingerprint() == parse_probe("probe:chase:1-4").tokenizer().fingerprint()
 
 
 def test_chase_sequences_have_one_length_whatever_the_levels():
@@ -86,7 +97,7 @@ def test_chase_sequences_have_one_length_whatever_the_levels():
     for spec in (short, long):
         batch = spec.batch(16, seed=3)
         ask = (batch.x == spec.tokenizer().encode("?")[0]).int().argmax(dim=1)
-        assert (ask == 1 + 2 * CHASE_BUDGET).all() and batch.x.shape[1] == spec.width
+        assert (ask == 1 + 2 * DEFAULT_CHASE_NAMES).all() and batch.x.shape[1] == spec.width
     assert short.width == long.width
     assert set(long.batch(16, seed=3).difficulty[long.batch(16, seed=3).y >= 0].tolist()) <= {3, 4}
 
@@ -113,7 +124,11 @@ def test_tokenizer_round_trips_and_keeps_special_ids():
     ("probe:parity:a-b", "bad level range"),
     ("probe:parity:5-2", "levels must satisfy"),
     ("probe:parity:0-3", "levels must satisfy"),
-    (f"probe:chase:1-{CHASE_NAMES}", "chains of at most 8 names"),
+    ("probe:chase:1-9", "chains of at most 8 names"),
+    ("probe:chase:1-12:names=10", "chains of at most 10 names"),
+    (f"probe:chase:1-4:names={CHASE_POOL + 1}", "names must be an integer in 1..32"),
+    ("probe:chase:1-4:size=16", "unknown option 'size=16'"),
+    ("probe:parity:1-4:names=16", "it takes none"),
 ])
 def test_bad_specs_are_one_line_errors(spec, message):
     with pytest.raises(UserError, match=message):
