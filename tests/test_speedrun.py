@@ -123,3 +123,11 @@ def test_probe_exit_row_gives_depth_ratios_and_points_lost(tmp_path):
     eval_file(tmp_path, "parity:1-2", "recursive").write_text(json.dumps(recursive))
     row = exit_row(ProbeNumbers(tmp_path, "parity:1-2", [("recursive", False)]))
     assert row == ("| parity:1-2 | `latent:1e-05` | 2.00 | 5.00 → 8.00 (1.60×) | 4.00× | 0.850 | +7.5 / +15.0 |")
+
+
+def test_held_out_levels_double_the_trained_ones_and_keep_the_chase_budget():
+    from recurchat.speedrun.probes import held_out
+    assert held_out("parity:1-8") == "probe:parity:1-16"
+    assert held_out("chase:1-4") == "probe:chase:1-8"  # the default budget of 8 names caps the longest chain
+    assert held_out("chase:1-4:names=16") == "probe:chase:1-8:names=16"
+    assert held_out("chase:1-12:names=16") == "probe:chase:1-16:names=16"
