@@ -14,13 +14,14 @@ loss reads only those positions. The difficulty of a label is the number of sequ
   for several chains, shuffled, then `?` and queries: every name of every chain once, in random order, each
   labelled with its chain's value. Difficulty = hops + 1 (1 is a direct look-up). A level range `1-3` draws chains
   of 1..3 names until the sequence holds its budget of names (`probe:chase:1-3:names=16`; 8 when not given; the last
-  chain cut to fit), each chain ending in a value drawn from CHASE_VALUES: every sequence has the same length and the same number of statements and queries
-  whatever its levels, so held-out levels differ from trained ones in hops only, never in context length or in how
-  far a query is from its statements (with chains of a fixed count, longer chains meant longer sequences, and a
-  model trained on 1-2 failed direct look-ups in the longer sequences of 1-4). The budget bounds the longest chain
-  and sets how many other chains share a sequence with it: with 8 names a chain of 8 is alone and every query has
-  the same answer, so held-out long chains need a larger budget to stay hard. Every budget draws its names from the
-  same CHASE_POOL, so one vocabulary (and one checkpoint) serves them all.
+  chain cut to fit), each chain ending in a value drawn from CHASE_VALUES: every sequence has the same length and
+  the same number of statements and queries whatever its levels, so held-out levels differ from trained ones in
+  hops only, never in context length or in how far a query is from its statements (with chains of a fixed count,
+  longer chains meant longer sequences, and a model trained on 1-2 failed direct look-ups in the longer sequences
+  of 1-4). The budget bounds the longest chain and sets how many other chains share a sequence with it: with 8
+  names a chain of 8 is alone and every query has the same answer, so held-out long chains need a larger budget to
+  stay hard. Every budget draws its names from the same CHASE_POOL, so one vocabulary (and one checkpoint) serves
+  them all.
 
 Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
 from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.

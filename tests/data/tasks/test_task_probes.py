@@ -78,7 +78,7 @@ def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
             assert row_d[t] == hops + 1
             seen.add(row_d[t])
     assert seen == {1, 2, 3, 4, 5}
-    assert batch.x.shape[1] == 1 + 2 * DEFAULT_CHASE_NAMES + 1 + DEFAULT_CHASE_NAMES  # every sequence fills the name budget
+    assert batch.x.shape[1] == 1 + 3 * DEFAULT_CHASE_NAMES + 1  # every sequence fills the name budget
 
 
 def test_chase_names_option_sets_the_budget_and_keeps_the_vocabulary():
