@@ -55,7 +55,7 @@ class TaskSpec:
 
 def task_choices() -> list[str]:
     return ["bpb", *sorted(REGISTRY), *(f"{name}:PATH" for name in BENCHMARKS),
-            *(f"probe:{name}:LO-HI{':names=N' if name == 'chase' else ''}" for name in sorted(PROBES))]
+            *(f"probe:{name}:LO-HI{PROBES[name].option_help}" for name in sorted(PROBES))]
 
 
 def parse_task_spec(spec: str) -> TaskSpec:

@@ -36,13 +36,10 @@ LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "
 
 
 def held_out(probe: str) -> str:
-    """`parity:1-8` → `probe:parity:1-16`: the trained levels and as many again (chase: up to its budget of
-    names, the longest chain a sequence holds)."""
+    """`parity:1-8` → `probe:parity:1-16`: the trained levels and as many again, up to the probe's longest level
+    (chase: its budget of names, the longest chain a sequence holds)."""
     spec = parse_probe(probe)
-    top = 2 * spec.levels[-1]
-    if spec.probe.name == "chase":
-        top = min(top, spec.probe.names)
-    return spec.at_levels(spec.levels[0], top).name
+    return spec.at_levels(spec.levels[0], min(2 * spec.levels[-1], spec.probe.max_level)).name
 
 
 def depths() -> str:

@@ -10,7 +10,6 @@ Exercised by `pytest tests/train/test_probe_training.py`.
 
 from __future__ import annotations
 
-import dataclasses
 
 from recurchat.config import ModelConfig, TrainConfig
 from recurchat.data.tasks.probes import ProbeSpec, same_vocabulary
@@ -42,7 +41,7 @@ def validation(net: RecurrentLM, probe: ProbeSpec, depths: list[int], dtype: Dty
                step: int) -> dict:
     """{"step", "val_acc": {r: acc}, "val_acc_long": {r: acc}} (the longer levels only where they fit seq_len)."""
     n = max(8, eval_tokens // 256)
-    longer = dataclasses.replace(probe, levels=list(range(probe.levels[-1] + 1, 2 * probe.levels[-1] + 1)))
+    longer = probe.at_levels(probe.levels[-1] + 1, 2 * probe.levels[-1])
     record = {"step": step, "val_acc": {str(r): probe_accuracy(net, probe, r, n, dtype) for r in depths}}
     if longer.width <= net.cfg.seq_len:
         record["val_acc_long"] = {str(r): probe_accuracy(net, longer, r, n, dtype) for r in depths}

@@ -44,6 +44,7 @@ EVAL_SEED = 1 << 40  # eval sequences are seeded from here on; training seeds st
 CHASE_POOL = 32  # name tokens in the chase vocabulary; a sequence uses `names` of them
 CHASE_VALUES = 10
 DEFAULT_CHASE_NAMES = 8  # names per chase sequence unless the spec says `:names=N`: 8 statements, `?`, 8 queries
+MAX_LEVEL = 64
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,12 @@ class StateTracking:
         self.vocab = Vocabulary([f"x{i}" for i in range(n)], [f"s{i}" for i in range(n)])
         self.chance = 1.0 / n
 
-    options = ""  # state tracking takes no `:key=value` options
+    options, option_help = "", ""  # state tracking takes no `:key=value` options
+    max_level = MAX_LEVEL
+    level_limit = f"levels up to {MAX_LEVEL}"
+
+    def with_options(self, options: list[str]) -> StateTracking:
+        raise UserError(f"probe {self.name!r}: unknown option {':'.join(options)!r} (it takes none)")
 
     def max_width(self, levels: list[int]) -> int:
         """Tokens in the longest sequence of these levels: <|bos|> and one symbol per step."""
@@ -139,6 +145,7 @@ class PointerChase:
 
     name = "chase"
     chance = 1.0 / CHASE_VALUES
+    option_help = ":names=N"
 
     def __init__(self, names: int = DEFAULT_CHASE_NAMES):
         self.names = names
@@ -151,6 +158,23 @@ class PointerChase:
     def options(self) -> str:
         """The spec's option suffix: `:names=N` when the budget is not the default."""
         return "" if self.names == DEFAULT_CHASE_NAMES else f":names={self.names}"
+
+    @property
+    def max_level(self) -> int:
+        return self.names  # the longest chain a sequence holds
+
+    @property
+    def level_limit(self) -> str:
+        return f"chains of at most {self.names} names (the sequence's budget; `:names=N` raises it)"
+
+    def with_options(self, options: list[str]) -> PointerChase:
+        """This probe with `names=N` (its budget per sequence), the one option it takes."""
+        key, _, value = options[0].partition("=")
+        if len(options) > 1 or key != "names":
+            raise UserError(f"probe 'chase': unknown option {':'.join(options)!r} (chase takes names=N)")
+        if not value.isdigit() or not 1 <= int(value) <= CHASE_POOL:
+            raise UserError(f"probe 'chase': names must be an integer in 1..{CHASE_POOL}, got {value!r}")
+        return PointerChase(int(value))
 
     def max_width(self, levels: list[int]) -> int:
         """<|bos|>, two tokens per statement, `?`, one query per name: the same for every level range."""
@@ -207,7 +231,6 @@ def _probes() -> dict:
 
 
 PROBES = _probes()
-MAX_LEVEL = 64
 
 
 @dataclass(frozen=True)
@@ -245,7 +268,8 @@ def parse_probe(spec: str) -> ProbeSpec:
     """"probe:parity:1-8", "probe:chase:1-4:names=16" → ProbeSpec; a one-line UserError naming the problem
     otherwise."""
     body = spec.strip()[len(PREFIX):] if is_probe(spec) else spec.strip()
-    name, levels, *options = body.split(":")
+    name, *rest = body.split(":")
+    levels, options = (rest[0] if rest else ""), rest[1:]
     if name not in PROBES:
         raise UserError(f"unknown probe {name!r} (choices: {', '.join(sorted(PROBES))}); e.g. probe:parity:1-8")
     lo, _, hi = (levels or "1-8").partition("-")
@@ -255,22 +279,10 @@ def parse_probe(spec: str) -> ProbeSpec:
         raise UserError(f"probe {name!r}: bad level range {levels!r} (expected LO-HI, e.g. 1-8)") from None
     if not 1 <= lo_i <= hi_i <= MAX_LEVEL:
         raise UserError(f"probe {name!r}: levels must satisfy 1 <= LO <= HI <= {MAX_LEVEL}, got {levels!r}")
-    probe = PROBES[name] if not options else probe_with_options(name, options)
-    if name == "chase" and hi_i > probe.names:
-        raise UserError(f"probe 'chase': chains of at most {probe.names} names (the sequence's budget; "
-                        f"`:names=N` raises it), got {hi_i}")
+    probe = PROBES[name].with_options(options) if options else PROBES[name]
+    if hi_i > probe.max_level:
+        raise UserError(f"probe {name!r}: {probe.level_limit}, got {hi_i}")
     return ProbeSpec(probe, list(range(lo_i, hi_i + 1)))
-
-
-def probe_with_options(name: str, options: list[str]):
-    """The probe `name` built with `key=value` options; only chase takes one (`names`, its budget per sequence)."""
-    key, _, value = options[0].partition("=")
-    if name != "chase" or len(options) > 1 or key != "names":
-        raise UserError(f"probe {name!r}: unknown option {':'.join(options)!r} "
-                        f"({'chase takes names=N' if name == 'chase' else 'it takes none'})")
-    if not value.isdigit() or not 1 <= int(value) <= CHASE_POOL:
-        raise UserError(f"probe 'chase': names must be an integer in 1..{CHASE_POOL}, got {value!r}")
-    return PointerChase(int(value))
 
 
 def same_vocabulary(spec: ProbeSpec, tokenizer: Tokenizer) -> bool:
