@@ -89,7 +89,7 @@ class ContinuousBatch:
 
     @property
     def capacity(self) -> int:
-        return self.cache.k.size(1)
+        return self.cache.batch_size
 
     @property
     def busy(self) -> bool:

@@ -1,4 +1,4 @@
-"""KV caches for recursion: preallocated K/V tensors with one slot per (layer, iteration slot).
+"""KV caches for recursion: preallocated K/V tensors, one pair per (layer, iteration slot).
 
 Strategies (how many iteration slots each recurrent layer keeps):
   full      one slot per iteration up to max_recur: cached decoding equals the uncached forward;
@@ -8,6 +8,10 @@ Strategies (how many iteration slots each recurrent layer keeps):
 Fill-forward: a token that stopped at iteration j (early exit, or a shallower prefill) is read at a deeper
 iteration i from its latest computed iteration ≤ i. The engine calls `fill_forward` when a row stops, which copies
 iteration j's K/V into the slots of iterations j+1..max_recur−1 for that position (a no-op for `last`).
+
+Each layer's K and V are tensors of their own, [batch, kv_heads, max_len, head_dim], not views of one big tensor: a
+compiled decode step (infer/runner.py) writes them in place, which torch.compile does only for inputs that do not
+alias one another (views of one base make it copy the whole base at every step).
 
 Exercise: `pytest tests/infer/test_kv_cache.py`.
 """
@@ -74,13 +78,15 @@ class Rows:
 class LayerView:
     """What Attention sees: `update(k, v)` stores this step's keys/values and returns everything to attend to."""
 
-    __slots__ = ("cache", "layer", "rows")
+    __slots__ = ("layer", "k", "v", "rows")
 
     def __init__(self, cache: "KVCache", layer: int, rows: Rows):
-        self.cache, self.layer, self.rows = cache, layer, rows
+        # the layer's K/V as views: update() never reads the layer number, so a compiled step does not specialise
+        # (and recompile) on it
+        self.layer, self.k, self.v, self.rows = layer, cache.k[layer], cache.v[layer], rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
-        K, V, rows = self.cache.k[self.layer], self.cache.v[self.layer], self.rows
+        K, V, rows = self.k, self.v, self.rows
         if rows.chunk_pos is not None:  # a chunk per row after its own start
             at = (rows.index[:, None], slice(None), rows.chunk_pos)  # K[at] is [n, chunk, heads, head_dim]
             K[at] = k.transpose(1, 2).to(K.dtype)
@@ -107,14 +113,13 @@ class KVCache:
         self.cfg, self.strategy, self.max_recur = cfg, strategy, max_recur
         self.slots = iteration_slots(strategy, max_recur) if cfg.n_shared else 0
         n_layers = cfg.n_prelude + cfg.n_coda + cfg.n_shared * self.slots
-        head_dim = cfg.d_model // cfg.n_head
-        shape = (n_layers, batch_size, cfg.n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.max_len = max_len
+        shape = (batch_size, cfg.n_kv_head, max_len, cfg.d_model // cfg.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.batch_size, self.max_len = batch_size, max_len
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v))
 
     # layer numbering: prelude 0..P-1, then coda P..P+C-1, then recurrent layer j / slot s
     def _recur_layer(self, j: int, iteration: int) -> int:
@@ -122,7 +127,7 @@ class KVCache:
 
     def rows(self, index: torch.Tensor, pos: torch.Tensor | None, start: int | torch.Tensor = 0,
              chunk: int = 0) -> Rows:
-        return Rows(index, pos, self.k.size(1), start, chunk, self.cfg.attn_window)
+        return Rows(index, pos, self.batch_size, start, chunk, self.cfg.attn_window)
 
     def prelude(self, rows: Rows) -> list[LayerView]:
         return [LayerView(self, i, rows) for i in range(self.cfg.n_prelude)]
@@ -144,13 +149,10 @@ class KVCache:
         if not targets:
             return
         base = self.cfg.n_prelude + self.cfg.n_coda
+        at = (rows,) if pos is None else (rows, slice(None), pos)
         for j in range(self.cfg.n_shared):
             src = self._recur_layer(j, done - 1)
-            dst = torch.tensor([base + j * self.slots + t for t in targets], device=rows.device)[:, None]
-            for buf in (self.k, self.v):  # one copy into every target slot at once
-                if pos is None:
-                    value = buf[src, rows]
-                    buf[dst, rows[None, :]] = value.expand(len(targets), *value.shape)
-                else:
-                    value = buf[src, rows, :, pos]  # [n, heads, head_dim]
-                    buf[dst, rows[None, :], :, pos[None, :]] = value.expand(len(targets), *value.shape)
+            for buf in (self.k, self.v):
+                value = buf[src][at]
+                for t in targets:
+                    buf[base + j * self.slots + t][at] = value

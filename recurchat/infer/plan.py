@@ -124,6 +124,13 @@ class RowPlans:
             return torch.full((n,), v, dtype=torch.long, device=device)
         return cls([plan.criterion], full(0), full(plan.min_steps), full(plan.max_steps))
 
+    def fixed_depth(self) -> int | None:
+        """The depth every row runs when all of them run one fixed depth (no criterion to check), else None."""
+        if any(c.kind != "fixed" for c in self.criteria):
+            return None
+        low, high = int(self.max_steps.min()), int(self.max_steps.max())
+        return high if low == high else None
+
     def take(self, mask: torch.Tensor) -> "RowPlans":
         return RowPlans(self.criteria, self.group[mask], self.min_steps[mask], self.max_steps[mask])
 

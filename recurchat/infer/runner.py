@@ -70,11 +70,22 @@ class Runner:
         self.dtype = choose_dtype(dtype, self.device)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
+        self.compiled_step = None  # compile(): fixed_step under torch.compile
 
     def autocast(self):
         """The region every pass runs in (bf16 autocast or nothing); hold one region across many steps so its cache
         keeps each weight's bf16 copy instead of casting every weight again at every step."""
         return self.dtype.autocast(self.device)
+
+    def compile(self) -> "Runner":
+        """Decode steps whose rows all run one fixed depth go through `torch.compile(fixed_step)`: one graph fuses
+        the whole step's small ops (norms, rotary, casts, cache writes), which bound an eager step at small batch.
+        Shapes are dynamic, so one graph serves every batch size and cache length; each distinct r, warm start or
+        row order compiles once more. Steps with an exit criterion stay eager (their host checks break the graph);
+        a noise state init stays eager too (compiled and eager random streams differ)."""
+        if self.model.cfg.state_init != "noise":
+            self.compiled_step = torch.compile(self.fixed_step, dynamic=True)
+        return self
 
     def describe(self) -> str:
         """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""
@@ -122,17 +133,17 @@ class Runner:
         m = self.model
         cos, sin = m.cos[0, pos].unsqueeze(1), m.sin[0, pos].unsqueeze(1)  # [n, 1, 1, D/2]: a position per row
         view = cache.rows(rows, pos)
+        n, fixed = rows.numel(), plans.fixed_depth() if m.recur else 0
+        if fixed is not None:  # every row runs the same fixed depth: one pass, no exit bookkeeping
+            self.iterations += fixed * n
+            step = self.fixed_step if self.compiled_step is None else self.compiled_step
+            logits, state = step(cache, tok, view, cos, sin, fixed, warm, warm_rows)
+            return logits, torch.full((n,), fixed, dtype=torch.long, device=self.device), state
         x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
-        n = rows.numel()
-        if not m.recur:
-            logits = m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1]
-            return logits, torch.zeros(n, dtype=torch.long, device=self.device), None
         out = DecodeOut(torch.empty(n, self.cfg.vocab_size, device=self.device), torch.empty_like(x),
                         torch.zeros(n, dtype=torch.long, device=self.device),
                         torch.zeros(n, dtype=torch.bool, device=self.device))
-        s0 = m.initial_state(x)
-        if warm is not None:
-            s0 = warm if warm_rows is None else torch.where(warm_rows[:, None, None], warm.to(s0.dtype), s0)
+        s0 = self.start_state(x, warm, warm_rows)
         act = ActiveRows(torch.arange(n, device=self.device), x, s0, cos, sin, rows, pos, view, plans)
         checks = ExitChecks(plans, act.s[:, -1], self.exit_gate)
 
@@ -159,6 +170,25 @@ class Runner:
             hidden = m.run_coda(out.state[at], cos[at], sin[at], cache.coda(cache.rows(rows[at], pos[at])))
             out.logits[at] = m.head(hidden)[:, -1].float()
         return out.logits, out.depth, out.state
+
+    def start_state(self, x: torch.Tensor, warm: torch.Tensor | None, warm_rows: torch.Tensor | None) -> torch.Tensor:
+        """s₀ of a decode step: init(e), or `warm` on the rows of `warm_rows` (default: all)."""
+        s0 = self.model.initial_state(x)
+        if warm is None:
+            return s0
+        return warm if warm_rows is None else torch.where(warm_rows[:, None, None], warm.to(s0.dtype), s0)
+
+    def fixed_step(self, cache: KVCache, tok: torch.Tensor, view, cos: torch.Tensor, sin: torch.Tensor, r: int,
+                   warm: torch.Tensor | None, warm_rows: torch.Tensor | None):
+        """(logits [n, V] fp32, final states [n, 1, d] or None) of one decode token per row, every row at depth r
+        (0: a standard model): prelude, r iterations, coda, head — the pass `compile()` hands to torch.compile."""
+        m = self.model
+        x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
+        state = None
+        if r:
+            state = m.loop(x, self.start_state(x, warm, warm_rows), cos, sin, r, kv=lambda i: cache.recur(i, view))
+            x, state = state, state.to(x.dtype)
+        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1].float(), state
 
     def _check_exit(self, act: ActiveRows, cache: KVCache, checks: ExitChecks, out: DecodeOut,
                     step: int) -> torch.Tensor:

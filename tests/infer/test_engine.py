@@ -78,8 +78,8 @@ def ring_reference_logits(engine, seq, prompt_len, r, k):
             for i in range(r):
                 j = i + k * ((r - 1 - i) // k)
                 for buf in (full.k, full.v):
-                    buf[full._recur_layer(layer, i), :, :, positions] = buf[full._recur_layer(layer, j), :, :,
-                                                                             positions]
+                    buf[full._recur_layer(layer, i)][:, :, positions] = buf[full._recur_layer(layer, j)][:, :,
+                                                                                                      positions]
     out = []
     with torch.no_grad():
         logits, _ = engine.runner.prefill(full, torch.tensor([seq[:prompt_len]]), torch.tensor([prompt_len]), r, r)
@@ -233,13 +233,14 @@ def test_exited_rows_state_frozen(tiny_cfg, monkeypatch):
     assert torch.allclose(logits[0], ref[0, -1], atol=1e-4) and torch.allclose(state[0, 0], ref_state[0, -1], atol=1e-4)
     # its K/V rows are untouched by the iterations row 1 went on to run; iterations 2..5 at its position are
     # filled forward from iteration 1 (the last one it computed)
-    assert torch.allclose(cache.k[:, 0], alone0[3].k[:, 0], atol=1e-6)
-    assert torch.allclose(cache.v[:, 0], alone0[3].v[:, 0], atol=1e-6)
-    assert torch.allclose(cache.k[:, 1], alone1[3].k[:, 1], atol=1e-6)
+    k, v = torch.stack(cache.k), torch.stack(cache.v)
+    assert torch.allclose(k[:, 0], torch.stack(alone0[3].k)[:, 0], atol=1e-6)
+    assert torch.allclose(v[:, 0], torch.stack(alone0[3].v)[:, 0], atol=1e-6)
+    assert torch.allclose(k[:, 1], torch.stack(alone1[3].k)[:, 1], atol=1e-6)
     for j in range(tiny_cfg.n_shared):
         src = cache._recur_layer(j, 1)
         for i in range(2, 6):
-            assert torch.equal(cache.k[cache._recur_layer(j, i), 0, :, 3], cache.k[src, 0, :, 3])
+            assert torch.equal(k[cache._recur_layer(j, i), 0, :, 3], k[src, 0, :, 3])
 
 
 @pytest.mark.parametrize("r", [1, 3])
@@ -281,7 +282,7 @@ def test_bytes_per_token_matches_allocation(tiny_cfg):
     for kv, slots in (("full", 6), ("last", 1), ("ring:2", 2)):
         cache = KVCache(tiny_cfg, kv, 1, tiny_cfg.seq_len, 6)
         assert cache.slots == slots
-        assert cache.k.size(0) == tiny_cfg.n_prelude + tiny_cfg.n_coda + tiny_cfg.n_shared * slots
+        assert len(cache.k) == tiny_cfg.n_prelude + tiny_cfg.n_coda + tiny_cfg.n_shared * slots
         assert cache.nbytes() == bytes_per_token(tiny_cfg, kv, 6, torch.float32) * tiny_cfg.seq_len
     cfg = tiny_cfg
     full, last = bytes_per_token(cfg, "full", 4), bytes_per_token(cfg, "last", 4)

@@ -60,8 +60,9 @@ def test_allocation_matches_bytes_per_token(tiny_cfg, strategy):
     cache = KVCache(tiny_cfg, strategy, 3, 10, 5)
     slots = iteration_slots(strategy, 5)
     assert cache.slots == slots
-    assert cache.k.shape == (tiny_cfg.n_prelude + tiny_cfg.n_coda + tiny_cfg.n_shared * slots, 3,
-                             tiny_cfg.n_kv_head, 10, tiny_cfg.d_model // tiny_cfg.n_head)
+    assert len(cache.k) == len(cache.v) == tiny_cfg.n_prelude + tiny_cfg.n_coda + tiny_cfg.n_shared * slots
+    assert {t.shape for t in (*cache.k, *cache.v)} == {(3, tiny_cfg.n_kv_head, 10, tiny_cfg.d_model // tiny_cfg.n_head)}
+    assert len({t.data_ptr() for t in (*cache.k, *cache.v)}) == 2 * len(cache.k)  # no two layers share storage
     assert cache.nbytes() == 3 * 10 * bytes_per_token(tiny_cfg, strategy, 5, torch.float32)
 
 
@@ -90,16 +91,23 @@ def test_iteration_to_layer_mapping(tiny_cfg):
 def numbered(cfg, strategy, max_recur, batch=2, max_len=4):
     """A cache whose every K/V entry is distinct, so any copy shows."""
     cache = KVCache(cfg, strategy, batch, max_len, max_recur)
-    cache.k.copy_(torch.arange(cache.k.numel(), dtype=torch.float32).view_as(cache.k))
-    cache.v.copy_(-torch.arange(cache.v.numel(), dtype=torch.float32).view_as(cache.v))
+    n = cache.k[0].numel()
+    for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+        k.copy_(torch.arange(layer * n, (layer + 1) * n, dtype=torch.float32).view_as(k))
+        v.copy_(-torch.arange(layer * n, (layer + 1) * n, dtype=torch.float32).view_as(v))
     return cache
+
+
+def stacked(cache):
+    """(K, V) of every layer as [layers, batch, kv_heads, max_len, head_dim] copies."""
+    return torch.stack(cache.k), torch.stack(cache.v)
 
 
 def test_fill_forward_at_one_position(tiny_cfg):
     """Row 1 stopped after 2 iterations at position 2: iterations 2..4 there now read iteration 1's K/V, and
     nothing else (other rows, other positions, prelude/coda, iterations 0 and 1) changes."""
     cache = numbered(tiny_cfg, "full", 5)
-    k0, v0 = cache.k.clone(), cache.v.clone()
+    k0, v0 = stacked(cache)
     cache.fill_forward(torch.tensor([1]), torch.tensor([2]), done=2, upto=5)
     expect_k, expect_v = k0.clone(), v0.clone()
     for j in range(tiny_cfg.n_shared):
@@ -108,35 +116,38 @@ def test_fill_forward_at_one_position(tiny_cfg):
             dst = cache._recur_layer(j, i)
             expect_k[dst, 1, :, 2] = k0[src, 1, :, 2]
             expect_v[dst, 1, :, 2] = v0[src, 1, :, 2]
-    assert torch.equal(cache.k, expect_k) and torch.equal(cache.v, expect_v)
-    assert not torch.equal(cache.k, k0)  # something was copied
+    k, v = stacked(cache)
+    assert torch.equal(k, expect_k) and torch.equal(v, expect_v)
+    assert not torch.equal(k, k0)  # something was copied
 
 
 def test_fill_forward_after_prefill_covers_every_position_of_the_rows(tiny_cfg):
     cache = numbered(tiny_cfg, "full", 4, batch=3)
-    k0 = cache.k.clone()
+    k0 = stacked(cache)[0]
     cache.fill_forward(torch.tensor([0, 2]), None, done=1, upto=4)
+    k = stacked(cache)[0]
     for j in range(tiny_cfg.n_shared):
         src = cache._recur_layer(j, 0)
         for i in range(1, 4):
             dst = cache._recur_layer(j, i)
-            assert torch.equal(cache.k[dst, [0, 2]], k0[src, [0, 2]])
-            assert torch.equal(cache.k[dst, 1], k0[dst, 1])  # row 1 did not stop: untouched
-        assert torch.equal(cache.k[src], k0[src])
+            assert torch.equal(k[dst, [0, 2]], k0[src, [0, 2]])
+            assert torch.equal(k[dst, 1], k0[dst, 1])  # row 1 did not stop: untouched
+        assert torch.equal(k[src], k0[src])
 
 
 def test_fill_forward_with_a_ring_fills_the_slots_deeper_iterations_read(tiny_cfg):
     """ring:3, stopped after 2 iterations (slots 0, 1 written): iterations 2..5 use slots 2, 0, 1, 2, so slots 2
     and 0 must now hold iteration 1's K/V (the latest one computed); slot 1 already does."""
     cache = numbered(tiny_cfg, "ring:3", 6)
-    k0 = cache.k.clone()
+    k0 = stacked(cache)[0]
     cache.fill_forward(torch.tensor([0]), torch.tensor([1]), done=2, upto=6)
+    k = stacked(cache)[0]
     base = tiny_cfg.n_prelude + tiny_cfg.n_coda
     for j in range(tiny_cfg.n_shared):
         slot = [base + j * 3 + s for s in range(3)]
         for i in range(1, 6):  # every iteration >= 1 now reads iteration 1's K/V at that position
-            assert torch.equal(cache.k[cache._recur_layer(j, i), 0, :, 1], k0[slot[1], 0, :, 1])
-        assert torch.equal(cache.k[slot[0], 0, :, 0], k0[slot[0], 0, :, 0])  # other positions keep their own
+            assert torch.equal(k[cache._recur_layer(j, i), 0, :, 1], k0[slot[1], 0, :, 1])
+        assert torch.equal(k[slot[0], 0, :, 0], k0[slot[0], 0, :, 0])  # other positions keep their own
 
 
 @pytest.mark.parametrize("strategy, done, upto", [
@@ -147,13 +158,13 @@ def test_fill_forward_with_a_ring_fills_the_slots_deeper_iterations_read(tiny_cf
 ])
 def test_fill_forward_no_ops(tiny_cfg, strategy, done, upto):
     cache = numbered(tiny_cfg, strategy, 5)
-    k0 = cache.k.clone()
+    k0 = stacked(cache)[0]
     cache.fill_forward(torch.tensor([0, 1]), torch.tensor([0, 3]), done=done, upto=upto)
-    assert torch.equal(cache.k, k0)
+    assert torch.equal(stacked(cache)[0], k0)
 
 
 def test_standard_model_cache_has_no_recurrent_layers(tiny_cfg):
     cfg = dataclasses.replace(tiny_cfg, n_shared=0)
     cache = KVCache(cfg, "full", 1, 4, 8)
-    assert cache.slots == 0 and cache.k.size(0) == cfg.n_prelude + cfg.n_coda
+    assert cache.slots == 0 and len(cache.k) == cfg.n_prelude + cfg.n_coda
     cache.fill_forward(torch.tensor([0]), None, done=1, upto=8)  # nothing to fill, and no error
