@@ -2,8 +2,9 @@
 
     recurchat bench infer --ckpt runs/tiny [--exit kl:3e-2] [--json bench_infer.json]
 
-Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive) and what they reach of the FLOP-limited rate at the
-measured peak of the model's matmuls, the naive recompute sampler at batch 1 (same
+Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive) and what they reach of the roofline: the lower of
+the FLOP-limited rate at the measured peak of the model's matmuls and the bandwidth-limited rate (the bytes a step
+reads, weights once per use plus each row's K/V, at the measured memory bandwidth), the naive recompute sampler at batch 1 (same
 continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per strategy, a threshold
 sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
 fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks cost).
@@ -27,8 +28,8 @@ from recurchat.infer.kv_cache import bytes_per_token
 from recurchat.infer.naive import generate_naive
 from recurchat.infer.sampling import SamplingParams
 from recurchat.infer.speculative import parse_speculate, speculate
-from recurchat.model.flops import block_matrix_params, flops_per_token
-from recurchat.model.hardware import resolve_peak
+from recurchat.model.flops import block_matrix_params, decode_bytes_per_step, flops_per_token
+from recurchat.model.hardware import memory_bandwidth, resolve_peak
 from recurchat.model.recurrent import RecurrentLM
 
 
@@ -45,6 +46,28 @@ class DecodeRates:
     def to_json(self) -> dict:
         return {"decode_tok_s_b1": self.b1, "decode_tok_s_b8": self.b8, "decode_tok_s_b1_exit": self.b1_exit,
                 "decode_tok_s_b8_exit": self.b8_exit, "naive_tok_s_b1": self.naive_b1}
+
+
+@dataclass
+class DecodeLimits:
+    """The rates decoding cannot beat here: FLOP-limited (every row's matmuls at the measured peak) and
+    bandwidth-limited at batch 1 and 8 (a step's bytes at the measured memory bandwidth); the roofline is the lower."""
+
+    flops: float
+    bandwidth_b1: float
+    bandwidth_b8: float
+    peak_flops: float
+    bandwidth: float  # bytes/s
+
+    def roofline(self, rows: int) -> float:
+        return min(self.flops, self.bandwidth_b1 if rows == 1 else self.bandwidth_b8)
+
+    def to_json(self, rates: DecodeRates) -> dict:
+        return {"decode_flop_limit_tok_s": self.flops, "decode_b1_of_flop_limit": rates.b1 / self.flops,
+                "decode_b8_of_flop_limit": rates.b8 / self.flops, "memory_bandwidth_bytes_s": self.bandwidth,
+                "decode_bandwidth_limit_tok_s_b1": self.bandwidth_b1,
+                "decode_bandwidth_limit_tok_s_b8": self.bandwidth_b8,
+                "decode_b1_of_roofline": rates.b1 / self.roofline(1), "decode_b8_of_roofline": rates.b8 / self.roofline(8)}
 
 
 @dataclass
@@ -80,11 +103,12 @@ class InferBench:
     bpb_fixed: float
     bpb_exit: float
     exit_eval_mean_recursions: float  # per held-out token while scoring bpb
-    flop_limit_tok_s: float
+    limits: DecodeLimits
     kv_bytes_per_token: dict[str, int]
     pareto: list[dict]
     speculation: Speculation | None = None
     calibrated: bool = False  # `exit` is the checkpoint's calibrated exit: the exit_calibrated_* keys repeat it
+    compiled: bool = False  # fixed-depth decode steps ran compiled (--compile)
 
     def to_json(self) -> dict:
         d, exit_b1 = self.decode, self.decode.b1_exit / self.decode.b1
@@ -100,10 +124,8 @@ class InferBench:
                 "exit_speedup_b1": exit_b1, "exit_speedup_b8": self.exit_speedup_b8,
                 **(calibrated if self.calibrated else {}), "cached_over_naive_b1": d.b1 / d.naive_b1,
                 **(self.speculation.to_json() if self.speculation else {}),
-                "kv_bytes_per_token": self.kv_bytes_per_token, "pareto": self.pareto,
-                "decode_flop_limit_tok_s": self.flop_limit_tok_s,
-                "decode_b1_of_flop_limit": d.b1 / self.flop_limit_tok_s,
-                "decode_b8_of_flop_limit": d.b8 / self.flop_limit_tok_s}
+                "kv_bytes_per_token": self.kv_bytes_per_token, "pareto": self.pareto, "compiled": self.compiled,
+                **self.limits.to_json(d)}
 
 
 def head_flops(cfg) -> float:
@@ -111,15 +133,22 @@ def head_flops(cfg) -> float:
     return 2 * (cfg.n_coda * block_matrix_params(cfg) + cfg.d_model * cfg.vocab_size)
 
 
-def flop_limit(engine: Engine, rates: DecodeRates, mean_context: int, log) -> float:
-    """The decode rate the model's FLOPs allow at the measured peak of its matmuls (fixed r̄, attention over the mean
-    context), logged with what batch 1 and 8 reach of it: the headline of "close to the limit"."""
-    cfg = engine.cfg
+def decode_limits(engine: Engine, rates: DecodeRates, mean_context: int, log) -> DecodeLimits:
+    """The decode rates the model's FLOPs (at the measured peak of its matmuls) and its bytes (at the measured memory
+    bandwidth) allow at fixed r̄ over the mean context, logged with what batch 1 and 8 reach of them: the headline of
+    "close to the limit". Weights are read in the compute dtype (bf16 autocast keeps a bf16 copy of each)."""
+    cfg, size = engine.cfg, engine.dtype.torch_dtype.itemsize
     peak = resolve_peak(engine.device, engine.dtype, cfg, rows=cfg.seq_len).flops
-    limit = peak / flops_per_token(cfg, cfg.mean_recur, backward=False, seq_len=mean_context)
-    log(f"  FLOP-limited decode at the measured peak ({peak / 1e9:,.0f} GFLOP/s): {limit:,.0f} tok/s; batch 1 "
-        f"reaches {100 * rates.b1 / limit:.1f}%, batch 8 {100 * rates.b8 / limit:.1f}%")
-    return limit
+    bandwidth = memory_bandwidth(engine.device)
+    flops = peak / flops_per_token(cfg, cfg.mean_recur, backward=False, seq_len=mean_context)
+    by_rows = [rows * bandwidth / decode_bytes_per_step(cfg, rows, mean_context, size, size) for rows in (1, 8)]
+    limits = DecodeLimits(flops, *by_rows, peak, bandwidth)
+    log(f"  FLOP-limited decode at the measured peak ({peak / 1e9:,.0f} GFLOP/s): {flops:,.0f} tok/s; batch 1 "
+        f"reaches {100 * rates.b1 / flops:.1f}%, batch 8 {100 * rates.b8 / flops:.1f}%")
+    log(f"  bandwidth-limited decode at the measured {bandwidth / 1e9:.1f} GB/s: batch 1 {by_rows[0]:,.0f} tok/s, "
+        f"batch 8 {by_rows[1]:,.0f} tok/s; of the roofline (the lower limit) batch 1 reaches "
+        f"{100 * rates.b1 / limits.roofline(1):.1f}%, batch 8 {100 * rates.b8 / limits.roofline(8):.1f}%")
+    return limits
 
 
 def timed_generate(engine: Engine, prompts, tokens: int, recur: RecurParams, repeats: int = 3):
@@ -195,7 +224,7 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
 
 def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: str = "kl:3e-2", tokens: int = 256,
                 eval_tokens: int = 2048, sweep: tuple[str, ...] = (), log=print, dtype: str = "auto",
-                calibrated: bool = False, speculate: str = "1:6") -> InferBench:
+                calibrated: bool = False, speculate: str = "1:6", compile: bool = False) -> InferBench:
     """`calibrated`: `exit_spec` is the checkpoint's calibrated exit (`--exit auto`); the JSON then also carries
     its figures under exit_calibrated_* keys."""
     from recurchat.checkpoint import load_exit_gate, load_model  # the loading path every command uses
@@ -211,7 +240,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         tokenizer, data_path = None, None
     cfg = model.cfg
     data = prepare_data(data_path, cfg.vocab_size, tokenizer=tokenizer, log=lambda *a, **k: None)
-    engine = Engine(model, dtype=dtype, exit_gate=gate)
+    engine = Engine(model, dtype=dtype, exit_gate=gate, compile=compile)
     log(engine.describe())
     rbar, rmax = cfg.mean_recur, cfg.r_max
     val = data.val
@@ -222,7 +251,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     fixed = RecurParams(num_recur=rbar)
     adaptive = RecurParams(exit=exit_spec, max_recur=rmax)
     log(f"bench infer: {'checkpoint ' + ckpt if ckpt else 'random ' + preset}, r̄={rbar}, r_max={rmax}, "
-        f"{tokens}-token continuations, exit {exit_spec}")
+        f"{tokens}-token continuations, exit {exit_spec}" + (", fixed-depth steps compiled" if compile else ""))
 
     t_naive = []
     for _ in range(2):
@@ -246,7 +275,7 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     for k, v in rates.to_json().items():
         log(f"  {k:<24} {v:9.1f} tok/s")
     log(f"  cached/naive at batch 1: {rates.b1 / naive_tok_s:.1f}×")
-    limit = flop_limit(engine, rates, prompt_len + tokens // 2, log)
+    limits = decode_limits(engine, rates, prompt_len + tokens // 2, log)
     spec = speculative(engine, prompts8, tokens, speculate, (rates.b1, rates.b8),
                        [g.tokens for g in g8_fixed], log) if cfg.recursive else None
     log(f"  exit at batch 8: mean recursions {mean_rec:.2f} (fixed {rbar}); wall-clock speedup {measured:.2f}× vs "
@@ -257,4 +286,4 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
     kv = {s: bytes_per_token(cfg, s, rbar, engine.dtype.torch_dtype) for s in ("full", "last", "ring:2")}
     log(f"  KV bytes/token at r̄ ({engine.dtype.name}): " + ", ".join(f"{k} {v}" for k, v in kv.items()))
     return InferBench(str(engine.device.type), engine.dtype.name, exit_spec, rbar, rates, mean_rec, measured,
-                      predicted, bpb_fixed, bpb_exit, mean_exit, limit, kv, pareto, spec, calibrated)
+                      predicted, bpb_fixed, bpb_exit, mean_exit, limits, kv, pareto, spec, calibrated, compile)

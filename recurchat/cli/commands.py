@@ -224,7 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         for spec in (exit_spec, *sweep):
             ExitCriterion.parse(spec)
         result = bench_infer(args.ckpt, args.preset, exit_spec, args.tokens, args.eval_tokens, sweep,
-                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate).to_json()
+                             dtype=args.dtype, calibrated=args.exit == AUTO_EXIT, speculate=args.speculate,
+                             compile=args.compile).to_json()
     elif args.what == "serve":
         from recurchat.bench.serve import MODES, bench_serve
 

@@ -41,17 +41,22 @@ __all__ = ["Engine", "Event", "Generation", "RecurError", "RecurParams"]  # what
 class Engine:
     """Checks, generation and scoring on a Runner (infer/runner.py), which owns the model and its passes."""
 
-    def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None):
+    def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None,
+                 compile: bool = False):
         """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast).
-        `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs."""
+        `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs.
+        `compile`: fixed-depth decode steps run compiled (Runner.compile)."""
         self.runner = Runner(model, dtype, exit_gate)
+        if compile:
+            self.runner.compile()
         self.model, self.cfg, self.device = self.runner.model, self.runner.cfg, self.runner.device
         self.dtype, self.exit_gate = self.runner.dtype, self.runner.exit_gate
 
     @classmethod
-    def for_checkpoint(cls, ckpt: Checkpoint, model: RecurrentLM, dtype: str = "auto") -> "Engine":
+    def for_checkpoint(cls, ckpt: Checkpoint, model: RecurrentLM, dtype: str = "auto",
+                       compile: bool = False) -> "Engine":
         """The engine for a loaded checkpoint (checkpoint.load_model), with the exit gate trained for it, if any."""
-        return cls(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path))
+        return cls(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path), compile=compile)
 
     def describe(self) -> str:
         """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""

@@ -49,6 +49,21 @@ def flops_per_token(cfg: ModelConfig, num_recur: int | None = None, grad_iters: 
     return fwd + (per_pass(g, 4, 2) if backward else 0.0)
 
 
+def decode_bytes_per_step(cfg: ModelConfig, rows: int, context: int, weight_bytes: int, kv_bytes: int,
+                          num_recur: int | None = None) -> float:
+    """Bytes a decode step of `rows` tokens at depth r reads: every weight matrix once per use (the prelude and coda
+    once, the shared stack and adapter once per iteration, the head once; shared by all rows, streamed from memory
+    as if no cache held them between uses), plus each row's keys and values over `context` positions in every
+    layer it runs. `weight_bytes` / `kv_bytes`: bytes per element of the weights and of the KV cache."""
+    r = (cfg.mean_recur if num_recur is None else num_recur) if cfg.n_shared else 0
+    adapter = {"concat": 2, "parcae": 1}.get(cfg.adapter, 0) * cfg.d_model * cfg.d_model if cfg.n_shared else 0
+    layers = cfg.n_prelude + cfg.n_coda + r * cfg.n_shared
+    params = (cfg.n_prelude + cfg.n_coda) * block_matrix_params(cfg) + r * (cfg.n_shared * block_matrix_params(cfg)
+                                                                             + adapter) + cfg.d_model * cfg.vocab_size
+    kv_per_row = layers * 2 * cfg.n_kv_head * (cfg.d_model // cfg.n_head) * context * kv_bytes
+    return params * weight_bytes + rows * kv_per_row
+
+
 def mfu(flops_per_tok: float, tokens_per_s: float, peak_flops: float) -> float:
     """Model FLOPs utilisation: achieved model FLOP/s over the device's peak (measured: model/hardware.py)."""
     return flops_per_tok * tokens_per_s / peak_flops if peak_flops > 0 else 0.0

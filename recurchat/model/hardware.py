@@ -12,7 +12,10 @@
   metrics.jsonl, the progress bar, `recurchat bench` and the report card; `--peak-flops` overrides it, and the
   source (`measured` or `--peak-flops`) is recorded beside every MFU. No table of datasheet numbers: a table is
   right for one machine and silently wrong on every other.
-- Both measurements are cached in $RECURCHAT_HOME/hardware.json, keyed by the machine (CPU model, its
+- Memory bandwidth. The best read rate of a 256 MiB tensor (a sum over it), measured once per machine: the
+  denominator of the bandwidth-limited decode rate in `recurchat bench infer`, where a small batch reads every
+  weight once per step and does little arithmetic on it.
+- All measurements are cached in $RECURCHAT_HOME/hardware.json, keyed by the machine (CPU model, its
   `torch.backends.cpu.get_cpu_capability()`, threads, torch version; or the GPU's name).
 
 Exercised by `pytest tests/model/test_hardware.py`.
@@ -232,6 +235,25 @@ def resolve_peak(device: torch.device, choice: DtypeChoice, cfg: ModelConfig, ro
     if override > 0:
         return Peak(override, "--peak-flops")
     return Peak(peak_flops(device, choice, cfg, rows), "measured")
+
+
+def memory_bandwidth(device: torch.device, mib: int = 256) -> float:
+    """Bytes per second this device reads from memory: the best of a few timed sums over a `mib` MiB tensor (far
+    larger than any cache); measured once per machine, then cached."""
+
+    def probe() -> float:
+        x = torch.ones(mib * 2**18, device=device)  # float32: 4 bytes each
+        x.sum()
+        sync(device)
+        best = float("inf")
+        for _ in range(5):
+            t0 = time.perf_counter()
+            x.sum()
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+        return x.numel() * x.element_size() / best
+
+    return cached(device, f"memory_bandwidth {mib}MiB", probe)
 
 
 # ---- the banner ------------------------------------------------------------------------------------------------

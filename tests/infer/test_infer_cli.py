@@ -94,6 +94,11 @@ def test_bench_infer_json(ckpt, tmp_path):
     assert res["cached_over_naive_b1"] == pytest.approx(res["decode_tok_s_b1"] / res["naive_tok_s_b1"])
     assert res["exit_speedup_b1"] == pytest.approx(res["decode_tok_s_b1_exit"] / res["decode_tok_s_b1"])
     assert res["decode_b8_of_flop_limit"] == pytest.approx(res["decode_tok_s_b8"] / res["decode_flop_limit_tok_s"])
+    # the roofline is the lower of the FLOP and the bandwidth limit at that batch
+    for rows in (1, 8):
+        roofline = min(res["decode_flop_limit_tok_s"], res[f"decode_bandwidth_limit_tok_s_b{rows}"])
+        assert res[f"decode_b{rows}_of_roofline"] == pytest.approx(res[f"decode_tok_s_b{rows}"] / roofline)
+    assert res["compiled"] is False
     assert res["kv_bytes_per_token"]["last"] < res["kv_bytes_per_token"]["full"]
     # 8 prompts × 24 tokens each (no stop token at temperature 0): the measured speedup is the ratio of tok/s, and
     # the reported figure is measured / predicted

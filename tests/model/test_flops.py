@@ -7,10 +7,16 @@ import dataclasses
 
 import pytest
 import torch
+from support import random_model
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from recurchat.model.flops import flops_per_token, mfu
+from recurchat.infer.engine import Engine
+from recurchat.infer.exit import ExitCriterion
+from recurchat.infer.kv_cache import KVCache
+from recurchat.infer.plan import DepthPlan, RowPlans
+from recurchat.model.flops import decode_bytes_per_step, flops_per_token, mfu
 from recurchat.model.recurrent import RecurrentLM
 
 
@@ -59,3 +65,36 @@ def test_truncation_saves_backward_only(tiny_cfg):
 def test_mfu():
     assert mfu(1e6, 1e3, 2e9) == pytest.approx(0.5)
     assert mfu(1e6, 1e3, 0) == 0.0
+
+
+class ReadBytes(TorchDispatchMode):
+    """Bytes of the weight operand of every matmul and of the keys and values every attention reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights = self.kv = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.mm.default:
+            self.weights += args[1].numel() * args[1].element_size()
+        if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
+            self.kv += sum(t.numel() * t.element_size() for t in args[1:3])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rows, r", [(1, 3), (3, 2)])
+def test_decode_bytes_per_step_are_the_bytes_a_decode_step_reads(tiny_cfg, rows, r):
+    """Counted from the ops of a real fixed-depth decode step (fp32) at position 5: the matmuls' weights (the fused
+    QKV matrix is one read of Wq, Wk, Wv) and the K/V of 6 positions in every layer use."""
+    engine = Engine(random_model(tiny_cfg), dtype="fp32")
+    cache = KVCache(tiny_cfg, "full", rows, tiny_cfg.seq_len, r)
+    plans = RowPlans.same(DepthPlan(ExitCriterion("fixed", r), 1, r, r), rows, torch.device("cpu"))
+    with torch.no_grad():
+        engine.runner.prefill(cache, torch.ones(rows, 5, dtype=torch.long), torch.full((rows,), 5), r, r)
+        with ReadBytes() as read:
+            engine.runner.decode(cache, torch.ones(rows, dtype=torch.long), torch.arange(rows), torch.full((rows,), 5),
+                                 None, plans)
+    assert decode_bytes_per_step(tiny_cfg, 0, 6, 4, 4, num_recur=r) == read.weights
+    assert decode_bytes_per_step(tiny_cfg, rows, 6, 4, 4, num_recur=r) == read.weights + read.kv
+    # the weights are the FLOP count's matrices: 2 FLOPs per parameter use, 4 bytes per parameter in fp32
+    assert read.weights == 2 * flops_per_token(tiny_cfg, r, backward=False, seq_len=0)
