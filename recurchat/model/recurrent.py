@@ -186,12 +186,15 @@ class RecurrentLM(nn.Module):
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Soft-capped logits in fp32. The cap runs in the matmul's dtype (bf16 under autocast, as nanochat does)
+        and only its result is widened: on a CPU the fp32 temporaries of a [B·T, vocab] cap are each a fresh 32 MiB
+        allocation that glibc maps and zeroes page by page, and cost 14% of an eager bf16 training step (cpu-tiny)."""
         x = norm(x, self.eps)
         if self.final_gain is not None:
             x = x * self.final_gain.to(x.dtype)
-        logits = F.linear(x, self.head_weight).float()
+        logits = F.linear(x, self.head_weight)
         cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return (cap * torch.tanh(logits / cap) if cap > 0 else logits).float()
 
     @torch.no_grad()
     def unroll(self, idx: torch.Tensor, depth: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
