@@ -8,6 +8,8 @@ stands on its model runner. Exercised by `pytest tests/infer/test_engine.py test
 - decode: one token per row; after each iteration the rows' criteria (infer/exit.py via ExitChecks) mark rows done,
   which leave the recurrent computation (the active rows are gathered when the set changes, so a batch whose easy
   tokens stop early does less work) and have their K/V filled forward for deeper readers.
+- fixed_step: a decode step whose rows all run one fixed depth is one pass with no exit bookkeeping; `compile()` hands
+  it to torch.compile (`--compile`), so the small ops of a whole step fuse into one graph.
 - iterations / extra_heads count recurrent-block applications × rows and coda + head runs beyond one per token.
 """
 
@@ -186,8 +188,10 @@ class Runner:
         x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
         state = None
         if r:
-            state = m.loop(x, self.start_state(x, warm, warm_rows), cos, sin, r, kv=lambda i: cache.recur(i, view))
-            x, state = state, state.to(x.dtype)
+            # the coda reads the state in the prelude output's dtype, as decode's per-iteration path does (under bf16
+            # autocast the loop may end in bf16), so rows decode alike whichever path their step takes
+            s = m.loop(x, self.start_state(x, warm, warm_rows), cos, sin, r, kv=lambda i: cache.recur(i, view))
+            x = state = s.to(x.dtype)
         return m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1].float(), state
 
     def _check_exit(self, act: ActiveRows, cache: KVCache, checks: ExitChecks, out: DecodeOut,
