@@ -4,9 +4,9 @@
 
 Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive) and what they reach of the roofline: the lower of
 the FLOP-limited rate at the measured peak of the model's matmuls and the bandwidth-limited rate (the bytes a step
-reads, weights once per use plus each row's K/V, at the measured memory bandwidth), the naive recompute sampler at batch 1 (same
-continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per strategy, a threshold
-sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
+reads, weights once per use plus each row's K/V, at the measured memory bandwidth), the naive recompute sampler at
+batch 1 (same continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per
+strategy, a threshold sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
 fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks cost).
 Without --ckpt a randomly initialised preset model is timed (exit behaviour is then meaningless).
 """
@@ -67,7 +67,8 @@ class DecodeLimits:
                 "decode_b8_of_flop_limit": rates.b8 / self.flops, "memory_bandwidth_bytes_s": self.bandwidth,
                 "decode_bandwidth_limit_tok_s_b1": self.bandwidth_b1,
                 "decode_bandwidth_limit_tok_s_b8": self.bandwidth_b8,
-                "decode_b1_of_roofline": rates.b1 / self.roofline(1), "decode_b8_of_roofline": rates.b8 / self.roofline(8)}
+                "decode_b1_of_roofline": rates.b1 / self.roofline(1),
+                "decode_b8_of_roofline": rates.b8 / self.roofline(8)}
 
 
 @dataclass

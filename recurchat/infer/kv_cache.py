@@ -81,8 +81,8 @@ class LayerView:
     __slots__ = ("layer", "k", "v", "rows")
 
     def __init__(self, cache: "KVCache", layer: int, rows: Rows):
-        # the layer's K/V as views: update() never reads the layer number, so a compiled step does not specialise
-        # (and recompile) on it
+        # the layer's own K/V tensors: update() never reads the layer number, so a compiled step does not
+        # specialise (and recompile) on it
         self.layer, self.k, self.v, self.rows = layer, cache.k[layer], cache.v[layer], rows
 
     def update(self, k: torch.Tensor, v: torch.Tensor):
