@@ -6,9 +6,9 @@ Measures: decode tok/s at batch 1 and 8 (fixed r̄ and adaptive) and what they r
 the FLOP-limited rate at the measured peak of the model's matmuls and the bandwidth-limited rate (the bytes a step
 reads, weights once per use plus each row's K/V, at the measured memory bandwidth), the naive recompute sampler at
 batch 1 (same continuation length), mean recursions per token, val bpb fixed vs adaptive, KV bytes/token per
-strategy, a threshold sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of batched exit over
-fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks cost).
-Without --ckpt a randomly initialised preset model is timed (exit behaviour is then meaningless).
+strategy, a threshold sweep (compute/quality Pareto curve), and exit_speedup_vs_predicted: the wall-clock speedup of
+batched exit over fixed r̄ divided by the speedup its FLOPs predict (its depths, plus the coda+head runs its checks
+cost). Without --ckpt a randomly initialised preset model is timed (exit behaviour is then meaningless).
 """
 
 from __future__ import annotations
