@@ -56,7 +56,6 @@ class DecodeLimits:
     flops: float
     bandwidth_b1: float
     bandwidth_b8: float
-    peak_flops: float
     bandwidth: float  # bytes/s
 
     def roofline(self, rows: int) -> float:
@@ -143,7 +142,7 @@ def decode_limits(engine: Engine, rates: DecodeRates, mean_context: int, log) ->
     bandwidth = memory_bandwidth(engine.device)
     flops = peak / flops_per_token(cfg, cfg.mean_recur, backward=False, seq_len=mean_context)
     by_rows = [rows * bandwidth / decode_bytes_per_step(cfg, rows, mean_context, size, size) for rows in (1, 8)]
-    limits = DecodeLimits(flops, *by_rows, peak, bandwidth)
+    limits = DecodeLimits(flops, *by_rows, bandwidth)
     log(f"  FLOP-limited decode at the measured peak ({peak / 1e9:,.0f} GFLOP/s): {flops:,.0f} tok/s; batch 1 "
         f"reaches {100 * rates.b1 / flops:.1f}%, batch 8 {100 * rates.b8 / flops:.1f}%")
     log(f"  bandwidth-limited decode at the measured {bandwidth / 1e9:.1f} GB/s: batch 1 {by_rows[0]:,.0f} tok/s, "

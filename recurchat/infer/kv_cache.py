@@ -148,11 +148,10 @@ class KVCache:
         targets = sorted({i % self.slots for i in range(done, upto)} - {(done - 1) % self.slots})
         if not targets:
             return
-        base = self.cfg.n_prelude + self.cfg.n_coda
         at = (rows,) if pos is None else (rows, slice(None), pos)
         for j in range(self.cfg.n_shared):
             src = self._recur_layer(j, done - 1)
             for buf in (self.k, self.v):
                 value = buf[src][at]
-                for t in targets:
-                    buf[base + j * self.slots + t][at] = value
+                for slot in targets:
+                    buf[self._recur_layer(j, slot)][at] = value

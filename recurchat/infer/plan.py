@@ -128,8 +128,8 @@ class RowPlans:
         """The depth every row runs when all of them run one fixed depth (no criterion to check), else None."""
         if any(c.kind != "fixed" for c in self.criteria):
             return None
-        low, high = int(self.max_steps.min()), int(self.max_steps.max())
-        return high if low == high else None
+        depths = set(self.max_steps.tolist())  # one host read
+        return depths.pop() if len(depths) == 1 else None
 
     def take(self, mask: torch.Tensor) -> "RowPlans":
         return RowPlans(self.criteria, self.group[mask], self.min_steps[mask], self.max_steps[mask])

@@ -124,20 +124,25 @@ def random_matrix(rows: int, cols: int, device: torch.device, dtype: torch.dtype
     return torch.randn(rows, cols, device=device, generator=g).to(dtype)
 
 
-def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, max_reps: int = 10) -> float:
-    """Fastest of up to `max_reps` timed a @ b after one warm-up, stopping once `budget_s` is spent."""
-    a @ b
-    sync(a.device)
+def best_seconds(run, device: torch.device, budget_s: float, max_reps: int = 10) -> float:
+    """Fastest of up to `max_reps` timed calls of `run` after one warm-up, stopping once `budget_s` is spent."""
+    run()
+    sync(device)
     best, spent = float("inf"), 0.0
     for _ in range(max_reps):
         t0 = time.perf_counter()
-        a @ b
-        sync(a.device)
+        run()
+        sync(device)
         dt = time.perf_counter() - t0
         best, spent = min(best, dt), spent + dt
         if spent > budget_s:
             break
     return best
+
+
+def best_matmul_seconds(a: torch.Tensor, b: torch.Tensor, budget_s: float, max_reps: int = 10) -> float:
+    """Fastest of up to `max_reps` timed a @ b after one warm-up, stopping once `budget_s` is spent."""
+    return best_seconds(lambda: a @ b, a.device, budget_s, max_reps)
 
 
 # ---- dtype ---------------------------------------------------------------------------------------------------
@@ -243,15 +248,7 @@ def memory_bandwidth(device: torch.device, mib: int = 256) -> float:
 
     def probe() -> float:
         x = torch.ones(mib * 2**18, device=device)  # float32: 4 bytes each
-        x.sum()
-        sync(device)
-        best = float("inf")
-        for _ in range(5):
-            t0 = time.perf_counter()
-            x.sum()
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
-        return x.numel() * x.element_size() / best
+        return x.numel() * x.element_size() / best_seconds(x.sum, device, budget_s=0.5, max_reps=5)
 
     return cached(device, f"memory_bandwidth {mib}MiB", probe)
 
