@@ -20,12 +20,20 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     stages = json.loads((out / "stages.json").read_text())
     models = ("recursive", "standard", "iso-params")
     probe_stages = [*(f"probe parity {m}" for m in models), "calibrate probe parity",
-                    *(f"eval probe parity {m}" for m in models)]
+                    *(f"eval probe parity {m}" for m in models),
+                    *(stage for m in models for stage in (f"probe chase {m} 1-1", f"probe chase {m}")),
+                    "calibrate probe chase", *(f"eval probe chase {m}" for m in models)]
     assert list(stages) == [f"{stage} {m}" for stage in ("pretrain", "sft", "eval") for m in models] + probe_stages
+    # the chase curriculum: each model's second stage starts from the weights of its first
+    printed = capsys.readouterr().out
+    for m in models:
+        assert f"initialised from {out / 'probes' / f'chase-{m}-1-1'}" in printed, m
     report = (out / "report.md").read_text()
     assert report.index("## Depth that does work: the probes") < report.index("| model | params | inference")
     for section in ("| parity:1-4 | recursive |", "| parity:1-4 | iso-FLOP twin |", "| parity:1-4 | iso-params |",
-                    "![parity:1-4: accuracy by difficulty × r](heatmap-parity.png)",
+                    "![parity:1-4: accuracy by difficulty × r](heatmap-parity.png)", "| chase:1-2 | iso-params |",
+                    "`chase:1-2`: a curriculum, chains of 1-1 for 20, then 1-2 for 20 steps",
+                    "![chase:1-2: accuracy by difficulty × r](heatmap-chase.png)",
                     "| model | params | inference FLOPs/token", "At r̄ = 2 the recursive base model's held-out bpb",
                     "Going from r̄ = 2 to 4r̄ = 8 recursions", "recursions per token per extra hop",
                     "After SFT its plain-text bpb is", "## Models", "## Loss curves", "## Wall time per stage",
@@ -44,6 +52,8 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     assert set(probe[0]["acc_by_difficulty"]["probe:parity:1-8"]) >= {"1", "2", "6", "12", "24"}
     assert [set(p["tasks"]["probe:parity:1-8"]) for p in probe[1:]] == [{"1"}, {"1"}]
     assert list(probe[0]["trajectory"]["probe:parity:1-8"]["settle"]) == [str(d) for d in range(1, 9)]
+    chase = json.loads((out / "eval-probe-chase-recursive.json").read_text())
+    assert set(chase["acc_by_difficulty"]["probe:chase:1-4"]["6"]) == {"1", "2", "3", "4"}  # 1..2 trained
     bases = [json.loads((out / f"eval-base-{m}.json").read_text()) for m in models]
     assert [set(b["tasks"]["bpb"]) for b in bases] == [{"1", "2", "4", "8"}, {"1"}, {"1"}]
     capsys.readouterr()
@@ -131,3 +141,16 @@ def test_held_out_levels_double_the_trained_ones_and_keep_the_chase_budget():
     assert held_out("chase:1-4") == "probe:chase:1-8"  # the default budget of 8 names caps the longest chain
     assert held_out("chase:1-4:names=16") == "probe:chase:1-8:names=16"
     assert held_out("chase:1-12:names=16") == "probe:chase:1-16:names=16"
+
+
+def test_chase_trains_by_a_curriculum_of_one_stage_per_hop_count_and_state_tracking_in_one_stage():
+    from recurchat.errors import UserError
+    from recurchat.speedrun.probes import curriculum
+    from recurchat.speedrun.stages import SPEEDRUNS
+
+    cpu = SPEEDRUNS["cpu"]
+    assert [(s.name, n) for s, n in curriculum("chase:1-3:names=16", cpu)] == [
+        ("probe:chase:1-1:names=16", 1200), ("probe:chase:1-2:names=16", 3000), ("probe:chase:1-3:names=16", 4000)]
+    assert [(s.name, n) for s, n in curriculum("s3:1-8", cpu)] == [("probe:s3:1-8", 2000)]
+    with pytest.raises(UserError, match="its 3 curriculum stages need as many chase_steps, got 2"):
+        curriculum("chase:1-3", SPEEDRUNS["cpu-smoke"])

@@ -4,7 +4,8 @@ the recursive model's exit calibrated on it, all three evaluated on levels up to
     recurchat speedrun --preset cpu --out runs/speedrun     # probes/<probe>-<model>/ and eval-probe-*.json
 
 A probe `parity:1-8` trains on difficulties 1..8 (`recurchat train --preset probe --data probe:parity:1-8`) and is
-evaluated on 1..16 (`recurchat eval --tasks probe:parity:1-16`) at r ∈ {1, 2, r̄, 2r̄, 4r̄} and under the exit
+evaluated on 1..16; pointer chasing `chase:1-3` is learned only by a curriculum (`curriculum`: chains of 1, then
+1-2, then 1-3, each stage `recurchat train --init-from` the last) and is evaluated on 1..6 (`recurchat eval --tasks probe:parity:1-16`) at r ∈ {1, 2, r̄, 2r̄, 4r̄} and under the exit
 calibrated on it (`recurchat calibrate --probe … --criterion latent --max-acc-loss 0.01`, against fixed 4r̄).
 The card's first screen (`card_section`) is built from those files: accuracy heat maps (difficulty × r), the
 extrapolation numbers and the recursions the calibrated exit spends per difficulty.
@@ -13,23 +14,28 @@ Exercised by `pytest tests/test_speedrun.py`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from recurchat import checkpoint
 from recurchat.config import get_preset
-from recurchat.data.tasks.probes import parse_probe
+from recurchat.data.tasks.probes import ProbeSpec, parse_probe
 from recurchat.eval.calibrate import calibrate_probe_checkpoint
 from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.errors import UserError
 from recurchat.eval.report import plot_accuracy_heatmaps
 from recurchat.eval.result import EvalResult
-from recurchat.train.spec import pretrain_spec
+from recurchat.train.spec import init_spec, pretrain_spec
 from recurchat.train.trainer import train_or_resume
 
 PRESET = "probe"
-# Pointer chasing must look anywhere in the context (a statement can be 50 positions from its query): full attention.
-MODEL_OVERRIDES = {"chase": {"attn_window": 0}}
+# Pointer chasing must look anywhere in the context (a statement can be 50 positions from its query): full attention,
+# and every attention layer inside the loop (P/R/C = 0/1/0), so each hop waits for its iterations; 2.5× the preset's
+# rates, set in its first stage (direct look-ups, which leave the plateau only so) and kept by the later ones
+# (docs/ablations/probes/ §6).
+MODEL_OVERRIDES = {"chase": {"attn_window": 0, "n_prelude": 0, "n_coda": 0}}
+RATES = {"chase": {"lr_matrix": 0.05, "lr_embed": 0.12, "lr_head": 0.01}}
 CALIBRATION = ("latent", 0.01)  # criterion, accuracy loss allowed against fixed 4r̄
 EVAL_DTYPE = "fp32"  # probe calibration and evaluation: exact answers, tiny models, and bf16 would blur the latent exit
 LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "iso-params"}
@@ -42,8 +48,8 @@ def held_out(probe: str) -> str:
     return spec.at_levels(spec.levels[0], min(2 * spec.levels[-1], spec.probe.max_level)).name
 
 
-def depths() -> str:
-    r = get_preset(PRESET).model.mean_recur
+def depths(probe: str) -> str:
+    r = probe_model(parse_probe(probe).probe.name, "").mean_recur
     return ",".join(str(d) for d in (1, 2, r, 2 * r, 4 * r))
 
 
@@ -55,24 +61,56 @@ def eval_file(out: Path, probe: str, model: str) -> Path:
     return out / f"eval-probe-{parse_probe(probe).probe.name}-{model}.json"
 
 
+def curriculum(probe: str, sp) -> list[tuple[ProbeSpec, int]]:
+    """(levels, steps) of each training stage of `probe`: one stage of `sp.probe_steps` on its own levels, or for
+    pointer chasing one stage per hop count, chains of lo..lo, lo..lo+1, … up to its own, with `sp.chase_steps`."""
+    spec = parse_probe(probe)
+    if spec.probe.name != "chase":
+        return [(spec, sp.probe_steps)]
+    lo, hi = spec.levels[0], spec.levels[-1]
+    if len(sp.chase_steps) != hi - lo + 1:
+        raise UserError(f"speedrun probe {probe}: its {hi - lo + 1} curriculum stages need as many chase_steps, "
+                        f"got {len(sp.chase_steps)}")
+    return [(spec.at_levels(lo, top), steps) for top, steps in zip(range(lo, hi + 1), sp.chase_steps)]
+
+
+def train_probe(out: Path, probe: str, model: str, standard: str, sp, dtype: str, run_stage) -> None:
+    """Every training stage of `probe` on one model: the last in `run_dir`, each earlier one beside it, named by its
+    levels (`probes/chase-recursive-1-1`)."""
+    name, stages, base = parse_probe(probe).probe.name, curriculum(probe, sp), None
+    for i, (spec, steps) in enumerate(stages):
+        last, levels = i == len(stages) - 1, f"{spec.levels[0]}-{spec.levels[-1]}"
+        run = run_dir(out, probe, model)
+        run = run if last else run.with_name(f"{run.name}-{levels}")
+        settings = {"data": spec.name, "max_steps": steps, "dtype": dtype, "save_every": max(50, steps // 10)}
+        run_stage(out, f"probe {name} {model}" + ("" if last else f" {levels}"),
+                  lambda run=run, base=base, settings=settings: train_or_resume(
+                      run, lambda: stage_spec(run, base, name, standard, settings)))
+        base = run
+
+
+def stage_spec(run: Path, base: Path | None, name: str, standard: str, settings: dict):
+    """A probe's first stage from the preset (with the probe's model overrides and first-stage rates); a later one
+    from the weights and settings of the stage before it."""
+    if base is None:
+        return pretrain_spec(PRESET, run, standard=standard, model=MODEL_OVERRIDES.get(name, {}),
+                             train={**RATES.get(name, {}), **settings}, overwrite=True)
+    return init_spec(base, run, train=settings, overwrite=True)
+
+
 def probe_stages(out: Path, sp, models, dtype: str, run_stage) -> None:
     """Train, calibrate and evaluate every probe of the speedrun preset `sp` (stages skipped once done)."""
     for probe in sp.probes:
         name = parse_probe(probe).probe.name
-        settings = {"data": f"probe:{probe}", "max_steps": sp.probe_steps, "dtype": dtype,
-                    "save_every": max(50, sp.probe_steps // 10)}
         for model, standard in models:
-            run = run_dir(out, probe, model)
-            run_stage(out, f"probe {name} {model}", lambda run=run, standard=standard: train_or_resume(
-                run, lambda: pretrain_spec(PRESET, run, standard=standard, model=MODEL_OVERRIDES.get(name, {}),
-                                           train=settings, overwrite=True)))
+            train_probe(out, probe, model, standard, sp, dtype, run_stage)
         recursive = run_dir(out, probe, "recursive")
         run_stage(out, f"calibrate probe {name}", lambda recursive=recursive, probe=probe: calibrate(
             recursive, probe, sp.probe_limit, EVAL_DTYPE))
         for model, standard in models:
             run_stage(out, f"eval probe {name} {model}", lambda model=model, standard=standard, probe=probe:
                       evaluate_checkpoint(EvalRequest(
-                          ckpt=str(run_dir(out, probe, model)), tasks=held_out(probe), recur=depths(),
+                          ckpt=str(run_dir(out, probe, model)), tasks=held_out(probe), recur=depths(probe),
                           exit=None if standard or checkpoint.calibrated_exit(recursive) is None else "auto",
                           limit=sp.probe_limit, quiet=True, dtype=EVAL_DTYPE, json=str(eval_file(out, probe, model)))))
 
@@ -93,7 +131,7 @@ class ProbeNumbers:
         self.probe, self.task = probe, held_out(probe)
         self.trained = parse_probe(probe).levels
         self.results = {m: EvalResult.from_json(json.loads(eval_file(out, probe, m).read_text())) for m, _ in models}
-        self.r_bar = get_preset(PRESET).model.mean_recur
+        self.r_bar = probe_model(parse_probe(probe).probe.name, "").mean_recur
 
     def by_level(self, model: str, setting: str) -> dict[str, float]:
         return self.results[model].acc_by_difficulty[self.task].get(setting, {})
@@ -152,14 +190,35 @@ def exit_row(p: ProbeNumbers) -> str:
             f"{p.points_lost(setting, every):+.1f} / {p.points_lost(setting, p.long_levels):+.1f} |")
 
 
+def recipe(probe: str, sp) -> str:
+    """How the card says `probe` was trained, from the same curriculum the stages ran."""
+    stages, name = curriculum(probe, sp), parse_probe(probe).probe.name
+    r = probe_model(name, "").mean_recur
+    if len(stages) == 1:
+        return f"`{probe}`: {stages[0][1]} steps, r̄ = {r}."
+    blocks = "/".join(str(getattr(probe_model(name, ""), f"n_{k}")) for k in ("prelude", "shared", "coda"))
+    flop, params = (probe_model(name, kind).n_prelude for kind in ("iso-flops", "iso-params"))
+    steps = ", then ".join(f"{spec.levels[0]}-{spec.levels[-1]} for {n}" for spec, n in stages)
+    return (f"`{probe}`: a curriculum, chains of {steps} steps, each stage from the last one's weights, at "
+            f"{RATES[name]['lr_matrix'] / get_preset(PRESET).train.lr_matrix:g}× the preset's rates; "
+            f"r̄ = {r}, full attention, every block in the loop (P/R/C = {blocks}; the iso-FLOP twin {flop} blocks, "
+            f"iso-params {params}).")
+
+
+def probe_model(name: str, standard: str):
+    """The model a probe trains: the preset with the probe's overrides, or its standard twin."""
+    cfg = dataclasses.replace(get_preset(PRESET).model, **MODEL_OVERRIDES.get(name, {}))
+    return cfg.twin(standard) if standard else cfg
+
+
 def card_section(out: Path, sp, models) -> list[str]:
     """The card's opening: what depth does on the probes, in tables and heat maps."""
     numbers = [ProbeNumbers(out, probe, models) for probe in sp.probes]
-    r = numbers[0].r_bar if numbers else get_preset(PRESET).model.mean_recur
     lines = ["## Depth that does work: the probes", "",
-             f"Each probe trained from scratch for {sp.probe_steps} steps (`recurchat train --preset probe`) on the "
-             f"levels in its name, evaluated on twice as many (the rest never trained); r̄ = {r}, 4r̄ = {4 * r}. "
-             "Standard models run once (r = 1).", "",
+             "Each probe trained from scratch (`recurchat train --preset probe`) on the levels in its name, evaluated "
+             "on twice as many (the rest never trained), the recursive model at r = 1, 2, r̄, 2r̄ and 4r̄. Standard "
+             "models run once (r = 1).",
+             "", *[f"- {recipe(probe, sp)}" for probe in sp.probes], "",
              "| probe | model | trained levels at r̄ | longest trained level, r = 1 / r̄ | held-out levels at r̄ | "
              "at 4r̄ | held-out rises with r |", "|---|---|---:|---:|---:|---:|---|",
              *[row for p in numbers for row in probe_rows(p)], "",

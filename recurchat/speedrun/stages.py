@@ -7,7 +7,7 @@ Stages: pretrain the recursive model, its iso-FLOP twin (P + r̄·R + C distinct
 its iso-params model (P + R + C blocks) on the same tokens and schedule → SFT all three on the depth probe, pointer
 chasing (`chain`) at difficulties 1..D, with the recursion sampler → evaluate the bases (held-out bpb over r) and
 the SFT models (plain-text bpb, and chain accuracy by difficulty on 1..2D over r ∈ {1, 2, r̄, 2r̄, 4r̄, 8r̄} and
-under exit criteria) → the depth probes (speedrun/probes.py: parity, S3 and pointer chasing trained from scratch on
+under exit criteria) → the depth probes (speedrun/probes.py: parity, S3 and pointer chasing, by a curriculum, on
 all three models, the recursive one's exit calibrated on each) → DIR/report.md (card.py), which opens with them.
 Every stage calls the library function behind the command a user would type (`train` with a RunSpec,
 `evaluate_checkpoint`). A finished stage is recorded in DIR/stages.json and skipped on the next run; an interrupted training stage resumes from its last checkpoint (saved every ~10%).
@@ -44,11 +44,12 @@ class SpeedrunPreset:
     probe_levels: int = 4  # D: SFT on chain difficulties 1..D, evaluate on 1..2D
     depths: str = "1,2,4,8,16,32"  # 1, 2, r̄, 2r̄, 4r̄, 8r̄ for r̄ = 4
     exits: str = "kl:3e-2,kl:1e-1,latent:5e-2"  # the first is where recursions by difficulty are measured
-    # labelled-sequence probes (speedrun/probes.py), each trained from scratch on the three models; pointer chasing
-    # (chase:1-3) is left out by default: on 2 cores it stays on the pick-one-of-the-values plateau (accuracy 0.25;
-    # docs/ablations/probes/)
-    probes: tuple[str, ...] = ("parity:1-8", "s3:1-8")
+    # labelled-sequence probes (speedrun/probes.py), each trained from scratch on the three models: state tracking in
+    # one stage of probe_steps, pointer chasing by a curriculum of one stage per hop count (chains of 1, 1-2, 1-3),
+    # chase_steps each
+    probes: tuple[str, ...] = ("parity:1-8", "s3:1-8", "chase:1-3")
     probe_steps: int = 2000
+    chase_steps: tuple[int, ...] = (1200, 3000, 4000)
     probe_limit: int = 256  # held-out sequences per probe evaluation (and as many again to calibrate on)
 
     @property
@@ -62,8 +63,9 @@ class SpeedrunPreset:
 
 SPEEDRUNS = {
     "cpu-smoke": SpeedrunPreset("cpu-smoke", pretrain_steps=30, sft_steps=20, sft_examples=200, sft_batch_size=8,
-                                limit=8, eval_tokens=2048, probe_levels=2, depths="1,2,4,8", probes=("parity:1-4",),
-                                probe_steps=100, probe_limit=16),
+                                limit=8, eval_tokens=2048, probe_levels=2, depths="1,2,4,8",
+                                probes=("parity:1-4", "chase:1-2"), probe_steps=100, chase_steps=(20, 20),
+                                probe_limit=16),
     "cpu": SpeedrunPreset("cpu-tiny", pretrain_steps=400, sft_steps=300, sft_examples=5000, sft_batch_size=32,
                           limit=400, eval_tokens=8192),
     "gpu-d20": SpeedrunPreset("gpu-d20", pretrain_steps=20000, sft_steps=1000, sft_examples=20000, sft_batch_size=32,
