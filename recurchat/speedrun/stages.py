@@ -10,7 +10,8 @@ the SFT models (plain-text bpb, and chain accuracy by difficulty on 1..2D over r
 under exit criteria) → the depth probes (speedrun/probes.py: parity, S3 and pointer chasing, by a curriculum, on
 all three models, the recursive one's exit calibrated on each) → DIR/report.md (card.py), which opens with them.
 Every stage calls the library function behind the command a user would type (`train` with a RunSpec,
-`evaluate_checkpoint`). A finished stage is recorded in DIR/stages.json and skipped on the next run; an interrupted training stage resumes from its last checkpoint (saved every ~10%).
+`evaluate_checkpoint`). A finished stage is recorded in DIR/stages.json and skipped on the next run; an interrupted
+training stage resumes from its last checkpoint (saved every ~10%).
 Exercised by `pytest tests/test_speedrun.py`.
 """
 
