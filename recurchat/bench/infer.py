@@ -240,7 +240,8 @@ def bench_infer(ckpt: str | None = None, preset: str = "cpu-tiny", exit_spec: st
         tokenizer, data_path = None, None
     cfg = model.cfg
     data = prepare_data(data_path, cfg.vocab_size, tokenizer=tokenizer, log=lambda *a, **k: None)
-    engine = Engine(model, dtype=dtype, exit_gate=gate, compile=compile)
+    # a compiled engine picks its `auto` dtype for batch 1: the headline rate, and what sample and chat decode
+    engine = Engine(model, dtype=dtype, exit_gate=gate, compile=compile, decode_rows=1)
     log(engine.describe())
     rbar, rmax = cfg.mean_recur, cfg.r_max
     val = data.val

@@ -38,7 +38,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
     prompt = [tok.bos_id] + tok.encode(args.prompt)
-    engine = Engine.for_checkpoint(ckpt, model, args.dtype, args.compile)
+    engine = Engine.for_checkpoint(ckpt, model, args.dtype, args.compile, decode_rows=args.num_samples)
     prompts = [prompt] * args.num_samples
     recur = recur_params(args, model.cfg)
     engine.check(prompts, recur)
@@ -60,7 +60,7 @@ def sample_speculative(args: argparse.Namespace) -> int:
         raise UserError("--speculate decodes at a fixed depth (--recur, default r̄): drop --exit")
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
-    engine = Engine(model, dtype=args.dtype, compile=args.compile)
+    engine = Engine(model, dtype=args.dtype, compile=args.compile, decode_rows=args.num_samples)
     print(engine.describe(), file=sys.stderr)
     target = args.recur or model.cfg.mean_recur
     prompt = [tok.bos_id] + tok.encode(args.prompt)
@@ -79,7 +79,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from recurchat.data.chat import render_prompt
     ckpt, model = load_model(args.ckpt, args.device)
     tok = ckpt.tokenizer
-    engine = Engine.for_checkpoint(ckpt, model, args.dtype, args.compile)
+    engine = Engine.for_checkpoint(ckpt, model, args.dtype, args.compile, decode_rows=1)
     recur = recur_params(args, model.cfg)
     engine.check([[tok.bos_id]], recur)
     print(engine.describe(), file=sys.stderr)

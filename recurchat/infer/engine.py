@@ -42,11 +42,13 @@ class Engine:
     """Checks, generation and scoring on a Runner (infer/runner.py), which owns the model and its passes."""
 
     def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None,
-                 compile: bool = False):
+                 compile: bool = False, decode_rows: int | None = None):
         """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast).
         `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs.
-        `compile`: fixed-depth decode steps run compiled (Runner.compile)."""
-        self.runner = Runner(model, dtype, exit_gate)
+        `compile`: fixed-depth decode steps run compiled (Runner.compile). `decode_rows`: the batch this engine
+        mostly decodes (sample: its samples, chat: 1, serve: --max-batch), which a compiled engine's `auto` weighs
+        (model/hardware.py)."""
+        self.runner = Runner(model, dtype, exit_gate, decode_rows if compile else None)
         if compile:
             self.runner.compile()
         self.model, self.cfg, self.device = self.runner.model, self.runner.cfg, self.runner.device
@@ -54,9 +56,9 @@ class Engine:
 
     @classmethod
     def for_checkpoint(cls, ckpt: Checkpoint, model: RecurrentLM, dtype: str = "auto",
-                       compile: bool = False) -> "Engine":
+                       compile: bool = False, decode_rows: int | None = None) -> "Engine":
         """The engine for a loaded checkpoint (checkpoint.load_model), with the exit gate trained for it, if any."""
-        return cls(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path), compile=compile)
+        return cls(model, dtype=dtype, exit_gate=load_exit_gate(ckpt.path), compile=compile, decode_rows=decode_rows)
 
     def describe(self) -> str:
         """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""

@@ -62,14 +62,18 @@ class DecodeOut:
 
 
 class Runner:
-    def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None):
-        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast).
+    def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None,
+                 compiled_rows: int | None = None):
+        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast);
+        `compiled_rows`: decode steps will run compiled (`compile`) at about this batch, which `auto` weighs
+        (model/hardware.py: a small compiled batch decodes in fp32 on a CPU).
         `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.exit_gate = exit_gate.to(self.device).eval() if exit_gate is not None else None
-        self.dtype = choose_dtype(dtype, self.device)
+        compiled = compiled_rows is not None and self.compilable
+        self.dtype = choose_dtype(dtype, self.device, compiled_rows if compiled else None)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
         self.compiled_step = None  # compile(): fixed_step under torch.compile
@@ -85,9 +89,14 @@ class Runner:
         Shapes are dynamic, so one graph serves every batch size and cache length; each distinct r, warm start or
         row order compiles once more. Steps with an exit criterion stay eager (their host checks break the graph);
         a noise state init stays eager too (compiled and eager random streams differ)."""
-        if self.model.cfg.state_init != "noise":
+        if self.compilable:
             self.compiled_step = torch.compile(self.fixed_step, dynamic=True)
         return self
+
+    @property
+    def compilable(self) -> bool:
+        """Whether `compile` compiles anything: a noise state init stays eager (see there)."""
+        return self.cfg.state_init != "noise"
 
     def describe(self) -> str:
         """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""

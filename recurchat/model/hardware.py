@@ -6,7 +6,10 @@
   `torch.cuda.is_bf16_supported(including_emulation=False)`; a CPU when a one-time probe (≤ 0.3 s) measures bf16
   matmul at ≥ 1.2× fp32. Everything else runs fp32. CPUs without AVX-512 BF16 / AMX emulate bf16 at ~1% of fp32
   speed (0.7 GFLOP/s against 136 on one AVX2 EPYC), so hard-coding bf16 makes training 20–60× slower there; an
-  explicit `--dtype bf16` on such a machine still runs, after one warning that gives the measured ratio.
+  explicit `--dtype bf16` on such a machine still runs, after one warning that gives the measured ratio. A
+  compiled decode step (`--compile` on sample, chat, serve, bench infer) of at most COMPILED_FP32_ROWS rows on a
+  CPU decodes in fp32 under `auto`: inside a graph bf16 autocast keeps no cached bf16 copy of the weights, so every
+  step casts every weight again, and at a small batch that costs more than bf16 matmuls save.
 - Peak FLOP/s. The best rate of matmuls of the model's own shapes ((rows × d)·(d × d), (d × 4d), (4d × d),
   (d × vocab)) in the chosen dtype, measured once per machine, dtype and shape set. It is the MFU denominator in
   metrics.jsonl, the progress bar, `recurchat bench` and the report card; `--peak-flops` overrides it, and the
@@ -39,6 +42,10 @@ from recurchat.files import atomic_write_text, recurchat_home
 
 BF16_MIN_SPEEDUP = 1.2  # auto picks bf16 on a CPU only when its matmuls run at least this much faster than fp32
 PROBE_SIZE = 256  # square matmul of the dtype probe: small enough that emulated bf16 stays within the time budget
+# auto: a compiled CPU decode step of at most this many rows runs fp32 (cpu-tiny, 2-core AVX-512 EPYC, one process:
+# fp32 376 against bf16 266 tok/s at 1 row, 1607 against 1388 at 8); larger batches keep bf16, whose matmul
+# advantage grows with the rows while the casts stay one per weight
+COMPILED_FP32_ROWS = 8
 _warned: set[str] = set()
 
 
@@ -187,14 +194,19 @@ class DtypeChoice:
         return contextlib.nullcontext()
 
 
-def choose_dtype(requested: str, device: torch.device) -> DtypeChoice:
-    """Resolve `--dtype auto|bf16|fp32` on `device` (see the module docstring)."""
+def choose_dtype(requested: str, device: torch.device, compiled_decode_rows: int | None = None) -> DtypeChoice:
+    """Resolve `--dtype auto|bf16|fp32` on `device` (see the module docstring); `compiled_decode_rows`: the batch of
+    an engine whose decode steps run compiled."""
     if requested not in DTYPES:
         raise UserError(f"unknown dtype {requested!r} (choose from {' | '.join(DTYPES)})")
     if requested == "fp32":
         return DtypeChoice("fp32", "--dtype fp32")
     native, why, ratio = native_bf16(device)
     if requested == "auto":
+        rows = compiled_decode_rows
+        if native and device.type == "cpu" and rows is not None and rows <= COMPILED_FP32_ROWS:
+            return DtypeChoice("fp32", f"auto: {why}, but a compiled decode step of {rows} row{'s' * (rows > 1)} "
+                                       "would cast every weight to bf16 at every step", ratio)
         return DtypeChoice("bf16" if native else "fp32", f"auto: {why}", ratio)
     if not native and why not in _warned:
         _warned.add(why)

@@ -70,7 +70,8 @@ class Service:
         self.ctx = self.cfg.seq_len
         self.recur_limit = config.max_recur_limit or 4 * self.cfg.r_max  # deeper plans grow the KV cache unbounded
         self.auto_exit = calibrated_exit(ckpt.path)  # what "exit": "auto" means (recurchat calibrate)
-        self.engine = Engine.for_checkpoint(ckpt, model, config.dtype, config.compile)
+        self.engine = Engine.for_checkpoint(ckpt, model, config.dtype, config.compile,
+                                            decode_rows=config.max_batch)
         limits = {"max_batch": config.max_batch, "queue_size": config.queue_size,
                   "kv_budget_bytes": config.kv_budget_bytes}
         if config.batching == "continuous":

@@ -4,6 +4,7 @@ The probe is faked the way a real machine answers it: by its entry in $RECURCHAT
 Run: `pytest tests/model/test_hardware.py`.
 """
 
+import dataclasses
 import json
 
 import pytest
@@ -143,6 +144,29 @@ def test_engine_decodes_in_the_chosen_dtype(fake_probe, tiny_cfg, ratio, expecte
     with MatmulDtypes() as seen:
         engine.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0), RecurParams(exit="kl:1e-3"))
     assert seen.dtypes == {expected}
+
+
+def test_auto_decodes_a_small_compiled_batch_in_fp32_on_a_cpu(fake_probe):
+    fake_probe(3.0)  # native bf16 (an AVX-512 BF16 CPU)
+    one = hardware.choose_dtype("auto", CPU, compiled_decode_rows=1)
+    assert one.name == "fp32" and "compiled decode step of 1 row would cast every weight" in one.reason
+    limit = hardware.COMPILED_FP32_ROWS
+    assert hardware.choose_dtype("auto", CPU, compiled_decode_rows=limit).name == "fp32"
+    assert hardware.choose_dtype("auto", CPU, compiled_decode_rows=limit + 1).name == "bf16"
+    assert hardware.choose_dtype("auto", CPU).name == "bf16"  # eager decode, training, scoring
+    assert hardware.choose_dtype("bf16", CPU, compiled_decode_rows=1).name == "bf16"  # asked for explicitly
+    fake_probe(0.01)  # emulated bf16: fp32 whatever the batch
+    assert hardware.choose_dtype("auto", CPU, compiled_decode_rows=64).name == "fp32"
+
+
+def test_a_compiled_engine_decodes_its_batch_in_the_dtype_auto_picks_for_it(fake_probe, tiny_cfg):
+    fake_probe(3.0)
+    model = random_model(tiny_cfg)
+    assert Engine(model, compile=True, decode_rows=1).dtype.name == "fp32"
+    assert Engine(model, decode_rows=1).dtype.name == "bf16"  # eager: autocast caches the bf16 weights
+    assert Engine(model, compile=True, decode_rows=hardware.COMPILED_FP32_ROWS + 1).dtype.name == "bf16"
+    noisy = random_model(dataclasses.replace(tiny_cfg, state_init="noise"))  # stays eager under compile
+    assert Engine(noisy, compile=True, decode_rows=1).dtype.name == "bf16"
 
 
 def test_threads_flag_and_run_record(small_text, tmp_path):
