@@ -27,6 +27,7 @@ from recurchat.eval.evaluate import EvalRequest, evaluate_checkpoint
 from recurchat.errors import UserError
 from recurchat.eval.report import plot_accuracy_heatmaps
 from recurchat.eval.result import EvalResult
+from recurchat.train.exit_gate import train_exit_gate
 from recurchat.train.spec import init_spec, pretrain_spec
 from recurchat.train.trainer import train_or_resume
 
@@ -37,7 +38,10 @@ PRESET = "probe"
 # (docs/ablations/probes/ §6).
 MODEL_OVERRIDES = {"chase": {"attn_window": 0, "n_prelude": 0, "n_coda": 0}}
 RATES = {"chase": {"lr_matrix": 0.05, "lr_embed": 0.12, "lr_head": 0.01}}
-CALIBRATION = ("latent", 0.01)  # criterion, accuracy loss allowed against fixed 4r̄
+# the exit calibrated on each probe: the first criterion that keeps the accuracy loss against fixed 4r̄ within
+# MAX_ACC_LOSS; the gate is trained on the probe's labels first (`recurchat exit-train --probe … --label answer`)
+CRITERIA = ("latent", "gate")
+MAX_ACC_LOSS = 0.01
 EVAL_DTYPE = "fp32"  # probe calibration and evaluation: exact answers, tiny models, and bf16 would blur the latent exit
 LABELS = {"recursive": "recursive", "standard": "iso-FLOP twin", "iso-params": "iso-params"}
 # "held-out rises with r" allows a drop this small between two depths: at chance, the held-out labels of
@@ -120,12 +124,18 @@ def probe_stages(out: Path, sp, models, dtype: str, run_stage) -> None:
 
 
 def calibrate(run: Path, probe: str, limit: int, dtype: str) -> None:
-    """The probe-calibrated exit of the recursive model; when no threshold keeps the accuracy (an undertrained
-    model), say so and evaluate at fixed depths only."""
-    try:
-        calibrate_probe_checkpoint(str(run), held_out(probe), *CALIBRATION, limit=limit, dtype=dtype)
-    except UserError as e:
-        print(f"[speedrun] {probe}: no calibrated exit ({e})", flush=True)
+    """The probe-calibrated exit of the recursive model: the latent criterion, else a gate trained on the probe's
+    labels (a state can sit still before the answer reaches its position, as in parity, and no latent threshold
+    then keeps the accuracy); when neither does (an undertrained model), say so and evaluate at fixed depths only."""
+    for criterion in CRITERIA:
+        try:
+            if criterion == "gate":
+                deep = 4 * probe_model(parse_probe(probe).probe.name, "").mean_recur  # what it is calibrated against
+                train_exit_gate(str(run), probe=held_out(probe), deep_recur=deep, label="answer", dtype=dtype)
+            calibrate_probe_checkpoint(str(run), held_out(probe), criterion, MAX_ACC_LOSS, limit=limit, dtype=dtype)
+            return
+        except UserError as e:
+            print(f"[speedrun] {probe}: no calibrated {criterion} exit ({e})", flush=True)
 
 
 class ProbeNumbers:
@@ -246,7 +256,8 @@ def card_section(out: Path, sp, models) -> list[str]:
              *[row for p in numbers for row in probe_rows(p)], "",
              "Against the better standard model on each side (standard models at r = 1):", "",
              *[f"- {comparison(p)}" for p in numbers], "",
-             "Recursive model under the exit calibrated on each probe (accuracy loss over all levels ≤ 1 point "
+             "Recursive model under the exit calibrated on each probe (the latent criterion, or where no latent "
+             "threshold holds a gate trained on the probe's labels; accuracy loss over all levels ≤ 1 point "
              "against fixed 4r̄ at 95% confidence, on sequences the evaluation does not use): mean recursions per "
              "label, and the points it loses against 4r̄ over all levels and over the held-out ones.", "",
              "| probe | exit | easiest level | held-out easiest → hardest | hardest held-out ÷ easiest level | "
