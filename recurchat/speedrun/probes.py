@@ -5,7 +5,8 @@ the recursive model's exit calibrated on it, all three evaluated on levels up to
 
 A probe `parity:1-8` trains on difficulties 1..8 (`recurchat train --preset probe --data probe:parity:1-8`) and is
 evaluated on 1..16 (`recurchat eval --tasks probe:parity:1-16`) at r ∈ {1, 2, r̄, 2r̄, 4r̄} and under the exit
-calibrated on it (`recurchat calibrate --probe … --criterion latent --max-acc-loss 0.01`, against fixed 4r̄).
+calibrated on it (`recurchat calibrate --probe … --criterion latent --max-acc-loss 0.01`, against fixed 4r̄; where
+no latent threshold holds, `recurchat exit-train --probe … --label answer` and `--criterion gate`).
 The card's first screen (`card_section`) is built from those files: accuracy heat maps (difficulty × r), the
 extrapolation numbers and the recursions the calibrated exit spends per difficulty. Pointer chasing (`chase:1-3`) is
 learned only by a curriculum (`curriculum`): chains of 1, then 1-2, then 1-3, each stage `recurchat train
@@ -56,8 +57,13 @@ def held_out(probe: str) -> str:
     return spec.at_levels(spec.levels[0], min(2 * spec.levels[-1], spec.probe.max_level)).name
 
 
+def mean_recur(probe: str) -> int:
+    """r̄ of the recursive model `probe` trains."""
+    return probe_model(parse_probe(probe).probe.name, "").mean_recur
+
+
 def depths(probe: str) -> str:
-    r = probe_model(parse_probe(probe).probe.name, "").mean_recur
+    r = mean_recur(probe)
     return ",".join(str(d) for d in (1, 2, r, 2 * r, 4 * r))
 
 
@@ -98,8 +104,8 @@ def train_probe(out: Path, probe: str, model: str, standard: str, sp, dtype: str
 
 
 def stage_spec(run: Path, base: Path | None, name: str, standard: str, settings: dict):
-    """A probe's first stage from the preset (with the probe's model overrides and first-stage rates); a later one
-    from the weights and settings of the stage before it."""
+    """A probe's first stage from the preset (with the probe's model overrides and rates); a later one from the
+    weights and settings of the stage before it."""
     if base is None:
         return pretrain_spec(PRESET, run, standard=standard, model=MODEL_OVERRIDES.get(name, {}),
                              train={**RATES.get(name, {}), **settings}, overwrite=True)
@@ -130,8 +136,8 @@ def calibrate(run: Path, probe: str, limit: int, dtype: str) -> None:
     for criterion in CRITERIA:
         try:
             if criterion == "gate":
-                deep = 4 * probe_model(parse_probe(probe).probe.name, "").mean_recur  # what it is calibrated against
-                train_exit_gate(str(run), probe=held_out(probe), deep_recur=deep, label="answer", dtype=dtype)
+                train_exit_gate(str(run), probe=held_out(probe), deep_recur=4 * mean_recur(probe), label="answer",
+                                dtype=dtype)  # labels from the depth the exit is calibrated against
             calibrate_probe_checkpoint(str(run), held_out(probe), criterion, MAX_ACC_LOSS, limit=limit, dtype=dtype)
             return
         except UserError as e:
@@ -145,7 +151,7 @@ class ProbeNumbers:
         self.probe, self.task = probe, held_out(probe)
         self.trained = parse_probe(probe).levels
         self.results = {m: EvalResult.from_json(json.loads(eval_file(out, probe, m).read_text())) for m, _ in models}
-        self.r_bar = probe_model(parse_probe(probe).probe.name, "").mean_recur
+        self.r_bar = mean_recur(probe)
 
     def by_level(self, model: str, setting: str) -> dict[str, float]:
         return self.results[model].acc_by_difficulty[self.task].get(setting, {})
@@ -223,8 +229,7 @@ def exit_row(p: ProbeNumbers) -> str:
 
 def recipe(probe: str, sp) -> str:
     """How the card says `probe` was trained, from the same curriculum the stages ran."""
-    stages, name = curriculum(probe, sp), parse_probe(probe).probe.name
-    r = probe_model(name, "").mean_recur
+    stages, name, r = curriculum(probe, sp), parse_probe(probe).probe.name, mean_recur(probe)
     if len(stages) == 1:
         return f"`{probe}`: {stages[0][1]} steps, r̄ = {r}."
     blocks = "/".join(str(getattr(probe_model(name, ""), f"n_{k}")) for k in ("prelude", "shared", "coda"))
