@@ -45,12 +45,10 @@ class Engine:
                  compile: bool = False, decode_rows: int | None = None):
         """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast).
         `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs.
-        `compile`: fixed-depth decode steps run compiled (Runner.compile). `decode_rows`: the batch this engine
-        mostly decodes (sample: its samples, chat: 1, serve: --max-batch), which a compiled engine's `auto` weighs
+        `compile`: fixed-depth decode steps run compiled (Runner). `decode_rows`: the batch this engine mostly
+        decodes (sample: its samples, chat: 1, serve: --max-batch), which a compiled engine's `auto` weighs
         (model/hardware.py)."""
-        self.runner = Runner(model, dtype, exit_gate, decode_rows if compile else None)
-        if compile:
-            self.runner.compile()
+        self.runner = Runner(model, dtype, exit_gate, compile, decode_rows)
         self.model, self.cfg, self.device = self.runner.model, self.runner.cfg, self.runner.device
         self.dtype, self.exit_gate = self.runner.dtype, self.runner.exit_gate
 

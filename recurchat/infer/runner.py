@@ -8,8 +8,8 @@ stands on its model runner. Exercised by `pytest tests/infer/test_engine.py test
 - decode: one token per row; after each iteration the rows' criteria (infer/exit.py via ExitChecks) mark rows done,
   which leave the recurrent computation (the active rows are gathered when the set changes, so a batch whose easy
   tokens stop early does less work) and have their K/V filled forward for deeper readers.
-- fixed_step: a decode step whose rows all run one fixed depth is one pass with no exit bookkeeping; `compile()` hands
-  it to torch.compile (`--compile`), so the small ops of a whole step fuse into one graph.
+- fixed_step: a decode step whose rows all run one fixed depth is one pass with no exit bookkeeping; `compile=True`
+  hands it to torch.compile (`--compile`), so the small ops of a whole step fuse into one graph.
 - iterations / extra_heads count recurrent-block applications × rows and coda + head runs beyond one per token.
 """
 
@@ -63,40 +63,30 @@ class DecodeOut:
 
 class Runner:
     def __init__(self, model: RecurrentLM, dtype: str = "auto", exit_gate: ExitGate | None = None,
-                 compiled_rows: int | None = None):
-        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast);
-        `compiled_rows`: decode steps will run compiled (`compile`) at about this batch, which `auto` weighs
-        (model/hardware.py: a small compiled batch decodes in fp32 on a CPU).
-        `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P criterion needs."""
+                 compile: bool = False, decode_rows: int | None = None):
+        """`dtype`: auto | bf16 | fp32, resolved for the model's device by model/hardware.py (bf16 = autocast), which
+        for a compiled runner weighs `decode_rows`, the batch it mostly decodes (a small compiled batch decodes in
+        fp32 on a CPU). `exit_gate`: the checkpoint's learned gate (checkpoint.load_exit_gate), which the gate:P
+        criterion needs.
+        `compile`: decode steps whose rows all run one fixed depth go through `torch.compile(fixed_step)`: one graph
+        fuses the whole step's small ops (norms, rotary, casts, cache writes), which bound an eager step at small
+        batch. Shapes are dynamic, so one graph serves every batch size and cache length; each distinct r, warm start
+        or row order compiles once more. Steps with an exit criterion stay eager (their host checks break the graph);
+        a noise state init stays eager too (compiled and eager random streams differ)."""
         self.model = model.eval()
         self.cfg = model.cfg
         self.device = next(model.parameters()).device
         self.exit_gate = exit_gate.to(self.device).eval() if exit_gate is not None else None
-        compiled = compiled_rows is not None and self.compilable
-        self.dtype = choose_dtype(dtype, self.device, compiled_rows if compiled else None)
+        compiled = compile and self.cfg.state_init != "noise"
+        self.dtype = choose_dtype(dtype, self.device, decode_rows if compiled else None)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
-        self.compiled_step = None  # compile(): fixed_step under torch.compile
+        self.compiled_step = torch.compile(self.fixed_step, dynamic=True) if compiled else None
 
     def autocast(self):
         """The region every pass runs in (bf16 autocast or nothing); hold one region across many steps so its cache
         keeps each weight's bf16 copy instead of casting every weight again at every step."""
         return self.dtype.autocast(self.device)
-
-    def compile(self) -> "Runner":
-        """Decode steps whose rows all run one fixed depth go through `torch.compile(fixed_step)`: one graph fuses
-        the whole step's small ops (norms, rotary, casts, cache writes), which bound an eager step at small batch.
-        Shapes are dynamic, so one graph serves every batch size and cache length; each distinct r, warm start or
-        row order compiles once more. Steps with an exit criterion stay eager (their host checks break the graph);
-        a noise state init stays eager too (compiled and eager random streams differ)."""
-        if self.compilable:
-            self.compiled_step = torch.compile(self.fixed_step, dynamic=True)
-        return self
-
-    @property
-    def compilable(self) -> bool:
-        """Whether `compile` compiles anything: a noise state init stays eager (see there)."""
-        return self.cfg.state_init != "noise"
 
     def describe(self) -> str:
         """The banner line: device, dtype and why, threads, the measured peak of this model's matmuls."""
@@ -192,7 +182,7 @@ class Runner:
     def fixed_step(self, cache: KVCache, tok: torch.Tensor, view, cos: torch.Tensor, sin: torch.Tensor, r: int,
                    warm: torch.Tensor | None, warm_rows: torch.Tensor | None):
         """(logits [n, V] fp32, final states [n, 1, d] or None) of one decode token per row, every row at depth r
-        (0: a standard model): prelude, r iterations, coda, head — the pass `compile()` hands to torch.compile."""
+        (0: a standard model): prelude, r iterations, coda, head — the pass `compile=True` hands to torch.compile."""
         m = self.model
         x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
         state = None
@@ -201,7 +191,7 @@ class Runner:
             # autocast the loop may end in bf16), so rows decode alike whichever path their step takes
             s = m.loop(x, self.start_state(x, warm, warm_rows), cos, sin, r, kv=lambda i: cache.recur(i, view))
             x = state = s.to(x.dtype)
-        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1].float(), state
+        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1], state  # head: fp32 logits
 
     def _check_exit(self, act: ActiveRows, cache: KVCache, checks: ExitChecks, out: DecodeOut,
                     step: int) -> torch.Tensor:

@@ -28,7 +28,7 @@ class ServeConfig:
     queue_size: int = 64  # waiting requests before a 429
     device: str = "auto"
     dtype: str = "auto"
-    compile: bool = False  # fixed-depth decode steps run compiled (Runner.compile)
+    compile: bool = False  # fixed-depth decode steps run compiled (infer/runner.py)
     max_recur_limit: int | None = None  # the deepest plan a request may ask for (None: 4 × r_max)
     kv_budget_mb: float = 0.0  # KV memory bound (0: none)
     batching: str = "continuous"  # continuous: requests join at every decode step; static: a batch runs to its end

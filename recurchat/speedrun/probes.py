@@ -201,10 +201,7 @@ def probe_rows(p: ProbeNumbers) -> list[str]:
 def comparison(p: ProbeNumbers) -> str:
     """One sentence: where the recursive model is ahead of (or behind) the better standard model, held out at 4r̄
     (which only it can run) and on the trained levels at r̄."""
-    standard = [m for m in p.results if m != "recursive"]
-    if not standard:
-        return ""
-    said = []
+    standard, said = [m for m in p.results if m != "recursive"], []
     for levels, setting, where in ((p.long_levels, str(4 * p.r_bar), "held-out levels at 4r̄"),
                                    (p.trained, str(p.r_bar), "trained levels at r̄")):
         rec = p.mean("recursive", setting, levels) or 0.0
