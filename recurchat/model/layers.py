@@ -164,6 +164,30 @@ class Attention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
+class ReluSquared(torch.autograd.Function):
+    """relu(x)² with one saved tensor and a two-op backward (2·relu(x)·grad): autograd's relu → square keeps the
+    same tensor but spends a threshold_backward and a pow backward on it, ~2× the time of this on a CPU (eager fp32
+    and bf16 at [2048, 1024]). torch has no fused relu² op; under torch.compile the plain expression is used and
+    inductor fuses it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        r = x.clamp_min(0)
+        ctx.save_for_backward(r)
+        return r * r
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (r,) = ctx.saved_tensors
+        return torch.mul(grad, r).mul_(2)
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+        return F.relu(x).square()
+    return ReluSquared.apply(x)
+
+
 class MLP(nn.Module):
     """`relu2`: ReLU² feed-forward, cheap, and sparse activations train well at small scale. `swiglu`: Llama's
     down(silu(gate x) ⊙ up x), with gate and up stacked in one c_fc matrix [gate; up] (one matmul, like relu2)."""
@@ -178,7 +202,7 @@ class MLP(nn.Module):
         if self.kind == "swiglu":
             gate, up = self.c_fc(x).chunk(2, dim=-1)
             return self.c_proj(F.silu(gate) * up)
-        return self.c_proj(F.relu(self.c_fc(x)).square())
+        return self.c_proj(relu_squared(self.c_fc(x)))
 
 
 class Block(nn.Module):

@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recurchat.config import ModelConfig
+from recurchat.model.head_loss import head_cross_entropy
 from recurchat.model.layers import Block, norm, rotary_tables
 
 
@@ -156,7 +157,8 @@ class RecurrentLM(nn.Module):
         x = self.adapter(e, s)
         for i, block in enumerate(self.recur):
             x = block(x, cos, sin, None if caches is None else caches[i])
-        return norm(x, self.eps) if self.cfg.state_norm else x
+        x = norm(x, self.eps) if self.cfg.state_norm else x
+        return x.to(e.dtype) if torch.compiler.is_compiling() else x  # one state dtype: see compiled_loop_inputs
 
     def loop(self, e: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: int,
              kv=None, after=None, iterate=None) -> torch.Tensor:
@@ -185,14 +187,16 @@ class RecurrentLM(nn.Module):
             x = block(x, cos, sin, None if caches is None else caches[i])
         return x
 
+    def head_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What lm_head reads: the final RMSNorm of x, times the learned gain where the model has one."""
+        x = norm(x, self.eps)
+        return x if self.final_gain is None else x * self.final_gain.to(x.dtype)
+
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Soft-capped logits in fp32. The cap runs in the matmul's dtype (bf16 under autocast, as nanochat does)
         and only its result is widened: on a CPU the fp32 temporaries of a [B·T, vocab] cap are each a fresh 32 MiB
         allocation that glibc maps and zeroes page by page, and cost 14% of an eager bf16 training step (cpu-tiny)."""
-        x = norm(x, self.eps)
-        if self.final_gain is not None:
-            x = x * self.final_gain.to(x.dtype)
-        logits = F.linear(x, self.head_weight)
+        logits = F.linear(self.head_input(x), self.head_weight)
         cap = self.cfg.logit_softcap
         return (cap * torch.tanh(logits / cap) if cap > 0 else logits).float()
 
@@ -216,12 +220,13 @@ class RecurrentLM(nn.Module):
 
     def loss_or_logits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-        """Coda, head and (with targets) the cross-entropy: one stage, so a compiler can fuse the loss in."""
-        logits = self.head(self.run_coda(x, cos, sin))
+        """Coda, head and (with targets) the cross-entropy: one stage, so a compiler can fuse the loss in. The loss
+        never materialises the [B·T, vocab] logits (model/head_loss.py)."""
+        x = self.run_coda(x, cos, sin)
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=reduction)
+            return self.head(x)
+        loss = head_cross_entropy(self.head_input(x).flatten(0, -2), self.head_weight, targets.reshape(-1),
+                                  self.cfg.logit_softcap, reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
 
     def compile_stages(self, **compile_kwargs) -> "RecurrentLM":
@@ -257,15 +262,28 @@ class RecurrentLM(nn.Module):
         if self.recur:
             e = x
             s = self.initial_state(e) if init_state is None else init_state
+            if stages:
+                e, s = self.compiled_loop_inputs(e, s)
             n_nograd = max(r - k, 0)
             if n_nograd:
                 # No autograd graph for these iterations: memory stays flat in r, and the grad iterations start
                 # from a detached state (gradients still reach e — and so the prelude — through the adapter).
                 with torch.no_grad():
-                    s = self.loop(e, s, cos, sin, n_nograd, iterate=iterate)
+                    s = self.loop(e.detach(), s, cos, sin, n_nograd, iterate=iterate)
             x = state = self.loop(e, s, cos, sin, r - n_nograd, iterate=iterate)
         out = stages.get("tail", self.loss_or_logits)(x, cos, sin, targets, loss_reduction)
         return (out, state) if return_state else out
+
+    @staticmethod
+    def compiled_loop_inputs(e: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """e and s₀ as the compiled iteration should see them at every call: in the compute dtype (under autocast
+        the prelude hands over fp32 and each iteration returns bf16) and never one tensor (state_init e makes s₀ e
+        itself). Otherwise dynamo guards on the dtype and on `e is s` and compiles the iteration again for each
+        combination, and past its limit of 8 graphs (reached on an H200) runs the rest eagerly."""
+        device = e.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else e.dtype
+        e, s_dtype = e.to(dtype), s.to(dtype)
+        return e, (s_dtype.clone() if s_dtype is e or s is e else s_dtype)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 

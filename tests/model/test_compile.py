@@ -54,3 +54,27 @@ def test_compiled_matches_eager_and_never_recompiles_for_r(tiny_cfg):
             comp(x, x, num_recur=r)
             comp(x, num_recur=r)
     assert graphs() == before
+
+
+def test_bf16_training_compiles_the_iteration_once_per_grad_mode_and_state_kind(tiny_cfg):
+    """Under autocast the prelude hands the loop an fp32 e while each iteration returns bf16, and state_init e makes
+    s₀ the very tensor e: unless the loop's inputs are normalised, dynamo compiles the iteration again for every
+    dtype and aliasing combination and, past its limit of 8 (reached on an H200), runs the rest eagerly."""
+    torch._dynamo.reset()
+    iteration_graphs = []
+
+    def backend(gm, example_inputs):
+        if any("adapter" in n.name for n in gm.graph.nodes if n.op == "placeholder"):  # the iteration's inputs
+            iteration_graphs.append(gm)
+        return gm.forward
+
+    model = perturbed(tiny_cfg).compile_stages(backend=backend)
+    x = torch.randint(0, tiny_cfg.vocab_size, (2, tiny_cfg.seq_len))
+    with torch.autocast("cpu", torch.bfloat16):
+        for r in (1, 5, 3, 2, 7):  # r ≤ k (s₀ = e, with gradients) and r > k (a detached state from no-grad steps)
+            model(x, x, num_recur=r, bptt_k=2).backward()
+        with torch.no_grad():
+            model(x, x, num_recur=3)
+            model(x, num_recur=4)
+    # grad mode × whether the incoming state carries gradients, and evaluation: no dtype or aliasing variants
+    assert len(iteration_graphs) <= 4
