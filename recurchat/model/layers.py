@@ -80,6 +80,18 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     return (scores.softmax(-1) @ v).view(B, H, T, D)
 
 
+def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one new query per row (a decode step) as two small batched matmuls and a softmax, the query
+    heads of a KV group side by side so each KV head is read once. On a CPU torch's flash kernel spends ~22 µs on
+    such a step at cpu-tiny shape, a fixed cost that is 12% of a compiled batch-1 decode step; this takes a third.
+    q is [B, H, 1, D], k and v [B, KV, L, D], mask [B, 1, 1, L] (True = attend)."""
+    B, H, _, D = q.shape
+    kv = k.size(1)
+    scores = (q.reshape(B, kv, H // kv, D) * D ** -0.5) @ k.transpose(-1, -2)  # [B, KV, groups, L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ v).reshape(B, H, 1, D)
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]."""
     d = x.size(-1) // 2
@@ -159,6 +171,8 @@ class Attention(nn.Module):
                     else prefill_window_mask(T, self.window, x.device))
         if mask is None and self.short_training_attention(q):
             y = short_causal_attention(q, k, v)
+        elif T == 1 and mask is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = single_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -71,3 +71,14 @@ def test_attention_uses_the_short_kernel_only_for_bf16_training_up_to_the_length
     run(8, bf16=False)
     run(layers.SHORT_ATTENTION_LEN + 1)
     assert calls == [8, layers.SHORT_ATTENTION_LEN]
+
+
+def test_single_query_attention_matches_torch_kernel_with_grouped_heads_and_a_per_row_mask():
+    from recurchat.model.layers import single_query_attention, window_mask
+
+    torch.manual_seed(0)
+    B, H, KV, L, D = 3, 4, 2, 9, 16
+    q, k, v = torch.randn(B, H, 1, D), torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    mask = window_mask(torch.tensor([8, 4, 6]), L, 0)[:, None, None, :]  # rows at their own positions
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(single_query_attention(q, k, v, mask), want)

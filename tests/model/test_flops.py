@@ -68,7 +68,8 @@ def test_mfu():
 
 
 class ReadBytes(TorchDispatchMode):
-    """Bytes of the weight operand of every matmul and of the keys and values every attention reads."""
+    """Bytes of the weight operand of every matmul and of the keys and values every attention reads (torch's
+    kernel, or the two batched matmuls of a decode step's single_query_attention)."""
 
     def __init__(self):
         super().__init__()
@@ -79,6 +80,8 @@ class ReadBytes(TorchDispatchMode):
             self.weights += args[1].numel() * args[1].element_size()
         if func is torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default:
             self.kv += sum(t.numel() * t.element_size() for t in args[1:3])
+        if func is torch.ops.aten.bmm.default:  # a decode step's single_query_attention: Kᵀ, then V
+            self.kv += args[1].numel() * args[1].element_size()
         return func(*args, **(kwargs or {}))
 
 
