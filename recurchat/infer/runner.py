@@ -22,7 +22,7 @@ import torch
 from recurchat.infer.kv_cache import KVCache
 from recurchat.infer.plan import ExitChecks, RowPlans
 from recurchat.model.exit_gate import ExitGate
-from recurchat.model.hardware import choose_dtype, inference_banner
+from recurchat.model.hardware import choose_dtype, decode_matmuls, inference_banner
 from recurchat.model.recurrent import RecurrentLM
 
 __all__ = ["ActiveRows", "DecodeOut", "Runner"]
@@ -86,7 +86,8 @@ class Runner:
         self.device = next(model.parameters()).device
         self.exit_gate = exit_gate.to(self.device).eval() if exit_gate is not None else None
         compiled = compile and self.cfg.state_init != "noise"
-        self.dtype = choose_dtype(dtype, self.device, decode_rows if compiled else None)
+        eager = decode_matmuls(self.cfg, decode_rows) if decode_rows and not compiled else None
+        self.dtype = choose_dtype(dtype, self.device, decode_rows if compiled else None, eager)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
         self.compiled_step = compile_step(self.fixed_step, self.device) if compiled else None

@@ -9,7 +9,9 @@
   explicit `--dtype bf16` on such a machine still runs, after one warning that gives the measured ratio. A
   compiled decode step (`--compile` on sample, chat, serve, bench infer) of at most COMPILED_FP32_ROWS rows on a
   CPU decodes in fp32 under `auto`: inside a graph bf16 autocast keeps no cached bf16 copy of the weights, so every
-  step casts every weight again, and at a small batch that costs more than bf16 matmuls save.
+  step casts every weight again, and at a small batch that costs more than bf16 matmuls save. An eager decode
+  (sample, chat, serve, bench infer) decodes in fp32 where a one-time probe of its own matmuls at its batch finds
+  bf16 at most SLOW_SMALL_BF16 of fp32's speed (on AMX Xeons oneDNN's small bf16 matmuls have a fixed cost).
 - Peak FLOP/s. The best rate of matmuls of the model's own shapes ((rows × d)·(d × d), (d × 4d), (4d × d),
   (d × vocab)) in the chosen dtype, measured once per machine, dtype and shape set. It is the MFU denominator in
   metrics.jsonl, the progress bar, `recurchat bench` and the report card; `--peak-flops` overrides it, and the
@@ -46,6 +48,12 @@ PROBE_SIZE = 256  # square matmul of the dtype probe: small enough that emulated
 # fp32 376 against bf16 266 tok/s at 1 row, 1607 against 1388 at 8); larger batches keep bf16, whose matmul
 # advantage grows with the rows while the casts stay one per weight
 COMPILED_FP32_ROWS = 8
+# auto: an eager CPU decode whose bf16 matmuls, at its batch and the model's shapes, run at most this fraction of
+# fp32's speed decodes in fp32. cpu-tiny on a 2-core Xeon with AMX (oneDNN's small bf16 matmuls cost ~20 µs a call
+# whatever their size): the probe reads 0.33× at 1 row and 0.62× at 8, and eager decoding fp32 213 against bf16 121
+# tok/s at 1 row, 1173 against 829 at 8; on a 2-core AVX-512 EPYC an earlier probe of the same shapes read 0.76× at
+# 1 row and eager bf16 decoded faster there (248 against 215). The cut sits between those readings.
+SLOW_SMALL_BF16 = 0.7
 _warned: set[str] = set()
 
 
@@ -168,6 +176,33 @@ def bf16_over_fp32_matmul(device: torch.device) -> float:
     return cached(device, "bf16_over_fp32_matmul", probe)
 
 
+def decode_matmuls(cfg: ModelConfig, rows: int) -> dict[tuple[int, int, int], int]:
+    """(m, k, n) → uses of the matmuls one decode step of `rows` rows makes at r̄: the attention and MLP
+    projections of every block use (prelude, r̄ × shared stack, coda) and the head once."""
+    uses, iters = cfg.n_prelude + cfg.mean_recur * cfg.n_shared + cfg.n_coda, cfg.mean_recur * (cfg.n_shared > 0)
+    d, hidden = cfg.d_model, cfg.mlp_width
+    matmuls = {(rows, d, d): 2 * uses, (rows, d, hidden): uses, (rows, hidden, d): uses, (rows, d, cfg.vocab_size): 1}
+    return matmuls | ({(rows, 2 * d, d): iters} if iters else {})  # the adapter, once per iteration
+
+
+def bf16_over_fp32_small_matmul(device: torch.device, matmuls: dict[tuple[int, int, int], int]) -> float:
+    """How much faster the matmuls of `matmuls` ((m, k, n) → uses: a decode step's, m = its rows) run in bf16 than
+    in fp32, with the bf16 weights cast beforehand as autocast's cache holds them over a generation; probed once per
+    machine and shape set, then cached."""
+    def probe() -> float:
+        seconds = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            pairs = [(random_matrix(m, k, device, dtype), random_matrix(n, k, device, dtype), uses)
+                     for (m, k, n), uses in matmuls.items()]
+            seconds[dtype] = best_seconds(
+                lambda: [torch.nn.functional.linear(x, w) for x, w, uses in pairs for _ in range(uses)], device,
+                budget_s=0.2, max_reps=10)
+        return seconds[torch.float32] / seconds[torch.bfloat16]
+
+    entry = "bf16_over_fp32_small_matmul " + ",".join(f"{m}x{k}x{n}*{u}" for (m, k, n), u in matmuls.items())
+    return cached(device, entry, probe)
+
+
 def native_bf16(device: torch.device) -> tuple[bool, str, float | None]:
     """(runs bf16 natively, why, the measured CPU ratio or None)."""
     if device.type == "cuda":
@@ -194,19 +229,37 @@ class DtypeChoice:
         return contextlib.nullcontext()
 
 
-def choose_dtype(requested: str, device: torch.device, compiled_decode_rows: int | None = None) -> DtypeChoice:
+def decode_in_fp32(device: torch.device, why: str, compiled_rows: int | None,
+                   eager_matmuls: dict[tuple[int, int, int], int] | None) -> str | None:
+    """Why `auto` decodes in fp32 on a CPU that runs bf16 natively, or None: a small compiled batch, or an eager
+    decode whose small bf16 matmuls are slow here (SLOW_SMALL_BF16)."""
+    if device.type != "cpu":
+        return None
+    if compiled_rows is not None and compiled_rows <= COMPILED_FP32_ROWS:
+        return (f"auto: {why}, but a compiled decode step of {compiled_rows} row{'s' * (compiled_rows > 1)} would "
+                "cast every weight to bf16 at every step")
+    if eager_matmuls:
+        small = bf16_over_fp32_small_matmul(device, eager_matmuls)
+        if small <= SLOW_SMALL_BF16:
+            rows = next(iter(eager_matmuls))[0]
+            return f"auto: {why}, but at a decode batch of {rows} row{'s' * (rows > 1)} bf16 matmuls run at {small:.2f}× fp32"
+    return None
+
+
+def choose_dtype(requested: str, device: torch.device, compiled_decode_rows: int | None = None,
+                 eager_decode_matmuls: dict[tuple[int, int, int], int] | None = None) -> DtypeChoice:
     """Resolve `--dtype auto|bf16|fp32` on `device` (see the module docstring); `compiled_decode_rows`: the batch of
-    an engine whose decode steps run compiled."""
+    an engine whose decode steps run compiled; `eager_decode_matmuls`: the matmuls of an eager engine's decode step
+    (decode_matmuls at its batch)."""
     if requested not in DTYPES:
         raise UserError(f"unknown dtype {requested!r} (choose from {' | '.join(DTYPES)})")
     if requested == "fp32":
         return DtypeChoice("fp32", "--dtype fp32")
     native, why, ratio = native_bf16(device)
     if requested == "auto":
-        rows = compiled_decode_rows
-        if native and device.type == "cpu" and rows is not None and rows <= COMPILED_FP32_ROWS:
-            return DtypeChoice("fp32", f"auto: {why}, but a compiled decode step of {rows} row{'s' * (rows > 1)} "
-                                       "would cast every weight to bf16 at every step", ratio)
+        fp32_why = decode_in_fp32(device, why, compiled_decode_rows, eager_decode_matmuls) if native else None
+        if fp32_why:
+            return DtypeChoice("fp32", fp32_why, ratio)
         return DtypeChoice("bf16" if native else "fp32", f"auto: {why}", ratio)
     if not native and why not in _warned:
         _warned.add(why)

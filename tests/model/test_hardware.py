@@ -40,12 +40,14 @@ class MatmulDtypes(TorchDispatchMode):
 
 
 @pytest.fixture
-def fake_probe():
-    """fake_probe(ratio): this machine's cached bf16/fp32 matmul ratio, restored afterwards."""
+def fake_probe(monkeypatch):
+    """fake_probe(ratio, small=1.0): this machine's cached bf16/fp32 matmul ratio, restored afterwards, and what the
+    probe of a decode batch's small matmuls reads (1.0 unless given: bf16 as fast as fp32 there)."""
     path = hardware.cache_path()
     before = path.read_text() if path.exists() else None
 
-    def fake(ratio: float) -> None:
+    def fake(ratio: float, small: float = 1.0) -> None:
+        monkeypatch.setattr(hardware, "bf16_over_fp32_small_matmul", lambda device, matmuls: small)
         table = json.loads(path.read_text()) if path.exists() else {}
         table.setdefault(hardware.machine_key(CPU), {})["bf16_over_fp32_matmul"] = ratio
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -157,6 +159,34 @@ def test_auto_decodes_a_small_compiled_batch_in_fp32_on_a_cpu(fake_probe):
     assert hardware.choose_dtype("bf16", CPU, compiled_decode_rows=1).name == "bf16"  # asked for explicitly
     fake_probe(0.01)  # emulated bf16: fp32 whatever the batch
     assert hardware.choose_dtype("auto", CPU, compiled_decode_rows=64).name == "fp32"
+
+
+def test_auto_decodes_eagerly_in_fp32_where_small_bf16_matmuls_are_slow(fake_probe, tiny_cfg):
+    fake_probe(3.0, small=0.33)  # an AMX Xeon at 1 row: oneDNN's small bf16 matmuls have a fixed cost
+    one = hardware.choose_dtype("auto", CPU, eager_decode_matmuls=hardware.decode_matmuls(tiny_cfg, 1))
+    assert one.name == "fp32" and "at a decode batch of 1 row bf16 matmuls run at 0.33× fp32" in one.reason
+    assert hardware.choose_dtype("auto", CPU).name == "bf16"  # training and scoring keep bf16
+    assert Engine(random_model(tiny_cfg), decode_rows=1).dtype.name == "fp32"
+    fake_probe(3.0, small=hardware.SLOW_SMALL_BF16 + 0.05)  # an EPYC: bf16 decodes faster eagerly
+    assert Engine(random_model(tiny_cfg), decode_rows=1).dtype.name == "bf16"
+    fake_probe(3.0, small=0.2)
+    assert Engine(random_model(tiny_cfg), dtype="bf16", decode_rows=1).dtype.name == "bf16"  # asked for explicitly
+
+
+def test_decode_matmuls_count_every_block_use_the_adapter_and_the_head(tiny_cfg):
+    uses = tiny_cfg.n_prelude + tiny_cfg.mean_recur * tiny_cfg.n_shared + tiny_cfg.n_coda
+    d, hidden = tiny_cfg.d_model, tiny_cfg.mlp_width
+    assert hardware.decode_matmuls(tiny_cfg, 3) == {(3, d, d): 2 * uses, (3, d, hidden): uses, (3, hidden, d): uses,
+                                                   (3, d, tiny_cfg.vocab_size): 1, (3, 2 * d, d): tiny_cfg.mean_recur}
+
+
+def test_small_matmul_probe_times_both_dtypes_once_then_reads_the_cache(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECURCHAT_HOME", str(tmp_path))
+    matmuls = hardware.decode_matmuls(tiny_cfg, 1)
+    seen = []
+    monkeypatch.setattr(hardware, "best_seconds", lambda run, *a, **k: seen.append(run) or (len(seen) * 0.5))
+    assert hardware.bf16_over_fp32_small_matmul(CPU, matmuls) == pytest.approx(0.5)  # fp32 0.5 s, bf16 1.0 s
+    assert hardware.bf16_over_fp32_small_matmul(CPU, matmuls) == pytest.approx(0.5) and len(seen) == 2
 
 
 def test_a_compiled_engine_decodes_its_batch_in_the_dtype_auto_picks_for_it(fake_probe, tiny_cfg):
