@@ -242,7 +242,8 @@ def decode_in_fp32(device: torch.device, why: str, compiled_rows: int | None,
         small = bf16_over_fp32_small_matmul(device, eager_matmuls)
         if small <= SLOW_SMALL_BF16:
             rows = next(iter(eager_matmuls))[0]
-            return f"auto: {why}, but at a decode batch of {rows} row{'s' * (rows > 1)} bf16 matmuls run at {small:.2f}× fp32"
+            return (f"auto: {why}, but at a decode batch of {rows} row{'s' * (rows > 1)} bf16 matmuls run at "
+                    f"{small:.2f}× fp32")
     return None
 
 

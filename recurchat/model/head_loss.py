@@ -36,7 +36,7 @@ def blocks_pay(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def capped_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
+def capped_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 capped logits, tanh(z/cap) in the compute dtype or None without a cap) for one block of rows."""
     z = x @ weight.t()
     if softcap <= 0:

@@ -220,8 +220,8 @@ class RecurrentLM(nn.Module):
 
     def loss_or_logits(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                        targets: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
-        """Coda, head and (with targets) the cross-entropy: one stage, so a compiler can fuse the loss in. The loss
-        never materialises the [B·T, vocab] logits (model/head_loss.py)."""
+        """Coda, head and (with targets) the cross-entropy: one stage, so a compiler can fuse the loss in. On a CPU
+        the loss never materialises the [B·T, vocab] logits (model/head_loss.py)."""
         x = self.run_coda(x, cos, sin)
         if targets is None:
             return self.head(x)

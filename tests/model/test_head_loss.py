@@ -57,7 +57,8 @@ def test_bf16_autocast_error_against_fp64_is_no_worse_than_the_plain_bf16_path()
     x, w, y = problem(n=512, d=64, v=500)
     exact = loss_and_grads(lambda a, b: plain(a.double(), b.double(), y, 15.0), x, w)
     errors = {}
-    for name, fn in (("plain", lambda a, b: plain(a, b, y, 15.0)), ("fused", lambda a, b: head_cross_entropy(a, b, y, 15.0))):
+    paths = (("plain", lambda a, b: plain(a, b, y, 15.0)), ("fused", lambda a, b: head_cross_entropy(a, b, y, 15.0)))
+    for name, fn in paths:
         with torch.autocast("cpu", torch.bfloat16):
             got = loss_and_grads(fn, x, w)
         assert all(g.dtype == torch.float32 for g in got[1:])  # gradients reach the fp32 master weights
