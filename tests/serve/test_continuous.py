@@ -60,10 +60,15 @@ def test_rows_with_different_recursion_settings_share_steps_and_answer_as_alone(
     prompts = [[5, 9, 2, 7], [11, 3], [1, 2, 3, 4, 5, 6], [8], [40, 41, 42]]
     srv = start_in_thread(create_app(bundle, max_batch=8))
     replies: dict[int, dict] = {}
+    # all five arrive together, and each reply takes far longer than their arrival spread, so they share one pool
+    # (with 12 tokens a fast fp32 decode finished the first reply before the last request came, and a second pool
+    # was made: timing, not the scheduler)
+    together, tokens = threading.Barrier(len(prompts)), 40
 
     def ask(i: int) -> None:
-        body = {"model": "smoke", "prompt": prompts[i], "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+        body = {"model": "smoke", "prompt": prompts[i], "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
                 "recursion": settings[i], "return_depths": True}
+        together.wait(30)
         replies[i] = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()
 
     try:
@@ -83,10 +88,11 @@ def test_rows_with_different_recursion_settings_share_steps_and_answer_as_alone(
     engine = Engine(model, dtype=create_app(bundle).state.service.engine.dtype.name)
     tok = ckpt.tokenizer
     for i, recur in enumerate(settings):
-        alone = engine.generate([prompts[i]], SamplingParams(max_tokens=12, temperature=0.0), RecurParams(**recur))[0]
+        alone = engine.generate([prompts[i]], SamplingParams(max_tokens=tokens, temperature=0.0),
+                                RecurParams(**recur))[0]
         assert replies[i]["choices"][0]["text"] == tok.decode(alone.tokens), recur
         assert replies[i]["choices"][0]["depths"] == alone.depths, recur
-    assert health["pools_created"] == 1 and health["steps"] < sum(12 for _ in prompts)  # shared steps, one pool
+    assert health["pools_created"] == 1 and health["steps"] < tokens * len(prompts)  # shared steps, one pool
     # every reply is in: the pool went idle and was dropped, and /health says so (nothing live, no KV held)
     assert health["pools_live"] == 0 and health["kv_bytes_running"] == 0
 
