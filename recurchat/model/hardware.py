@@ -41,6 +41,7 @@ import torch
 from recurchat.config import DTYPES, ModelConfig
 from recurchat.errors import UserError
 from recurchat.files import atomic_write_text, recurchat_home
+from recurchat.model.flops import iterations, layer_uses
 
 BF16_MIN_SPEEDUP = 1.2  # auto picks bf16 on a CPU only when its matmuls run at least this much faster than fp32
 PROBE_SIZE = 256  # square matmul of the dtype probe: small enough that emulated bf16 stays within the time budget
@@ -166,21 +167,18 @@ def bf16_over_fp32_matmul(device: torch.device) -> float:
     """How much faster a bf16 matmul runs than fp32 here (< 1: bf16 is emulated); probed once, then cached."""
     size = PROBE_SIZE if device.type == "cpu" else 8 * PROBE_SIZE  # a GPU needs more work than launch overhead
 
-    def probe() -> float:
-        seconds = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            a = random_matrix(size, size, device, dtype)
-            seconds[dtype] = best_matmul_seconds(a, a.T.contiguous(), budget_s=0.1)
-        return seconds[torch.float32] / seconds[torch.bfloat16]
+    def seconds(dtype: torch.dtype) -> float:
+        a = random_matrix(size, size, device, dtype)
+        return best_matmul_seconds(a, a.T.contiguous(), budget_s=0.1)
 
-    return cached(device, "bf16_over_fp32_matmul", probe)
+    return cached(device, "bf16_over_fp32_matmul", lambda: seconds(torch.float32) / seconds(torch.bfloat16))
 
 
 def decode_matmuls(cfg: ModelConfig, rows: int) -> dict[tuple[int, int, int], int]:
     """(m, k, n) → uses of the matmuls one decode step of `rows` rows makes at r̄: the attention and MLP
     projections of every block use (prelude, r̄ × shared stack, coda) and the head once."""
-    uses, iters = cfg.n_prelude + cfg.mean_recur * cfg.n_shared + cfg.n_coda, cfg.mean_recur * (cfg.n_shared > 0)
-    d, hidden = cfg.d_model, cfg.mlp_width
+    iters = iterations(cfg, None)
+    uses, d, hidden = layer_uses(cfg, iters), cfg.d_model, cfg.mlp_width
     matmuls = {(rows, d, d): 2 * uses, (rows, d, hidden): uses, (rows, hidden, d): uses, (rows, d, cfg.vocab_size): 1}
     return matmuls | ({(rows, 2 * d, d): iters} if iters else {})  # the adapter, once per iteration
 
@@ -189,18 +187,14 @@ def bf16_over_fp32_small_matmul(device: torch.device, matmuls: dict[tuple[int, i
     """How much faster the matmuls of `matmuls` ((m, k, n) → uses: a decode step's, m = its rows) run in bf16 than
     in fp32, with the bf16 weights cast beforehand as autocast's cache holds them over a generation; probed once per
     machine and shape set, then cached."""
-    def probe() -> float:
-        seconds = {}
-        for dtype in (torch.float32, torch.bfloat16):
-            pairs = [(random_matrix(m, k, device, dtype), random_matrix(n, k, device, dtype), uses)
-                     for (m, k, n), uses in matmuls.items()]
-            seconds[dtype] = best_seconds(
-                lambda: [torch.nn.functional.linear(x, w) for x, w, uses in pairs for _ in range(uses)], device,
-                budget_s=0.2, max_reps=10)
-        return seconds[torch.float32] / seconds[torch.bfloat16]
+    def seconds(dtype: torch.dtype) -> float:
+        pairs = [(random_matrix(m, k, device, dtype), random_matrix(n, k, device, dtype), uses)
+                 for (m, k, n), uses in matmuls.items()]
+        return best_seconds(lambda: [torch.nn.functional.linear(x, w) for x, w, uses in pairs for _ in range(uses)],
+                            device, budget_s=0.2, max_reps=10)
 
     entry = "bf16_over_fp32_small_matmul " + ",".join(f"{m}x{k}x{n}*{u}" for (m, k, n), u in matmuls.items())
-    return cached(device, entry, probe)
+    return cached(device, entry, lambda: seconds(torch.float32) / seconds(torch.bfloat16))
 
 
 def native_bf16(device: torch.device) -> tuple[bool, str, float | None]:

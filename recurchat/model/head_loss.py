@@ -36,6 +36,11 @@ def blocks_pay(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
+def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """cap·tanh(logits/cap) in the logits' dtype (none when cap ≤ 0), widened to fp32: the head's logits."""
+    return (softcap * torch.tanh(logits / softcap) if softcap > 0 else logits).float()
+
+
 def capped_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(fp32 capped logits, tanh(z/cap) in the compute dtype or None without a cap) for one block of rows."""
     z = x @ weight.t()
@@ -109,6 +114,4 @@ def plain_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                         reduction: str = "mean") -> torch.Tensor:
     """The same loss through the materialised [N, V] logits: under torch.compile, on a GPU, and for
     `reduction="none"`, whose upstream gradient differs per row (0 where the target is −1)."""
-    logits = F.linear(x, weight)
-    logits = (softcap * torch.tanh(logits / softcap) if softcap > 0 else logits).float()
-    return F.cross_entropy(logits, targets, ignore_index=-1, reduction=reduction)
+    return F.cross_entropy(softcapped(F.linear(x, weight), softcap), targets, ignore_index=-1, reduction=reduction)

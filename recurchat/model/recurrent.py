@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from recurchat.config import ModelConfig
-from recurchat.model.head_loss import head_cross_entropy
+from recurchat.model.head_loss import head_cross_entropy, softcapped
 from recurchat.model.layers import Block, norm, rotary_tables
 
 
@@ -157,8 +157,7 @@ class RecurrentLM(nn.Module):
         x = self.adapter(e, s)
         for i, block in enumerate(self.recur):
             x = block(x, cos, sin, None if caches is None else caches[i])
-        x = norm(x, self.eps) if self.cfg.state_norm else x
-        return x.to(e.dtype) if torch.compiler.is_compiling() else x  # one state dtype: see compiled_loop_inputs
+        return norm(x, self.eps) if self.cfg.state_norm else x
 
     def loop(self, e: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, steps: int,
              kv=None, after=None, iterate=None) -> torch.Tensor:
@@ -196,9 +195,7 @@ class RecurrentLM(nn.Module):
         """Soft-capped logits in fp32. The cap runs in the matmul's dtype (bf16 under autocast, as nanochat does)
         and only its result is widened: on a CPU the fp32 temporaries of a [B·T, vocab] cap are each a fresh 32 MiB
         allocation that glibc maps and zeroes page by page, and cost 14% of an eager bf16 training step (cpu-tiny)."""
-        logits = F.linear(self.head_input(x), self.head_weight)
-        cap = self.cfg.logit_softcap
-        return (cap * torch.tanh(logits / cap) if cap > 0 else logits).float()
+        return softcapped(F.linear(self.head_input(x), self.head_weight), self.cfg.logit_softcap)
 
     @torch.no_grad()
     def unroll(self, idx: torch.Tensor, depth: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
@@ -240,8 +237,15 @@ class RecurrentLM(nn.Module):
         `recurchat bench train` measures the result.
         """
         self._stages = {name: torch.compile(fn, **compile_kwargs) for name, fn in
-                        (("prelude", self.run_prelude), ("iterate", self.iterate), ("tail", self.loss_or_logits))}
+                        (("prelude", self.run_prelude), ("iterate", self.iterate_in_dtype),
+                         ("tail", self.loss_or_logits))}
         return self
+
+    def iterate_in_dtype(self, e: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         caches=None) -> torch.Tensor:
+        """`iterate`, its state returned in e's dtype: the compiled stage, so every call sees one state dtype (see
+        compiled_loop_inputs)."""
+        return self.iterate(e, s, cos, sin, caches).to(e.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, num_recur: int | None = None,
                 bptt_k: int | None = None, init_state: torch.Tensor | None = None, return_state: bool = False,
@@ -282,8 +286,8 @@ class RecurrentLM(nn.Module):
         combination, and past its limit of 8 graphs (reached on an H200) runs the rest eagerly."""
         device = e.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else e.dtype
-        e, s_dtype = e.to(dtype), s.to(dtype)
-        return e, (s_dtype.clone() if s_dtype is e or s is e else s_dtype)
+        e, s = e.to(dtype), s.to(dtype)
+        return e, (s.clone() if s is e else s)
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
