@@ -12,7 +12,8 @@ tokenizer_config.json, generation_config.json, modeling_recurchat.py and README.
 FLOPs per token, held-out bpb at each r, how to set r and exit). modeling_recurchat.py is generated from recurchat's
 own sources — model/layers.py, model/head_loss.py, model/recurrent.py, infer/kv_cache.py, infer/exit.py and
 interop/hf_modeling.py, in that order, their `from recurchat…` imports dropped — so the exported model runs the very
-code recurchat runs, with nothing to install but torch and transformers. `--push` uploads the folder with huggingface_hub.
+code recurchat runs, with nothing to install but torch and transformers. `--push` uploads the folder with
+huggingface_hub.
 Exercised by `pytest tests/test_export_hf.py`.
 """
 
