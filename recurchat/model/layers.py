@@ -82,8 +82,9 @@ def short_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Attention of one new query per row (a decode step) as two small batched matmuls and a softmax, the query
-    heads of a KV group side by side so each KV head is read once. On a CPU torch's flash kernel spends ~22 µs on
-    such a step at cpu-tiny shape, a fixed cost that is 12% of a compiled batch-1 decode step; this takes a third.
+    heads of a KV group side by side so each KV head is read once. Compiled steps only: on a CPU torch's flash
+    kernel spends ~22 µs on such a step at cpu-tiny shape, a fixed cost that is 12% of a compiled batch-1 decode
+    step, and inductor fuses this into a third of that; run eagerly its six ops cost 27 µs against the kernel's 11.
     q is [B, H, 1, D], k and v [B, KV, L, D], mask [B, 1, 1, L] (True = attend)."""
     B, H, _, D = q.shape
     kv = k.size(1)
@@ -135,13 +136,24 @@ class Attention(nn.Module):
             self._fused = (key, torch.cat(weights).detach().requires_grad_(True))
         return self._fused[1]
 
-    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v: three matmuls while gradients flow or under torch.compile (which fuses on its own), one over
-        the fused weight otherwise (eager inference and eval: a decode step is bound by the number of small ops)."""
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as [B, T, heads, head_dim], q and k rotated and (qk_norm) normalised. Three matmuls while
+        gradients flow or under torch.compile (which fuses on its own); otherwise (eager inference and eval, where a
+        decode step is bound by the number of small ops) one matmul over the fused weight, and q and k — adjacent
+        in its output — rotated and normalised as one tensor: one rotary and one norm instead of two each, the
+        same arithmetic on every head."""
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return self.c_q(x), self.c_k(x), self.c_v(x)
-        kv = self.n_kv_head * self.head_dim
-        return F.linear(x, self.fused_qkv_weight()).split([self.n_head * self.head_dim, kv, kv], dim=-1)
+            q, k = apply_rotary(self.c_q(x).view(B, T, H, D), cos, sin), apply_rotary(self.c_k(x).view(B, T, KV, D),
+                                                                                      cos, sin)
+            q, k = (norm(q), norm(k)) if self.qk_norm else (q, k)
+            return q, k, self.c_v(x).view(B, T, KV, D)
+        qkv = F.linear(x, self.fused_qkv_weight())
+        qk = apply_rotary(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
+        q, k = (norm(qk) if self.qk_norm else qk).split([H, KV], dim=2)
+        return q, k, qkv[..., (H + KV) * D:].view(B, T, KV, D)
 
     @staticmethod
     def short_training_attention(q: torch.Tensor) -> bool:
@@ -152,13 +164,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.reshape(B, T, self.n_head, self.head_dim)
-        k = k.reshape(B, T, self.n_kv_head, self.head_dim)
-        v = v.reshape(B, T, self.n_kv_head, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if self.qk_norm:
-            q, k = norm(q), norm(k)
+        q, k, v = self.project_qkv(x, cos, sin)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -171,7 +177,7 @@ class Attention(nn.Module):
                     else prefill_window_mask(T, self.window, x.device))
         if mask is None and self.short_training_attention(q):
             y = short_causal_attention(q, k, v)
-        elif T == 1 and mask is not None and x.device.type == "cpu" and not torch.is_grad_enabled():
+        elif T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
             y = single_query_attention(q, k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)

@@ -174,29 +174,32 @@ def test_bad_arguments(tiny_cfg):
 
 
 def test_fused_qkv_in_inference_equals_three_projections_and_follows_weight_updates(tiny_cfg):
-    """Without gradients q, k, v come from one matmul over [Wq; Wk; Wv]; it must equal the three projections and
-    pick up an optimizer step (an in-place update) and a load_state_dict without being told."""
+    """Without gradients q, k, v come from one matmul over [Wq; Wk; Wv], q and k rotated and normalised as one
+    tensor; it must equal the three projections rotated and normalised apart (the path gradients take) and pick
+    up an optimizer step (an in-place update) and a load_state_dict without being told."""
     torch.manual_seed(0)
     model = RecurrentLM(tiny_cfg)
     attn = model.prelude[0].attn
     x = torch.randn(2, 5, tiny_cfg.d_model)
+    cos, sin = model.rope(3, 5)
 
     def three():
-        return attn.c_q(x), attn.c_k(x), attn.c_v(x)
+        with torch.enable_grad():
+            return [t.detach() for t in attn.project_qkv(x, cos, sin)]
 
     with torch.no_grad():
-        for fused, plain in zip(attn.project_qkv(x), three()):
+        for fused, plain in zip(attn.project_qkv(x, cos, sin), three()):
             assert torch.allclose(fused, plain, atol=1e-6)
     idx = torch.randint(0, tiny_cfg.vocab_size, (2, 8))
     loss = model(idx, idx)
     loss.backward()
     torch.optim.SGD(model.parameters(), lr=0.5).step()  # in place: the fused copy is now out of date
     with torch.no_grad():
-        for fused, plain in zip(attn.project_qkv(x), three()):
+        for fused, plain in zip(attn.project_qkv(x, cos, sin), three()):
             assert torch.allclose(fused, plain, atol=1e-6)
         other = RecurrentLM(tiny_cfg)
         model.load_state_dict(other.state_dict())
-        for fused, plain in zip(attn.project_qkv(x), three()):
+        for fused, plain in zip(attn.project_qkv(x, cos, sin), three()):
             assert torch.allclose(fused, plain, atol=1e-6)
         assert torch.allclose(model(idx), other(idx), atol=1e-5)  # the whole model agrees with fresh weights
     assert not any(n.endswith("_fused") for n, _ in model.named_parameters()) and "_fused" not in str(
