@@ -130,10 +130,11 @@ class Attention(nn.Module):
         or load_state_dict bumps its version), so it can never go stale. A leaf that "requires grad" only so that
         autocast caches its bf16 copy for the whole generation, as it does for parameters; nothing backpropagates
         through it (it is used with gradients off)."""
-        weights = (self.c_q.weight, self.c_k.weight, self.c_v.weight)
-        key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+        wq, wk, wv = self.c_q.weight, self.c_k.weight, self.c_v.weight
+        # a new dtype or device is new storage: the data pointers cover them
+        key = (wq.data_ptr(), wq._version, wk.data_ptr(), wk._version, wv.data_ptr(), wv._version)
         if self._fused is None or self._fused[0] != key:
-            self._fused = (key, torch.cat(weights).detach().requires_grad_(True))
+            self._fused = (key, torch.cat((wq, wk, wv)).detach().requires_grad_(True))
         return self._fused[1]
 
     def project_qkv(self, x: torch.Tensor, cos: torch.Tensor,
@@ -180,7 +181,9 @@ class Attention(nn.Module):
         elif T == 1 and mask is not None and x.device.type == "cpu" and torch.compiler.is_compiling():
             y = single_query_attention(q, k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+            # one query and no mask: a decode step that sees every cached key (a causal flag would align top-left)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

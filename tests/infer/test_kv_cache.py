@@ -168,3 +168,44 @@ def test_standard_model_cache_has_no_recurrent_layers(tiny_cfg):
     cache = KVCache(cfg, "full", 1, 4, 8)
     assert cache.slots == 0 and len(cache.k) == cfg.n_prelude + cfg.n_coda
     cache.fill_forward(torch.tensor([0]), None, done=1, upto=8)  # nothing to fill, and no error
+
+
+
+@pytest.mark.parametrize("pos, sliced", [([4, 4, 4], True), ([4, 2, 4], False)])
+def test_decode_step_with_every_row_at_one_position_writes_a_slice_and_returns_no_mask(tiny_cfg, pos, sliced):
+    """All cache rows at one position (batch 1, or prompts of one length): update() writes through a slice and
+    returns no mask; rows at their own positions keep the masked path. Both store this step's K/V at each row's
+    position and return the keys up to the furthest one."""
+    torch.manual_seed(0)
+    cache = KVCache(tiny_cfg, "last", 3, 8, 1)
+    rows = cache.rows(torch.arange(3), torch.tensor(pos))
+    assert (rows.at == 4) is sliced
+    kv, d = tiny_cfg.n_kv_head, tiny_cfg.d_model // tiny_cfg.n_head
+    k, v = torch.randn(3, kv, 1, d), torch.randn(3, kv, 1, d)
+    keys, values, mask = cache.prelude(rows)[0].update(k, v)
+    assert (mask is None) is sliced and keys.shape == values.shape == (3, kv, 5, d)
+    for i, p in enumerate(pos):
+        assert torch.equal(cache.k[0][i, :, p], k[i, :, 0]) and torch.equal(cache.v[0][i, :, p], v[i, :, 0])
+
+
+def test_attention_of_an_unmasked_decode_step_equals_the_masked_one(tiny_cfg):
+    """A decode step whose rows share a position attends without a mask (and must not be taken for a causal block):
+    the layer's output equals the same step through the per-row masked path."""
+    from recurchat.infer.kv_cache import LayerView
+    from recurchat.model.layers import Attention
+    from recurchat.model.layers import rotary_tables
+
+    torch.manual_seed(0)
+    attn = Attention(tiny_cfg.d_model, tiny_cfg.n_head, tiny_cfg.n_kv_head).eval()
+    caches = [KVCache(tiny_cfg, "last", 2, 8, 1) for _ in range(2)]
+    for t in (caches[0].k[0], caches[0].v[0]):
+        t.normal_()
+    caches[1].k[0].copy_(caches[0].k[0]), caches[1].v[0].copy_(caches[0].v[0])
+    cos, sin = rotary_tables(8, tiny_cfg.d_model // tiny_cfg.n_head)
+    x = torch.randn(2, 1, tiny_cfg.d_model)
+    fast, slow = (c.rows(torch.arange(2), torch.tensor([5, 5])) for c in caches)
+    slow.at = None  # the per-row path: index writes and the mask
+    with torch.no_grad():
+        y = [attn(x, cos[:, 5:6], sin[:, 5:6], LayerView(c, 0, rows)) for c, rows in zip(caches, (fast, slow))]
+    torch.testing.assert_close(y[0], y[1])
+    assert torch.equal(caches[0].k[0], caches[1].k[0])
