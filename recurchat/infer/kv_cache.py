@@ -101,18 +101,21 @@ class LayerView:
             K[rows.index, :, :k.size(2)] = k.to(K.dtype)
             V[rows.index, :, :v.size(2)] = v.to(V.dtype)
             return k, v, None
-        if not torch.compiler.is_compiling() and rows.at is not None:  # decode, every row at position `at`
+        # decode: one new token per row at that row's own position; an eager step whose rows all sit at one
+        # position (rows.at; a compiled one never reads it, or dynamo would specialise on it) writes through a slice
+        # and attends with no mask
+        sliced = not torch.compiler.is_compiling() and rows.at is not None
+        if sliced:
             K[:, :, rows.at] = k[:, :, 0]
             V[:, :, rows.at] = v[:, :, 0]
-            return K[:, :, :rows.length].to(k.dtype), V[:, :, :rows.length].to(v.dtype), None
-        # decode: one new token per row at that row's own position
-        K[rows.index, :, rows.pos] = k[:, :, 0].to(K.dtype)
-        V[rows.index, :, rows.pos] = v[:, :, 0].to(V.dtype)
+        else:
+            K[rows.index, :, rows.pos] = k[:, :, 0].to(K.dtype)
+            V[rows.index, :, rows.pos] = v[:, :, 0].to(V.dtype)
         if rows.contiguous:
             keys, values = K[:, :, :rows.length], V[:, :, :rows.length]
         else:
             keys, values = K[rows.index, :, :rows.length], V[rows.index, :, :rows.length]
-        return keys.to(k.dtype), values.to(v.dtype), rows.mask
+        return keys.to(k.dtype), values.to(v.dtype), None if sliced else rows.mask
 
 
 class KVCache:

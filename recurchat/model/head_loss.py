@@ -36,18 +36,18 @@ def blocks_pay(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
-    """cap·tanh(logits/cap) in the logits' dtype (none when cap ≤ 0), widened to fp32: the head's logits."""
-    return (softcap * torch.tanh(logits / softcap) if softcap > 0 else logits).float()
-
-
-def capped_logits(x: torch.Tensor, weight: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(fp32 capped logits, tanh(z/cap) in the compute dtype or None without a cap) for one block of rows."""
-    z = x @ weight.t()
+def softcap_parts(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(cap·tanh(logits/cap) computed in the logits' dtype and widened to fp32, tanh(logits/cap) or None when
+    cap ≤ 0 and the logits pass uncapped): the tanh is what the cap's gradient needs."""
     if softcap <= 0:
-        return z.float(), None
-    t = torch.tanh(z / softcap)
+        return logits.float(), None
+    t = torch.tanh(logits / softcap)
     return (softcap * t).float(), t
+
+
+def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
+    """The head's logits: cap·tanh(logits/cap) in the logits' dtype (none when cap ≤ 0), widened to fp32."""
+    return softcap_parts(logits, softcap)[0]
 
 
 class HeadCrossEntropy(torch.autograd.Function):
@@ -67,7 +67,7 @@ class HeadCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         for a in range(0, x.size(0), rows):
             xb, yb, kb = x[a:a + rows], safe[a:a + rows, None], keep[a:a + rows]
-            logits, t = capped_logits(xb, weight, softcap)
+            logits, t = softcap_parts(xb @ weight.t(), softcap)
             lse = torch.logsumexp(logits, dim=-1, keepdim=True)
             total += torch.where(kb, (lse - logits.gather(1, yb)).squeeze(1), 0.0).sum()
             if wants_grad:

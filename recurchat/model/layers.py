@@ -147,8 +147,8 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            q, k = apply_rotary(self.c_q(x).view(B, T, H, D), cos, sin), apply_rotary(self.c_k(x).view(B, T, KV, D),
-                                                                                      cos, sin)
+            q = apply_rotary(self.c_q(x).view(B, T, H, D), cos, sin)
+            k = apply_rotary(self.c_k(x).view(B, T, KV, D), cos, sin)
             q, k = (norm(q), norm(k)) if self.qk_norm else (q, k)
             return q, k, self.c_v(x).view(B, T, KV, D)
         qkv = F.linear(x, self.fused_qkv_weight())

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from recurchat.errors import UserError
-from recurchat.infer.kv_cache import KVCache, bytes_per_token, iteration_slots
+from recurchat.infer.kv_cache import KVCache, LayerView, bytes_per_token, iteration_slots
+from recurchat.model.layers import Attention, rotary_tables
 
 
 # ---- iteration slots ------------------------------------------------------------------------------------------------
@@ -170,7 +171,6 @@ def test_standard_model_cache_has_no_recurrent_layers(tiny_cfg):
     cache.fill_forward(torch.tensor([0]), None, done=1, upto=8)  # nothing to fill, and no error
 
 
-
 @pytest.mark.parametrize("pos, sliced", [([4, 4, 4], True), ([4, 2, 4], False)])
 def test_decode_step_with_every_row_at_one_position_writes_a_slice_and_returns_no_mask(tiny_cfg, pos, sliced):
     """All cache rows at one position (batch 1, or prompts of one length): update() writes through a slice and
@@ -191,10 +191,6 @@ def test_decode_step_with_every_row_at_one_position_writes_a_slice_and_returns_n
 def test_attention_of_an_unmasked_decode_step_equals_the_masked_one(tiny_cfg):
     """A decode step whose rows share a position attends without a mask (and must not be taken for a causal block):
     the layer's output equals the same step through the per-row masked path."""
-    from recurchat.infer.kv_cache import LayerView
-    from recurchat.model.layers import Attention
-    from recurchat.model.layers import rotary_tables
-
     torch.manual_seed(0)
     attn = Attention(tiny_cfg.d_model, tiny_cfg.n_head, tiny_cfg.n_kv_head).eval()
     caches = [KVCache(tiny_cfg, "last", 2, 8, 1) for _ in range(2)]
