@@ -130,28 +130,38 @@ class Attention(nn.Module):
         or load_state_dict bumps its version), so it can never go stale. A leaf that "requires grad" only so that
         autocast caches its bf16 copy for the whole generation, as it does for parameters; nothing backpropagates
         through it (it is used with gradients off)."""
-        wq, wk, wv = self.c_q.weight, self.c_k.weight, self.c_v.weight
+        # through _modules/_parameters: nn.Module.__getattr__ costs ~1 µs a lookup, and the inference runner checks
+        # every layer before each compiled decode step (7 µs for cpu-tiny's six layers this way, 32 µs by attribute)
+        mods = self._modules
+        wq, wk = mods["c_q"]._parameters["weight"], mods["c_k"]._parameters["weight"]
+        wv = mods["c_v"]._parameters["weight"]
         # a new dtype or device is new storage: the data pointers cover them
         key = (wq.data_ptr(), wq._version, wk.data_ptr(), wk._version, wv.data_ptr(), wv._version)
         if self._fused is None or self._fused[0] != key:
             self._fused = (key, torch.cat((wq, wk, wv)).detach().requires_grad_(True))
         return self._fused[1]
 
-    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project_qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    cached: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v as [B, T, heads, head_dim], q and k rotated and (qk_norm) normalised. Three matmuls while
-        gradients flow or under torch.compile (which fuses on its own); otherwise (eager inference and eval, where a
-        decode step is bound by the number of small ops) one matmul over the fused weight, and q and k — adjacent
-        in its output — rotated and normalised as one tensor: one rotary and one norm instead of two each, the
-        same arithmetic on every head."""
+        gradients flow; otherwise (inference and eval, where a decode step is bound by the number of small ops) one
+        matmul over the fused weight, and q and k — adjacent in its output — rotated and normalised as one tensor:
+        one rotary and one norm instead of two each, the same arithmetic on every head.
+
+        Under torch.compile the fused weight is read as it stands (tracing cannot check its versions), so a
+        compiled graph uses it only for the inference engine's steps (`cached`: a KV cache is attached), whose
+        runner refreshes every fused weight before each compiled step (RecurrentLM.refresh_fused_weights); inductor
+        does not merge the three matmuls itself, and on a CPU each is a separate GEMM call (24 of a cpu-tiny decode
+        step's 77)."""
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if torch.is_grad_enabled() or (compiling and not (cached and self._fused is not None)):
             q = apply_rotary(self.c_q(x).view(B, T, H, D), cos, sin)
             k = apply_rotary(self.c_k(x).view(B, T, KV, D), cos, sin)
             q, k = (norm(q), norm(k)) if self.qk_norm else (q, k)
             return q, k, self.c_v(x).view(B, T, KV, D)
-        qkv = F.linear(x, self.fused_qkv_weight())
+        qkv = F.linear(x, self._fused[1] if compiling else self.fused_qkv_weight())
         qk = apply_rotary(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
         q, k = (norm(qk) if self.qk_norm else qk).split([H, KV], dim=2)
         return q, k, qkv[..., (H + KV) * D:].view(B, T, KV, D)
@@ -165,7 +175,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache=None) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.project_qkv(x, cos, sin)
+        q, k, v = self.project_qkv(x, cos, sin, cached=kv_cache is not None)
         if self.q_gain is not None:
             q = q * self.q_gain.to(q.dtype)[:, None]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)

@@ -289,6 +289,14 @@ class RecurrentLM(nn.Module):
         e, s = e.to(dtype), s.to(dtype)
         return e, (s.clone() if s is e else s)
 
+    def refresh_fused_weights(self) -> None:
+        """Bring every attention layer's fused QKV weight up to date with its parameters (rebuilt only where one
+        changed): a compiled inference step reads them as they stand (layers.Attention.project_qkv), so the runner
+        calls this before each one."""
+        for blocks in (self.prelude, self.recur, self.coda):
+            for block in blocks._modules.values():  # not the ModuleList's iterator: ~1 µs a block
+                block._modules["attn"].fused_qkv_weight()
+
     # -- bookkeeping -------------------------------------------------------------------------------------------
 
     def num_params(self) -> dict[str, int]:

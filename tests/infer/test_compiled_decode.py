@@ -2,6 +2,8 @@
 and give what eager decoding gives — tokens, depths, scores, rows leaving the batch — while steps with an
 exit criterion stay eager. Run: `pytest tests/infer/test_compiled_decode.py`."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch._dynamo
@@ -46,3 +48,46 @@ def test_exit_steps_stay_eager_under_compile(tiny_cfg):
     assert graphs() == before  # nothing was compiled: every step had a criterion to check
     want = Engine(m, dtype="fp32").generate([[1, 2, 3], [4, 5]], sp, recur)
     assert [g.tokens for g in got] == [g.tokens for g in want] and [g.depths for g in got] == [g.depths for g in want]
+
+
+def teacher_forced_nll(engine: Engine, vocab_size: int) -> torch.Tensor:
+    x = torch.randint(0, vocab_size, (2, 10), generator=torch.Generator().manual_seed(1))
+    return engine.score(x[:, :-1], x[:, 1:], RecurParams(num_recur=2, kv="last"))[0]
+
+
+def stream_changing_weights(model, compile: bool, change_after: int | None) -> list[int]:
+    """Greedy tokens of one stream, the values' weights tripled in place after `change_after` steps (None: never)."""
+    tokens = []
+    engine = Engine(model, dtype="fp32", compile=compile)
+    for step, events in enumerate(engine.stream([[1, 2, 3]], SamplingParams(max_tokens=10, temperature=0.0),
+                                                RecurParams(num_recur=2, kv="last"))):
+        tokens += [ev.token for ev in events]
+        if step == change_after:
+            with torch.no_grad():  # in place, as an optimizer step or load_state_dict would
+                for block in (*model.prelude, *model.recur, *model.coda):
+                    block.attn.c_v.weight.mul_(3.0)
+    return tokens
+
+
+@pytest.mark.slow
+def test_compiled_decode_follows_weights_changed_in_place(tiny_cfg):
+    # the compiled step reads each attention layer's fused QKV weight as it stands, and nothing eager runs between
+    # two decode steps of a stream: the runner refreshes the fused weights before each compiled step
+    torch._dynamo.reset()
+    unchanged = stream_changing_weights(random_model(tiny_cfg, seed=7), True, None)
+    compiled = stream_changing_weights(random_model(tiny_cfg, seed=7), True, 2)
+    assert compiled == stream_changing_weights(random_model(tiny_cfg, seed=7), False, 2)
+    assert compiled[:3] == unchanged[:3] and compiled != unchanged  # the change took effect from the fourth token
+
+
+@pytest.mark.slow
+def test_compiled_runners_keep_their_own_graphs(tiny_cfg):
+    # module guards are dropped, so two models of the same shapes that differ only in a module attribute (QK-norm)
+    # must not share a graph: each runner compiles its own copy of the step
+    torch._dynamo.reset()
+    normed, plain = random_model(tiny_cfg, seed=8), random_model(replace(tiny_cfg, qk_norm=False), seed=8)
+    first = teacher_forced_nll(Engine(normed, dtype="fp32", compile=True), tiny_cfg.vocab_size)
+    second = teacher_forced_nll(Engine(plain, dtype="fp32", compile=True), tiny_cfg.vocab_size)
+    assert torch.allclose(first, teacher_forced_nll(Engine(normed, dtype="fp32"), tiny_cfg.vocab_size), atol=1e-4)
+    assert torch.allclose(second, teacher_forced_nll(Engine(plain, dtype="fp32"), tiny_cfg.vocab_size), atol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-3)
