@@ -86,6 +86,7 @@ class ContinuousBatch:
         self.cache = KVCache(runner.cfg, kv, capacity, max_len, depth, runner.device, runner.dtype.torch_dtype)
         self.free = list(range(capacity - 1, -1, -1))
         self.sequences: list[Sequence] = []
+        self.last_plans: tuple[list[DepthPlan], RowPlans] | None = None  # row_plans' last answer and its plans
 
     @property
     def capacity(self) -> int:
@@ -125,12 +126,20 @@ class ContinuousBatch:
             warm_rows = torch.tensor([s.warm_start and s.state is not None for s in seqs], device=dev)
             blank = torch.zeros(1, self.runner.cfg.d_model, device=dev)
             warm = torch.stack([s.state if s.warm_start and s.state is not None else blank for s in seqs])
-        logits, depth, state = self.runner.decode(self.cache, tok, rows, pos, warm,
-                                                   RowPlans.build([s.plan for s in seqs], dev), warm_rows)
+        logits, depth, state = self.runner.decode(self.cache, tok, rows, pos, warm, self.row_plans(seqs), warm_rows)
         for j, (s, d) in enumerate(zip(seqs, depth.tolist())):
             s.logits, s.depth, s.pos, s.token = logits[j], d, s.pos + 1, None
             if s.warm_start and state is not None:
                 s.state = state[j]
+
+    def row_plans(self, seqs: list[Sequence]) -> RowPlans:
+        """The RowPlans of these rows: the last step's while every row holds the same plan as then (a step of the
+        same rows builds no tensors and reads no depth from the device)."""
+        plans = [s.plan for s in seqs]
+        last = self.last_plans
+        if last is None or len(last[0]) != len(plans) or any(a is not b for a, b in zip(last[0], plans)):
+            self.last_plans = last = (plans, RowPlans.build(plans, self.runner.device))
+        return last[1]
 
     def _prefill(self, seqs: list[Sequence]) -> None:
         """One chunk of each sequence's prompt: fresh short prompts in one padded pass per prefill depth, the rest

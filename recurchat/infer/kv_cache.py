@@ -58,25 +58,41 @@ class Rows:
     tokens per row at positions start..start+chunk−1, attending to everything before them; speculative
     verification, where each row of a batch has accepted a different number of tokens)."""
 
-    __slots__ = ("index", "pos", "length", "mask", "contiguous", "chunk_pos", "at")
+    __slots__ = ("index", "pos", "length", "window", "chunk_mask", "decode_mask", "contiguous", "chunk_pos", "at")
 
     def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int,
                  start: int | torch.Tensor = 0, chunk: int = 0, window: int = 0):
-        self.index, self.pos, self.chunk_pos, self.at = index, pos, None, None
+        self.index, self.pos, self.window, self.chunk_pos, self.at = index, pos, window, None, None
+        self.chunk_mask = self.decode_mask = None
         if isinstance(start, torch.Tensor):
             self.chunk_pos = start[:, None] + torch.arange(chunk, device=index.device)  # [n, chunk]
             self.length = int(self.chunk_pos.max()) + 1
-            self.mask = window_mask(self.chunk_pos, self.length, window)[:, None]
-        # All rows in order: read keys through a slice (a view) instead of a gather (a copy).
-        self.contiguous = index.numel() == batch_size and bool((index == torch.arange(
-            batch_size, device=index.device)).all())
+            self.chunk_mask = window_mask(self.chunk_pos, self.length, window)[:, None]
+        # All rows in order: read keys through a slice (a view) instead of a gather (a copy). One row of a one-row
+        # cache is that (no tensor ops: a batch-1 step's bookkeeping costs about what a layer's kernels do).
+        one = index.numel() == 1
+        self.contiguous = (one and batch_size == 1) or (index.numel() == batch_size and bool(
+            (index == torch.arange(batch_size, device=index.device)).all()))
         if pos is not None:
-            self.length = int(pos.max()) + 1
-            self.mask = window_mask(pos, self.length, window)[:, None, None, :]
+            self.length = (int(pos) if one else int(pos.max())) + 1
             # every cache row at one position, no window (a batch-1 step, or prompts of one length): an eager step
             # writes its K/V through a slice and attends without a mask (an index_put and a mask cost ~20 µs a layer)
-            if self.contiguous and not window and (pos.numel() == 1 or bool((pos == self.length - 1).all())):
+            if self.contiguous and not window and (one or bool((pos == self.length - 1).all())):
                 self.at = self.length - 1
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask of a chunk or decode pass ([n, 1, chunk, length] / [n, 1, 1, length]; None for a
+        prefill). A decode pass builds its own on first use, so a step that never reads it (an eager step at one
+        position) never pays for it, and a compiled step builds it inside its graph."""
+        if self.pos is None:
+            return self.chunk_mask
+        if self.decode_mask is not None:
+            return self.decode_mask
+        mask = window_mask(self.pos, self.length, self.window)[:, None, None, :]
+        if not torch.compiler.is_compiling():  # a traced value must not outlive its graph
+            self.decode_mask = mask
+        return mask
 
 
 class LayerView:

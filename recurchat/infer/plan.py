@@ -8,7 +8,7 @@ Used by infer/engine.py (decode), infer/batcher.py (continuous batching) and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,6 +99,8 @@ class DepthPlan:
         """The deepest iteration this plan can reach (decode or prefill): the KV slots it needs."""
         return max(self.max_steps, self.prefill)
 
+UNKNOWN = object()  # RowPlans.known_fixed_depth before fixed_depth() has looked
+
 
 @dataclass
 class RowPlans:
@@ -109,6 +111,7 @@ class RowPlans:
     group: torch.Tensor  # [n] long
     min_steps: torch.Tensor  # [n] long
     max_steps: torch.Tensor  # [n] long
+    known_fixed_depth: int | None | object = field(default=UNKNOWN, compare=False)  # fixed_depth(), once read
 
     @classmethod
     def build(cls, plans: list[DepthPlan], device: torch.device) -> "RowPlans":
@@ -125,11 +128,12 @@ class RowPlans:
         return cls([plan.criterion], full(0), full(plan.min_steps), full(plan.max_steps))
 
     def fixed_depth(self) -> int | None:
-        """The depth every row runs when all of them run one fixed depth (no criterion to check), else None."""
-        if any(c.kind != "fixed" for c in self.criteria):
-            return None
-        depths = set(self.max_steps.tolist())  # one host read
-        return depths.pop() if len(depths) == 1 else None
+        """The depth every row runs when all of them run one fixed depth (no criterion to check), else None; read
+        from the device once per RowPlans (the batcher keeps one while its rows' plans stay the same)."""
+        if self.known_fixed_depth is UNKNOWN:
+            depths = set() if any(c.kind != "fixed" for c in self.criteria) else set(self.max_steps.tolist())
+            self.known_fixed_depth = depths.pop() if len(depths) == 1 else None
+        return self.known_fixed_depth
 
     def take(self, mask: torch.Tensor) -> "RowPlans":
         return RowPlans(self.criteria, self.group[mask], self.min_steps[mask], self.max_steps[mask])

@@ -155,7 +155,6 @@ class Runner:
         """One token for each of `rows`, each row run by its own plan; returns logits [n, V], depths [n], final
         states [n, 1, d]. `warm` [n, 1, d] seeds the rows of `warm_rows` (default: all) instead of init(e)."""
         m = self.model
-        cos, sin = m.cos[0, pos].unsqueeze(1), m.sin[0, pos].unsqueeze(1)  # [n, 1, 1, D/2]: a position per row
         view = cache.rows(rows, pos)
         n, fixed = rows.numel(), plans.fixed_depth() if m.recur else 0
         if fixed is not None:  # every row runs the same fixed depth: one pass, no exit bookkeeping
@@ -164,8 +163,9 @@ class Runner:
             if self.compiled_step is not None:
                 m.refresh_fused_weights()
                 step = self.compiled_step
-            logits, state = step(cache, tok, view, cos, sin, fixed, warm, warm_rows)
+            logits, state = step(cache, tok, view, pos, fixed, warm, warm_rows)
             return logits, torch.full((n,), fixed, dtype=torch.long, device=self.device), state
+        cos, sin = self.rotary_at(pos)
         x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
         out = DecodeOut(torch.empty(n, self.cfg.vocab_size, device=self.device), torch.empty_like(x),
                         torch.zeros(n, dtype=torch.long, device=self.device),
@@ -205,11 +205,17 @@ class Runner:
             return s0
         return warm if warm_rows is None else torch.where(warm_rows[:, None, None], warm.to(s0.dtype), s0)
 
-    def fixed_step(self, cache: KVCache, tok: torch.Tensor, view, cos: torch.Tensor, sin: torch.Tensor, r: int,
+    def rotary_at(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [n, 1, 1, D/2] at one position per row."""
+        return self.model.cos[0, pos].unsqueeze(1), self.model.sin[0, pos].unsqueeze(1)
+
+    def fixed_step(self, cache: KVCache, tok: torch.Tensor, view, pos: torch.Tensor, r: int,
                    warm: torch.Tensor | None, warm_rows: torch.Tensor | None):
-        """(logits [n, V] fp32, final states [n, 1, d] or None) of one decode token per row, every row at depth r
-        (0: a standard model): prelude, r iterations, coda, head — the pass `compile=True` hands to torch.compile."""
+        """(logits [n, V] fp32, final states [n, 1, d] or None) of one decode token per row at `pos`, every row at
+        depth r (0: a standard model): prelude, r iterations, coda, head — the pass `compile=True` hands to
+        torch.compile, rotary look-up included."""
         m = self.model
+        cos, sin = self.rotary_at(pos)
         x = m.run_prelude(tok[:, None], cos, sin, cache.prelude(view))
         state = None
         if r:

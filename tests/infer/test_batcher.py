@@ -121,3 +121,15 @@ def test_a_seeded_sampled_row_draws_the_same_tokens_alone_or_batched(tiny_cfg):
     assert out[0] == alone(engine, PROMPTS[0], SETTINGS[1], sampled)
     torch.manual_seed(0)  # the process RNG plays no part
     assert alone(engine, PROMPTS[0], SETTINGS[1], sampled) == out[0]
+
+
+def test_row_plans_are_kept_while_the_rows_plans_stay_and_rebuilt_when_they_change(tiny_cfg):
+    engine = Engine(random_model(tiny_cfg, seed=12), dtype="fp32")
+    batch = ContinuousBatch(engine.runner, capacity=3, max_len=tiny_cfg.seq_len, kv="full", depth=8)
+    seqs = [sequence(i, engine, PROMPTS[i], SETTINGS[i]) for i in (1, 2)]  # fixed depth 3, then an exit
+    first = batch.row_plans(seqs)
+    assert batch.row_plans(list(seqs)) is first and first.fixed_depth() is None
+    alone_plans = batch.row_plans(seqs[:1])  # the exit row left: fixed depth 3 for the one that stays
+    assert alone_plans is not first and alone_plans.fixed_depth() == 3 and alone_plans.max_steps.tolist() == [3]
+    twin = sequence(3, engine, PROMPTS[1], SETTINGS[1])  # an equal plan in a new object: rebuilt, same depth
+    assert batch.row_plans([twin]) is not alone_plans and batch.row_plans([twin]).fixed_depth() == 3
