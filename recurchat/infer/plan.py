@@ -99,6 +99,7 @@ class DepthPlan:
         """The deepest iteration this plan can reach (decode or prefill): the KV slots it needs."""
         return max(self.max_steps, self.prefill)
 
+
 UNKNOWN = object()  # RowPlans.known_fixed_depth before fixed_depth() has looked
 
 
