@@ -63,8 +63,8 @@ class DecodeOut:
 
 
 def compile_step(step, device: torch.device):
-    """torch.compile of a runner's decode step, with dynamic shapes (one graph for every batch size and cache
-    length). What a batch-1 step pays around its kernels is kept small three ways:
+    """torch.compile of a runner's pass (its decode step, its verification chunk), with dynamic shapes (one graph for
+    every batch size, chunk and cache length). What a batch-1 step pays around its kernels is kept small three ways:
     - On a CPU the step's wrapper is generated as C++ (inductor's cpp_wrapper) rather than Python: a batch-1 step is
       bound by the per-kernel calls the wrapper makes (504 → 606 tok/s on a compiled cpu-tiny step, Xeon with AMX).
     - Dynamo's guards on the model's modules and parameters (about three in four of a step's ~600 guards, 60 µs of
@@ -105,6 +105,7 @@ class Runner:
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
         self.compiled_step = compile_step(self.fixed_step, self.device) if compiled else None
+        self.compiled_chunk = compile_step(self.chunk_pass, self.device) if compiled else None
 
     def autocast(self):
         """The region every pass runs in (bf16 autocast or nothing); hold one region across many steps so its cache
@@ -133,12 +134,24 @@ class Runner:
         else:
             cos, sin = m.rope(start, T)
         view = cache.rows(torch.arange(n, device=self.device) if rows is None else rows, None, start=start, chunk=T)
+        if m.recur:
+            self.iterations += r * n * (T if isinstance(start, torch.Tensor) else 1)  # a prefill counts once per row
+        run = self.chunk_pass
+        if self.compiled_chunk is not None and isinstance(start, torch.Tensor):
+            m.refresh_fused_weights()
+            run = self.compiled_chunk
+        return run(cache, idx, view, cos, sin, r)
+
+    def chunk_pass(self, cache: KVCache, idx: torch.Tensor, view, cos: torch.Tensor, sin: torch.Tensor,
+                   r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What `chunk` runs once it has the positions: prelude, r iterations, coda, head over the chunk's tokens.
+        With `compile=True` a chunk after the start of its rows (speculative verification) runs it compiled; a
+        prefill stays eager (one per prompt, and it brings every fused weight up to date)."""
+        m = self.model
         x = m.run_prelude(idx, cos, sin, cache.prelude(view))
         state = None
         if m.recur:
-            s = m.loop(x, m.initial_state(x), cos, sin, r, kv=lambda i: cache.recur(i, view))
-            self.iterations += r * n * (T if isinstance(start, torch.Tensor) else 1)  # a prefill counts once per row
-            x = state = s
+            x = state = m.loop(x, m.initial_state(x), cos, sin, r, kv=lambda i: cache.recur(i, view))
         return m.head(m.run_coda(x, cos, sin, cache.coda(view))), state
 
     def prefill(self, cache: KVCache, idx: torch.Tensor, lens: torch.Tensor, r: int, max_steps: int):

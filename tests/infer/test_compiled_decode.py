@@ -1,6 +1,6 @@
 """The compiled decode step (Engine(compile=True) → Runner.compile): fixed-depth steps run one torch.compile graph
 and give what eager decoding gives — tokens, depths, scores, rows leaving the batch — while steps with an
-exit criterion stay eager. Run: `pytest tests/infer/test_compiled_decode.py`."""
+exit criterion stay eager; speculative verification chunks run compiled too. Run: `pytest tests/infer/test_compiled_decode.py`."""
 
 from dataclasses import replace
 
@@ -11,6 +11,7 @@ from support import random_model
 
 from recurchat.infer.engine import Engine, RecurParams
 from recurchat.infer.sampling import SamplingParams
+from recurchat.infer.speculative import speculate
 
 
 def graphs() -> int:
@@ -91,3 +92,23 @@ def test_compiled_runners_keep_their_own_graphs(tiny_cfg):
     assert torch.allclose(first, teacher_forced_nll(Engine(normed, dtype="fp32"), tiny_cfg.vocab_size), atol=1e-4)
     assert torch.allclose(second, teacher_forced_nll(Engine(plain, dtype="fp32"), tiny_cfg.vocab_size), atol=1e-4)
     assert not torch.allclose(first, second, atol=1e-3)
+
+
+@pytest.mark.slow
+def test_compiled_speculation_verifies_in_a_graph_and_keeps_greedy_output(tiny_cfg):
+    # verification chunks (a start per row) run compiled: two rows at their own positions, greedy identical to
+    # fixed-depth greedy (fp32)
+    torch._dynamo.reset()
+    m = random_model(tiny_cfg, seed=9)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, tiny_cfg.vocab_size, (n,), generator=gen).tolist() for n in (4, 9)]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    want = Engine(m, dtype="fp32").generate(prompts, greedy, RecurParams(num_recur=3))
+    compiled = Engine(m, dtype="fp32", compile=True)
+    chunks = []  # the token blocks the compiled pass verified
+    original = compiled.runner.compiled_chunk
+    compiled.runner.compiled_chunk = lambda cache, idx, *rest: chunks.append(tuple(idx.shape)) or original(
+        cache, idx, *rest)
+    got = speculate(compiled, prompts, greedy, num_recur=3, draft_r=1, k=3)
+    assert [s.tokens for s in got] == [g.tokens for g in want]
+    assert chunks[0] == (2, 4)  # both rows' first round: the decided token and 3 drafts
