@@ -58,16 +58,16 @@ class Rows:
     tokens per row at positions start..start+chunk−1, attending to everything before them; speculative
     verification, where each row of a batch has accepted a different number of tokens)."""
 
-    __slots__ = ("index", "pos", "length", "window", "chunk_mask", "decode_mask", "contiguous", "chunk_pos", "at")
+    __slots__ = ("index", "pos", "length", "window", "built_mask", "contiguous", "chunk_pos", "at")
 
     def __init__(self, index: torch.Tensor, pos: torch.Tensor | None, batch_size: int,
                  start: int | torch.Tensor = 0, chunk: int = 0, window: int = 0):
         self.index, self.pos, self.window, self.chunk_pos, self.at = index, pos, window, None, None
-        self.chunk_mask = self.decode_mask = None
+        self.built_mask = None
         if isinstance(start, torch.Tensor):
             self.chunk_pos = start[:, None] + torch.arange(chunk, device=index.device)  # [n, chunk]
             self.length = int(self.chunk_pos.max()) + 1
-            self.chunk_mask = window_mask(self.chunk_pos, self.length, window)[:, None]
+            self.built_mask = window_mask(self.chunk_pos, self.length, window)[:, None]
         # All rows in order: read keys through a slice (a view) instead of a gather (a copy). One row of a one-row
         # cache is that (no tensor ops: a batch-1 step's bookkeeping costs about what a layer's kernels do).
         one = index.numel() == 1
@@ -85,13 +85,11 @@ class Rows:
         """The attention mask of a chunk or decode pass ([n, 1, chunk, length] / [n, 1, 1, length]; None for a
         prefill). A decode pass builds its own on first use, so a step that never reads it (an eager step at one
         position) never pays for it, and a compiled step builds it inside its graph."""
-        if self.pos is None:
-            return self.chunk_mask
-        if self.decode_mask is not None:
-            return self.decode_mask
+        if self.built_mask is not None or self.pos is None:
+            return self.built_mask
         mask = window_mask(self.pos, self.length, self.window)[:, None, None, :]
         if not torch.compiler.is_compiling():  # a traced value must not outlive its graph
-            self.decode_mask = mask
+            self.built_mask = mask
         return mask
 
 

@@ -72,15 +72,21 @@ def compile_step(step, device: torch.device):
       keeps its module tree, parameter shapes and dtype for the runner's life (weights may change in place).
     - Dynamo keeps graphs per code object, so the step is compiled from a private copy of its code: without the
       module guards, another runner's graph for a different model could otherwise pass the guards that remain.
-    GPUs keep the default wrapper (untested here with cpp_wrapper)."""
-    fn = step.__func__
-    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(step.__self__):x}")
+    The graph reads each attention layer's fused QKV weight as it stands, so every call first brings them up to date
+    (RecurrentLM.refresh_fused_weights). GPUs keep the default wrapper (untested here with cpp_wrapper)."""
+    fn, runner = step.__func__, step.__self__
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{id(runner):x}")
     private = types.MethodType(types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__,
-                                                  fn.__closure__), step.__self__)
+                                                  fn.__closure__), runner)
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if device.type == "cpu":
         options["cpp_wrapper"] = True
-    return torch.compile(private, dynamic=True, options=options)
+    graph = torch.compile(private, dynamic=True, options=options)
+
+    def run(*args):
+        runner.model.refresh_fused_weights()
+        return graph(*args)
+    return run
 
 
 class Runner:
@@ -136,11 +142,8 @@ class Runner:
         view = cache.rows(torch.arange(n, device=self.device) if rows is None else rows, None, start=start, chunk=T)
         if m.recur:
             self.iterations += r * n * (T if isinstance(start, torch.Tensor) else 1)  # a prefill counts once per row
-        run = self.chunk_pass
-        if self.compiled_chunk is not None and isinstance(start, torch.Tensor):
-            m.refresh_fused_weights()
-            run = self.compiled_chunk
-        return run(cache, idx, view, cos, sin, r)
+        verify = self.compiled_chunk is not None and isinstance(start, torch.Tensor)
+        return (self.compiled_chunk if verify else self.chunk_pass)(cache, idx, view, cos, sin, r)
 
     def chunk_pass(self, cache: KVCache, idx: torch.Tensor, view, cos: torch.Tensor, sin: torch.Tensor,
                    r: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -172,10 +175,7 @@ class Runner:
         n, fixed = rows.numel(), plans.fixed_depth() if m.recur else 0
         if fixed is not None:  # every row runs the same fixed depth: one pass, no exit bookkeeping
             self.iterations += fixed * n
-            step = self.fixed_step
-            if self.compiled_step is not None:
-                m.refresh_fused_weights()
-                step = self.compiled_step
+            step = self.fixed_step if self.compiled_step is None else self.compiled_step
             logits, state = step(cache, tok, view, pos, fixed, warm, warm_rows)
             return logits, torch.full((n,), fixed, dtype=torch.long, device=self.device), state
         cos, sin = self.rotary_at(pos)

@@ -149,22 +149,30 @@ class Attention(nn.Module):
         one rotary and one norm instead of two each, the same arithmetic on every head.
 
         Under torch.compile the fused weight is read as it stands (tracing cannot check its versions), so a
-        compiled graph uses it only for the inference engine's steps (`cached`: a KV cache is attached), whose
-        runner refreshes every fused weight before each compiled step (RecurrentLM.refresh_fused_weights); inductor
+        compiled graph uses it only for the inference engine's passes (`cached`: a KV cache is attached), whose
+        runner refreshes every fused weight before each compiled run (RecurrentLM.refresh_fused_weights); inductor
         does not merge the three matmuls itself, and on a CPU each is a separate GEMM call (24 of a cpu-tiny decode
         step's 77)."""
         B, T, _ = x.shape
         H, KV, D = self.n_head, self.n_kv_head, self.head_dim
-        compiling = torch.compiler.is_compiling()
-        if torch.is_grad_enabled() or (compiling and not (cached and self._fused is not None)):
+        fused = self.pass_qkv_weight(cached)
+        if fused is None:
             q = apply_rotary(self.c_q(x).view(B, T, H, D), cos, sin)
             k = apply_rotary(self.c_k(x).view(B, T, KV, D), cos, sin)
             q, k = (norm(q), norm(k)) if self.qk_norm else (q, k)
             return q, k, self.c_v(x).view(B, T, KV, D)
-        qkv = F.linear(x, self._fused[1] if compiling else self.fused_qkv_weight())
+        qkv = F.linear(x, fused)
         qk = apply_rotary(qkv[..., :(H + KV) * D].view(B, T, H + KV, D), cos, sin)
         q, k = (norm(qk) if self.qk_norm else qk).split([H, KV], dim=2)
         return q, k, qkv[..., (H + KV) * D:].view(B, T, KV, D)
+
+    def pass_qkv_weight(self, cached: bool) -> torch.Tensor | None:
+        """The fused QKV weight this pass projects with, or None for three matmuls (see project_qkv)."""
+        if torch.is_grad_enabled():
+            return None
+        if not torch.compiler.is_compiling():
+            return self.fused_qkv_weight()
+        return self._fused[1] if cached and self._fused is not None else None
 
     @staticmethod
     def short_training_attention(q: torch.Tensor) -> bool:

@@ -291,8 +291,8 @@ class RecurrentLM(nn.Module):
 
     def refresh_fused_weights(self) -> None:
         """Bring every attention layer's fused QKV weight up to date with its parameters (rebuilt only where one
-        changed): a compiled inference step reads them as they stand (layers.Attention.project_qkv), so the runner
-        calls this before each one."""
+        changed): a compiled inference step reads them as they stand (layers.Attention.project_qkv), so the runner's
+        compiled passes call this before each run."""
         for blocks in (self.prelude, self.recur, self.coda):
             for block in blocks._modules.values():  # not the ModuleList's iterator: ~1 µs a block
                 block._modules["attn"].fused_qkv_weight()
