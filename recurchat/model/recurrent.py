@@ -89,6 +89,8 @@ class RecurrentLM(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         self.prelude, self.coda = blocks(cfg.n_prelude), blocks(cfg.n_coda)
         self.recur = blocks(cfg.n_shared, cfg.sandwich_norm)
+        # every attention layer, listed once: refresh_fused_weights runs before each compiled inference step
+        self.attention_layers = tuple(block.attn for block in (*self.prelude, *self.recur, *self.coda))
         self.adapter = Adapter(d, cfg.adapter, cfg.adapter_init) if cfg.n_shared > 0 else None
         # Tied: the head reads embed.weight (one tensor in the state dict, one parameter for the optimizer).
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
@@ -293,9 +295,8 @@ class RecurrentLM(nn.Module):
         """Bring every attention layer's fused QKV weight up to date with its parameters (rebuilt only where one
         changed): a compiled inference step reads them as they stand (layers.Attention.project_qkv), so the runner's
         compiled passes call this before each run."""
-        for blocks in (self.prelude, self.recur, self.coda):
-            for block in blocks._modules.values():  # not the ModuleList's iterator: ~1 µs a block
-                block._modules["attn"].fused_qkv_weight()
+        for attn in self.attention_layers:
+            attn.fused_qkv_weight()
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
 

@@ -112,3 +112,32 @@ def test_compiled_speculation_verifies_in_a_graph_and_keeps_greedy_output(tiny_c
     got = speculate(compiled, prompts, greedy, num_recur=3, draft_r=1, k=3)
     assert [s.tokens for s in got] == [g.tokens for g in want]
     assert chunks[0] == (2, 4)  # both rows' first round: the decided token and 3 drafts
+
+
+@pytest.mark.slow
+def test_compiled_batch_one_decode_copies_no_matmul_input_and_matches_eager(tiny_cfg):
+    # a batch-1 step is traced without specialising sizes of 1: specialised, each matmul input has a stride of 0 on
+    # its row dimension and aten's mm copies it (aten::clone) before every GEMM. Warm start and an attention window
+    # put the other size-1 shapes of a step (the warm state's token dimension, the mask) through that trace too.
+    from torch.profiler import profile
+    torch._dynamo.reset()
+    cfg = replace(tiny_cfg, attn_window=3)
+    m = random_model(cfg, seed=10)
+    recur = RecurParams(num_recur=3, kv="ring:2", warm_start=True)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    compiled = Engine(m, dtype="fp32", compile=True)
+    want = Engine(m, dtype="fp32").generate([[1, 2, 3, 4, 5]], greedy, recur)
+    assert [g.tokens for g in compiled.generate([[1, 2, 3, 4, 5]], greedy, recur)] == [g.tokens for g in want]
+    with profile() as prof:
+        got = compiled.generate([[1, 2, 3, 4, 5]], greedy, recur)
+    assert [g.tokens for g in got] == [g.tokens for g in want]
+    events = prof.events()
+    assert sum(e.name.startswith("## Call CompiledFxGraph") for e in events) == 7  # seven compiled decode steps
+    assert not [e for e in events if e.name == "aten::clone" and inside_compiled_graph(e)]
+
+
+def inside_compiled_graph(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("## Call CompiledFxGraph"):
+        parent = parent.cpu_parent
+    return parent is not None
