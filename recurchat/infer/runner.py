@@ -19,7 +19,6 @@ import types
 from dataclasses import dataclass
 
 import torch
-import torch.fx.experimental._config as shape_config
 
 from recurchat.infer.kv_cache import KVCache
 from recurchat.infer.plan import ExitChecks, RowPlans
@@ -63,9 +62,9 @@ class DecodeOut:
     headless: torch.Tensor  # [n] bool: stopped without logits yet (the coda and head run once, after the loop)
 
 
-def compile_step(step, device: torch.device, size_oblivious: bool = False):
+def compile_step(step, device: torch.device):
     """torch.compile of a runner's pass (its decode step, its verification chunk), with dynamic shapes (one graph for
-    every batch size, chunk and cache length). What a batch-1 step pays around its kernels is kept small three ways:
+    every batch size, chunk and cache length). What a batch-1 step pays around its kernels is kept small four ways:
     - On a CPU the step's wrapper is generated as C++ (inductor's cpp_wrapper) rather than Python: a batch-1 step is
       bound by the per-kernel calls the wrapper makes (504 → 606 tok/s on a compiled cpu-tiny step, Xeon with AMX).
     - Dynamo's guards on the model's modules and parameters (about three in four of a step's ~600 guards, 60 µs of
@@ -73,11 +72,10 @@ def compile_step(step, device: torch.device, size_oblivious: bool = False):
       keeps its module tree, parameter shapes and dtype for the runner's life (weights may change in place).
     - Dynamo keeps graphs per code object, so the step is compiled from a private copy of its code: without the
       module guards, another runner's graph for a different model could otherwise pass the guards that remain.
-    - `size_oblivious` (the decode step): sizes of 1 are not specialised (torch's `backed_size_oblivious`, set only
-      while the step runs, which is when dynamo traces). Specialised, a batch-1 step's matmul inputs get a stride of
-      0 on their size-1 row dimension, which aten's mm copies to a contiguous tensor before every GEMM (38 copies a
-      cpu-tiny token, 2–7% of it); batch 1 and batch 8 then share one graph. Not for a pass whose arguments carry a
-      size of 1 that broadcasts (a verification chunk's rotary angles [n, T, 1, D/2]).
+    - A matmul of one row (a batch-1 decode step's GEMVs, K and N up to 2048) is decomposed into a multiply and a
+      sum that inductor generates itself (its decompose_mm_pass, off by default): aten's mm costs a dispatch per
+      call, and copies its input first, since inductor gives a size-1 row a stride of 0 (53 calls a cpu-tiny token;
+      b1 722 → 762 tok/s, Xeon AVX512).
     The graph reads each attention layer's fused QKV weight as it stands, so every call first brings them up to date
     (RecurrentLM.refresh_fused_weights). GPUs keep the default wrapper (untested here with cpp_wrapper)."""
     fn, runner = step.__func__, step.__self__
@@ -87,16 +85,12 @@ def compile_step(step, device: torch.device, size_oblivious: bool = False):
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
     if device.type == "cpu":
         options["cpp_wrapper"] = True
+        options["post_grad_fusion_options"] = {"decompose_mm_pass": {}}
     graph = torch.compile(private, dynamic=True, options=options)
 
     def run(*args):
         runner.model.refresh_fused_weights()
-        before = shape_config.backed_size_oblivious
-        shape_config.backed_size_oblivious = size_oblivious
-        try:
-            return graph(*args)
-        finally:
-            shape_config.backed_size_oblivious = before
+        return graph(*args)
     return run
 
 
@@ -121,7 +115,7 @@ class Runner:
         self.dtype = choose_dtype(dtype, self.device, decode_rows if compiled else None, eager)
         self.iterations = 0  # recurrent-block applications × rows, for compute accounting
         self.extra_heads = 0  # coda + lm_head runs × rows beyond one per token (exit checks that did not exit)
-        self.compiled_step = compile_step(self.fixed_step, self.device, size_oblivious=True) if compiled else None
+        self.compiled_step = compile_step(self.fixed_step, self.device) if compiled else None
         self.compiled_chunk = compile_step(self.chunk_pass, self.device) if compiled else None
 
     def autocast(self):
