@@ -117,8 +117,8 @@ def test_compiled_speculation_verifies_in_a_graph_and_keeps_greedy_output(tiny_c
 @pytest.mark.slow
 def test_compiled_batch_one_decode_copies_no_matmul_input_and_matches_eager(tiny_cfg):
     # a batch-1 step's GEMVs are decomposed into code inductor generates; as aten mm calls each would first copy its
-    # input (aten::clone: inductor gives the size-1 row a stride of 0). Warm start and an attention window put the
-    # step's other size-1 shapes (the warm state's token dimension, the mask) through the same graph.
+    # input (aten::clone: inductor gives the size-1 row a stride of 0). Warm start, a ring cache and an attention
+    # window: compiled paths no other test decodes.
     from torch.profiler import profile
     torch._dynamo.reset()
     cfg = replace(tiny_cfg, attn_window=3)
