@@ -241,7 +241,9 @@ class Runner:
             # autocast the loop may end in bf16), so rows decode alike whichever path their step takes
             s = m.loop(x, self.start_state(x, warm, warm_rows), cos, sin, r, kv=lambda i: cache.recur(i, view))
             x = state = s.to(x.dtype)
-        return m.head(m.run_coda(x, cos, sin, cache.coda(view)))[:, -1], state  # head: fp32 logits
+        # the head reads [n, d], not [n, 1, d]: compiled, a size-1 dimension folded into the rows of a matmul that
+        # stays an aten mm (a head wider than decompose_mm_pass takes) gets a stride of 0, and mm copies its input
+        return m.head(m.run_coda(x, cos, sin, cache.coda(view))[:, -1]), state  # head: fp32 logits
 
     def _check_exit(self, act: ActiveRows, cache: KVCache, checks: ExitChecks, out: DecodeOut,
                     step: int) -> torch.Tensor:

@@ -118,10 +118,11 @@ def test_compiled_speculation_verifies_in_a_graph_and_keeps_greedy_output(tiny_c
 def test_compiled_batch_one_decode_copies_no_matmul_input_and_matches_eager(tiny_cfg):
     # a batch-1 step's GEMVs are decomposed into code inductor generates; as aten mm calls each would first copy its
     # input (aten::clone: inductor gives the size-1 row a stride of 0). Warm start, a ring cache and an attention
-    # window: compiled paths no other test decodes.
+    # window: compiled paths no other test decodes. A head wider than the decomposition takes (N > 2048) stays an
+    # aten mm, and reads a 2-D input so that it does not copy either.
     from torch.profiler import profile
     torch._dynamo.reset()
-    cfg = replace(tiny_cfg, attn_window=3)
+    cfg = replace(tiny_cfg, attn_window=3, vocab_size=4096)
     m = random_model(cfg, seed=10)
     recur = RecurParams(num_recur=3, kv="ring:2", warm_start=True)
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
