@@ -65,8 +65,8 @@ def stream_changing_weights(model, compile: bool, change_after: int | None) -> l
         tokens += [ev.token for ev in events]
         if step == change_after:
             with torch.no_grad():  # in place, as an optimizer step or load_state_dict would
-                for block in (*model.prelude, *model.recur, *model.coda):
-                    block.attn.c_v.weight.mul_(3.0)
+                for attn in model.attention_layers:
+                    attn.c_v.weight.mul_(3.0)
     return tokens
 
 
