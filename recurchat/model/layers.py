@@ -19,8 +19,33 @@ import torch.nn.functional as F
 
 def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about. `eps` None is
-    torch's default (the dtype's machine epsilon); an imported model passes its own."""
+    torch's default (the dtype's machine epsilon); an imported model passes its own. While gradients flow (eager
+    training) it is RMSNormFunction; inference and torch.compile use F.rms_norm."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return RMSNormFunction.apply(x, torch.finfo(x.dtype).eps if eps is None else eps)
     return F.rms_norm(x, (x.size(-1),), eps=eps)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """x · rsqrt(mean(x²) + eps) over the last dimension, in fp32 at least inside, with one saved output and a five-op
+    backward (rstd · (g − y · mean(g · y))): on a CPU, F.rms_norm's composite backward runs ~8 ops. Forward and
+    backward at [8, 256, 256] (2-core Xeon, AVX512): fp32 1.53 → 1.26 ms; bf16 1.81 → 1.13 ms, and 2.40 → 1.19 ms
+    for a QK-norm's [8, 256, 4, 64]. torch has no fused CPU kernel for it (aten::_fused_rms_norm is composite
+    there); under torch.compile inductor fuses F.rms_norm itself."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        wide = torch.promote_types(x.dtype, torch.float32)
+        rstd = torch.rsqrt(x.to(wide).square().mean(-1, keepdim=True).add_(eps))
+        y = (x * rstd).to(x.dtype)
+        ctx.save_for_backward(y, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, rstd = ctx.saved_tensors
+        mean = (grad * y).mean(-1, keepdim=True, dtype=rstd.dtype)
+        return ((grad - y * mean) * rstd).to(grad.dtype), None
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0,
@@ -94,11 +119,41 @@ def single_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]."""
+    """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]. While gradients flow
+    (eager training) it is RotaryFunction; inference and torch.compile use the expression."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return RotaryFunction.apply(x, cos, sin)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+def rotate_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """(x1·cos + x2·sin, x2·cos − x1·sin) written into one new tensor: four ops, no temporaries, no cat."""
+    d = x.size(-1) // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    out = torch.empty_like(x)
+    torch.mul(x1, cos, out=out[..., :d]).addcmul_(x2, sin)
+    torch.mul(x2, cos, out=out[..., d:]).addcmul_(x1, sin, value=-1)
+    return out
+
+
+class RotaryFunction(torch.autograd.Function):
+    """apply_rotary with nothing saved but the tables: its backward is the rotation the other way (sin negated).
+    Autograd's version of the expression keeps both halves of x and spends zero-filled slice gradients and a cat
+    on them. A cpu-tiny eager training step, in-process A/B (2-core Xeon, AVX512): fp32 751 → 736 ms, bf16 404 →
+    394 ms."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return rotate_halves(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return rotate_halves(grad, cos, -sin), None, None
 
 
 class Attention(nn.Module):
