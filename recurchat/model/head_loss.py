@@ -45,6 +45,15 @@ def softcap_parts(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, t
     return (softcap * t).float(), t
 
 
+def block_logits(z: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softcap_parts of a block's fresh matmul output z, written over z where it can be (z is not used again):
+    (fp32 capped logits, fp32 tanh(z/cap) or None). The cap is computed in z's dtype, as softcap_parts does."""
+    if softcap <= 0:
+        return z.float(), None
+    t = z.div_(softcap).tanh_()
+    return (t * softcap).float(), t.float()
+
+
 def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     """The head's logits: cap·tanh(logits/cap) in the logits' dtype (none when cap ≤ 0), widened to fp32."""
     return softcap_parts(logits, softcap)[0]
@@ -65,16 +74,21 @@ class HeadCrossEntropy(torch.autograd.Function):
         grad_x = torch.empty_like(x) if wants_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        all_kept = bool(keep.all())
         for a in range(0, x.size(0), rows):
             xb, yb, kb = x[a:a + rows], safe[a:a + rows, None], keep[a:a + rows]
-            logits, t = softcap_parts(xb @ weight.t(), softcap)
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += torch.where(kb, (lse - logits.gather(1, yb)).squeeze(1), 0.0).sum()
+            logits, t = block_logits(xb @ weight.t(), softcap)
+            top = logits.amax(dim=-1, keepdim=True)
+            exp = (logits - top).exp_()
+            norm = exp.sum(dim=-1, keepdim=True)
+            total += torch.where(kb, (norm.log() + top - logits.gather(1, yb)).squeeze(1), 0.0).sum()
             if wants_grad:
-                g = torch.exp_(logits.sub_(lse))  # softmax, in place
-                g.scatter_add_(1, yb, torch.full_like(lse, -1.0)).mul_(kb[:, None])
-                if t is not None:
-                    g.mul_(1 - t.float().square())  # d(cap·tanh(z/cap))/dz
+                g = exp.div_(norm)  # the softmax, in place
+                g.scatter_add_(1, yb, torch.full_like(norm, -1.0))
+                if not all_kept:
+                    g.mul_(kb[:, None])
+                if t is not None:  # d(cap·tanh(z/cap))/dz = 1 − t², t now in fp32
+                    g.mul_(torch.addcmul(torch.ones((), dtype=t.dtype), t, t, value=-1))
                 g = g.to(x.dtype)
                 grad_x[a:a + rows] = g @ weight
                 grad_w += g.t() @ xb
