@@ -90,8 +90,11 @@ class HeadCrossEntropy(torch.autograd.Function):
                 if t is not None:  # d(cap·tanh(z/cap))/dz = 1 − t², t now in fp32
                     g.mul_(torch.addcmul(torch.ones((), dtype=t.dtype), t, t, value=-1))
                 g = g.to(x.dtype)
-                grad_x[a:a + rows] = g @ weight
-                grad_w += g.t() @ xb
+                torch.mm(g, weight, out=grad_x[a:a + rows])
+                if g.dtype == grad_w.dtype:  # accumulated by the matmul itself, no [V, d] temporary
+                    grad_w.addmm_(g.t(), xb)
+                else:
+                    grad_w += g.t() @ xb
         ctx.save_for_backward(grad_x, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
