@@ -49,7 +49,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         y, rstd = ctx.saved_tensors
         if grad.dtype == rstd.dtype:  # three passes: a dot product, a fused multiply-subtract, a scale in place
-            mean = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1).div_(grad.size(-1))
+            with torch.autocast(grad.device.type, enabled=False):  # a backward run under autocast: vecdot stays fp32
+                mean = torch.linalg.vecdot(grad, y, dim=-1).unsqueeze(-1).div_(grad.size(-1))
             return torch.addcmul(grad, y, mean, value=-1).mul_(rstd), None
         mean = (grad * y).mean(-1, keepdim=True, dtype=rstd.dtype)
         return ((grad - y * mean) * rstd).to(grad.dtype), None

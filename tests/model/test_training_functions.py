@@ -61,3 +61,13 @@ def test_without_gradients_norm_and_rotary_are_the_plain_expressions():
     assert normed.grad_fn is None and rotated.grad_fn is None
     assert torch.equal(normed, F.rms_norm(x.detach(), (64,)))
     assert torch.equal(rotated, plain_rotary(x.detach(), cos, sin))
+
+
+def test_norm_gradient_stays_fp32_when_backward_runs_under_bf16_autocast():
+    x = torch.randn(4, 16, 64)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(4, 16, 64)
+    with torch.autocast("cpu", torch.bfloat16):
+        norm(a).backward(grad)  # linalg.vecdot is a bf16 op under autocast
+    F.rms_norm(b, (64,)).backward(grad)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
