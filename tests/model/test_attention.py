@@ -39,6 +39,20 @@ def test_short_causal_attention_matches_torch_kernel_in_bf16_to_bf16_precision()
         torch.testing.assert_close(ours, theirs, rtol=0.05, atol=0.05)
 
 
+def test_compiled_short_causal_attention_runs_the_causal_softmax_op_and_matches_fp32_values_and_gradients():
+    q, k, v = qkv(torch.float32)
+    ops = []
+
+    def recording_backend(gm, example_inputs):  # the graph dynamo hands the compiler, then AOT autograd on it
+        ops.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    compiled = torch.compile(short_causal_attention, backend=recording_backend)
+    for ours, theirs in zip(grads(compiled, q, k, v), grads(torch_causal_gqa, q, k, v)):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert torch.ops.recurchat.causal_softmax.default in ops
+
+
 def test_short_causal_attention_is_causal():
     q, k, v = qkv(torch.float32)
     y = short_causal_attention(q, k, v)
