@@ -11,6 +11,7 @@ Nothing here knows about recursion; `recurrent.py` composes these blocks. Exerci
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import torch.nn as nn
@@ -95,7 +96,12 @@ def causal_bias(length: int, groups: int, dtype: torch.dtype, device: torch.devi
     return bias.repeat(groups, 1)
 
 
-@torch.library.custom_op("recurchat::causal_softmax", mutates_args=())
+# the custom ops' namespace is this module's name: the exported modeling file (interop/hf_export.py) carries this
+# source too, and registers its own ops instead of redefining recurchat's in a process that has both
+OP_NAMESPACE = re.sub(r"\W", "_", __name__)
+
+
+@torch.library.custom_op(f"{OP_NAMESPACE}::causal_softmax", mutates_args=())
 def causal_softmax(scores: torch.Tensor, groups: int) -> torch.Tensor:
     """softmax(scores + causal_bias) over the last dimension, as one op the compiler does not look into: in a
     compiled bf16 training step inductor's own fused masked softmax over these scores is slower than aten's
@@ -110,7 +116,7 @@ def _causal_softmax_shape(scores: torch.Tensor, groups: int) -> torch.Tensor:
     return torch.empty_like(scores)
 
 
-@torch.library.custom_op("recurchat::softmax_backward", mutates_args=())
+@torch.library.custom_op(f"{OP_NAMESPACE}::softmax_backward", mutates_args=())
 def softmax_backward(grad: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """The gradient of a last-dimension softmax given its output: causal_softmax's backward, also opaque."""
     return torch._softmax_backward_data(grad, probs, -1, probs.dtype)
