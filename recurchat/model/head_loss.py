@@ -36,18 +36,10 @@ def blocks_pay(x: torch.Tensor) -> bool:
     return x.device.type == "cpu"
 
 
-def softcap_parts(logits: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cap·tanh(logits/cap) computed in the logits' dtype and widened to fp32, tanh(logits/cap) or None when
-    cap ≤ 0 and the logits pass uncapped): the tanh is what the cap's gradient needs."""
-    if softcap <= 0:
-        return logits.float(), None
-    t = torch.tanh(logits / softcap)
-    return (softcap * t).float(), t
-
-
 def block_logits(z: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softcap_parts of a block's fresh matmul output z, written over z where it can be (z is not used again):
-    (fp32 capped logits, fp32 tanh(z/cap) or None). The cap is computed in z's dtype, as softcap_parts does."""
+    """A block's fresh matmul output z (not used again, so written over) as (fp32 capped logits, fp32 tanh(z/cap),
+    the factor the cap's gradient needs), or (z in fp32, None) when cap ≤ 0. The cap is computed in z's dtype, as
+    softcapped does."""
     if softcap <= 0:
         return z.float(), None
     t = z.div_(softcap).tanh_()
@@ -56,7 +48,7 @@ def block_logits(z: torch.Tensor, softcap: float) -> tuple[torch.Tensor, torch.T
 
 def softcapped(logits: torch.Tensor, softcap: float) -> torch.Tensor:
     """The head's logits: cap·tanh(logits/cap) in the logits' dtype (none when cap ≤ 0), widened to fp32."""
-    return softcap_parts(logits, softcap)[0]
+    return (softcap * torch.tanh(logits / softcap)).float() if softcap > 0 else logits.float()
 
 
 class HeadCrossEntropy(torch.autograd.Function):

@@ -18,11 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def eager_training() -> bool:
+    """Gradients flow and nothing is being compiled: where the autograd Functions below (RMSNormFunction,
+    RotaryFunction, ReluSquared) replace their plain expressions; inference and torch.compile (inductor fuses the
+    expressions itself) keep the expressions."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """Parameter-free RMSNorm: no gains to tune, and nothing for Muon/AdamW to disagree about. `eps` None is
     torch's default (the dtype's machine epsilon); an imported model passes its own. While gradients flow (eager
     training) it is RMSNormFunction; inference and torch.compile use F.rms_norm."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if eager_training():
         return RMSNormFunction.apply(x, torch.finfo(x.dtype).eps if eps is None else eps)
     return F.rms_norm(x, (x.size(-1),), eps=eps)
 
@@ -173,7 +180,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """Rotate pairs (first half, second half) of the head dimension; x is [B, T, H, D]. While gradients flow
     (eager training) it is RotaryFunction; inference and torch.compile use the expression."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+    if eager_training():
         return RotaryFunction.apply(x, cos, sin)
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
@@ -330,9 +337,7 @@ class ReluSquared(torch.autograd.Function):
 
 
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-        return F.relu(x).square()
-    return ReluSquared.apply(x)
+    return ReluSquared.apply(x) if eager_training() else F.relu(x).square()
 
 
 class MLP(nn.Module):
