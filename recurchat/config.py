@@ -169,6 +169,11 @@ class TrainConfig:
     # supervises only the probe labels r iterations can reach (difficulty ≤ r + loss_reach; −1 = every label).
     progressive_loss: float = 0.0
     loss_reach: int = -1
+    # Hints (probes with intermediate targets, e.g. chase): the state after iteration i > hint_lag is also read out and
+    # trained on step i − hint_lag of each answer's path; the mean of those losses is added with this weight
+    # (model/recurrent.py: RecurrentLM.hint_readout). 0 = off.
+    hint_weight: float = 0.0
+    hint_lag: int = 1
     dtype: str = "auto"  # auto (bf16 where the device runs it natively, else fp32) | bf16 (autocast) | fp32
     eval_every: int = 50
     eval_tokens: int = 32768
@@ -204,6 +209,8 @@ class TrainConfig:
             raise UserError(f"mix_pretrain must be in [0, 1) and is for sft only, got {self.mix_pretrain}")
         if not 0 <= self.progressive_loss < 1:
             raise UserError(f"progressive_loss must be in [0, 1), got {self.progressive_loss}")
+        if not self.hint_weight >= 0 or self.hint_lag < 0:
+            raise UserError(f"hint_weight and hint_lag must be >= 0, got {self.hint_weight}, {self.hint_lag}")
         if self.loss_reach < -1:
             raise UserError(f"loss_reach must be >= 0, or -1 for every label, got {self.loss_reach}")
         if not 0 <= self.curriculum_frac <= 1:

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from recurchat import checkpoint
 from recurchat.cli import main
 from recurchat.train.trainer import train_or_resume
 
@@ -28,11 +29,16 @@ def test_speedrun_smoke_end_to_end_and_resume(tmp_path, capsys):
     printed = capsys.readouterr().out
     for m in models:
         assert f"initialised from {out / 'probes' / f'chase-{m}-1-1'}" in printed, m
+    # hints from the second stage on, for the recursive model only
+    hint_weights = {run.name: checkpoint.load(run).train_cfg.hint_weight for run in (out / "probes").glob("chase-*")}
+    assert hint_weights == {"chase-recursive-1-1": 0.0, "chase-recursive": 1.0, "chase-standard-1-1": 0.0,
+                            "chase-standard": 0.0, "chase-iso-params-1-1": 0.0, "chase-iso-params": 0.0}
     report = (out / "report.md").read_text()
     assert report.index("## Depth that does work: the probes") < report.index("| model | params | inference")
     for section in ("| parity:1-4 | recursive |", "| parity:1-4 | iso-FLOP twin |", "| parity:1-4 | iso-params |",
                     "![parity:1-4: accuracy by difficulty × r](heatmap-parity.png)", "| chase:1-2 | iso-params |",
                     "`chase:1-2`: a curriculum, chains of 1-1 for 20, then 1-2 for 20 steps",
+                    "from the second stage on the recursive model also learns from hints (`--hint-weight 1`",
                     "![chase:1-2: accuracy by difficulty × r](heatmap-chase.png)",
                     "| model | params | inference FLOPs/token", "At r̄ = 2 the recursive base model's held-out bpb",
                     "Going from r̄ = 2 to 4r̄ = 8 recursions", "recursions per token per extra hop",

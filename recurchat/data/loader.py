@@ -173,7 +173,8 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor
 
 class ProbeLoader:
     """Fresh labelled-sequence batches (data/tasks/probes.py) for one rank, generated from (seed, batch index,
-    rank): nothing to store, exactly resumable from the batch count alone. next_batch returns (x, y, difficulty)."""
+    rank): nothing to store, exactly resumable from the batch count alone. next_batch returns (x, y, difficulty,
+    hints), hints None for a probe without intermediate targets (data/tasks/probes.py)."""
 
     def __init__(self, probe, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
@@ -182,11 +183,11 @@ class ProbeLoader:
         self.rank, self.world_size, self.global_rows = rank, world_size, world_size * batch_size
         self.batches = 0  # global batches drawn so far
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         seed = ((self.seed * 1_000_003 + self.batches) * 1_009 + self.rank) % (2**62)
         self.batches += 1
         batch = self.probe.batch(self.batch_size, seed)
-        return batch.x, batch.y, batch.difficulty
+        return batch.x, batch.y, batch.difficulty, batch.hints
 
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "probe": self.probe.name, "seed": self.seed, "batches": self.batches,

@@ -251,12 +251,16 @@ class RecurrentLM(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, num_recur: int | None = None,
                 bptt_k: int | None = None, init_state: torch.Tensor | None = None, return_state: bool = False,
-                loss_reduction: str = "mean"):
+                loss_reduction: str = "mean", hints: torch.Tensor | None = None, hint_lag: int = 1):
         """Loss if `targets` is given (ignore_index −1), else logits [B, T, V]; with `return_state`, a pair whose
-        second item is the final recurrent state s_r (None for the standard model), usable as a warm start."""
+        second item is the final recurrent state s_r (None for the standard model), usable as a warm start. With
+        `hints` ([B, T, H] intermediate targets, −1 ignored; a recursive model and targets only), the pair (loss,
+        hint loss): see `hint_readout`."""
         r = self.cfg.mean_recur if num_recur is None else int(num_recur)
         if self.recur and r < 1:
             raise ValueError(f"num_recur must be >= 1, got {r}")
+        if hints is not None and (not self.recur or targets is None or return_state):
+            raise ValueError("hints need a recursive model and targets (and no return_state)")
         k = r if bptt_k is None else int(bptt_k)
         if k < 1:
             raise ValueError(f"bptt_k must be >= 1, got {k}")
@@ -264,7 +268,7 @@ class RecurrentLM(nn.Module):
         iterate = stages.get("iterate", self.iterate)
         cos, sin = self.rope(0, idx.size(1))
         x = stages.get("prelude", self.run_prelude)(idx, cos, sin)
-        state = None
+        state, tail, hint_losses = None, stages.get("tail", self.loss_or_logits), []
         if self.recur:
             e = x
             s = self.initial_state(e) if init_state is None else init_state
@@ -276,9 +280,31 @@ class RecurrentLM(nn.Module):
                 # from a detached state (gradients still reach e — and so the prelude — through the adapter).
                 with torch.no_grad():
                     s = self.loop(e.detach(), s, cos, sin, n_nograd, iterate=iterate)
-            x = state = self.loop(e, s, cos, sin, r - n_nograd, iterate=iterate)
-        out = stages.get("tail", self.loss_or_logits)(x, cos, sin, targets, loss_reduction)
+            after = None if hints is None else self.hint_readout(
+                hints, hint_lag, n_nograd, lambda s, t: tail(s, cos, sin, t), hint_losses)
+            x = state = self.loop(e, s, cos, sin, r - n_nograd, after=after, iterate=iterate)
+        out = tail(x, cos, sin, targets, loss_reduction)
+        if hints is not None:
+            return out, (torch.stack(hint_losses).mean() if hint_losses else out.new_zeros(()))
         return (out, state) if return_state else out
+
+    @staticmethod
+    def hint_readout(hints: torch.Tensor, lag: int, skipped: int, loss, losses: list):
+        """The loop's per-iteration hook for hints (CLRS-style intermediate targets, arXiv 2205.15659): the state
+        after iteration i, read out by the coda and head as the answer would be, is trained on hints[..., i − lag − 1]
+        — step i − lag of each answer's path, its last step from there on — for i > lag, by `loss(state, targets)`
+        (coda, head and cross-entropy); `lag` is the iterations the
+        model has before its first step (P/R/C = 0/1/0 pointer chasing: iteration 1 tells each statement token its
+        neighbour, so look-up j can come at iteration j + 1). Iterations run without gradients (the first `skipped`,
+        truncated BPTT) are not read out; nor is a batch whose hints are all ignored. The losses go to `losses`."""
+        if not bool((hints >= 0).any()):
+            return None
+
+        def after(i: int, s: torch.Tensor) -> None:
+            step = skipped + i - lag
+            if step >= 1:
+                losses.append(loss(s, hints[..., min(step, hints.size(-1)) - 1]))
+        return after
 
     @staticmethod
     def compiled_loop_inputs(e: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ no latent threshold holds, `recurchat exit-train --probe … --label answer` and
 The card's first screen (`card_section`) is built from those files: accuracy heat maps (difficulty × r), the
 extrapolation numbers and the recursions the calibrated exit spends per difficulty. Pointer chasing (`chase:1-3`) is
 learned only by a curriculum (`curriculum`): chains of 1, then 1-2, then 1-3, each stage `recurchat train
---init-from` the last.
+--init-from` the last, the recursive model's later stages with `--hint-weight` (HINT_WEIGHTS).
 Exercised by `pytest tests/test_speedrun.py`.
 """
 
@@ -39,6 +39,10 @@ PRESET = "probe"
 # (docs/ablations/probes/ §6).
 MODEL_OVERRIDES = {"chase": {"attn_window": 0, "n_prelude": 0, "n_coda": 0}}
 RATES = {"chase": {"lr_matrix": 0.05, "lr_embed": 0.12, "lr_head": 0.01}}
+# Hints from the second stage on, for the recursive model (a standard model has no iterations to read out): each
+# iteration's readout trained on the name its query's chain has reached (`--hint-weight`, train/recipes.py); the
+# trained hops come faster than without (docs/ablations/probes/ §6, "Hints").
+HINT_WEIGHTS = {"chase": 1.0}
 # the exit calibrated on each probe: the first criterion that keeps the accuracy loss against fixed 4r̄ within
 # MAX_ACC_LOSS; the gate is trained on the probe's labels first (`recurchat exit-train --probe … --label answer`)
 CRITERIA = ("latent", "gate")
@@ -97,6 +101,8 @@ def train_probe(out: Path, probe: str, model: str, standard: str, sp, dtype: str
         run = run_dir(out, probe, model)
         run = run if last else run.with_name(f"{run.name}-{levels}")
         settings = {"data": spec.name, "max_steps": steps, "dtype": dtype, "save_every": max(50, steps // 10)}
+        if i > 0 and not standard and name in HINT_WEIGHTS:
+            settings["hint_weight"] = HINT_WEIGHTS[name]
         run_stage(out, f"probe {name} {model}" + ("" if last else f" {levels}"),
                   lambda run=run, base=base, settings=settings: train_or_resume(
                       run, lambda: stage_spec(run, base, name, standard, settings)))
@@ -232,10 +238,13 @@ def recipe(probe: str, sp) -> str:
     blocks = "/".join(str(getattr(probe_model(name, ""), f"n_{k}")) for k in ("prelude", "shared", "coda"))
     flop, params = (probe_model(name, kind).n_prelude for kind in ("iso-flops", "iso-params"))
     steps = ", then ".join(f"{spec.levels[0]}-{spec.levels[-1]} for {n}" for spec, n in stages)
+    hints = (f"; from the second stage on the recursive model also learns from hints (`--hint-weight "
+             f"{HINT_WEIGHTS[name]:g}`: the readout after iteration i trained on the name its chain reaches after "
+             f"i − 1 look-ups)" if name in HINT_WEIGHTS else "")
     return (f"`{probe}`: a curriculum, chains of {steps} steps, each stage from the last one's weights, at "
             f"{RATES[name]['lr_matrix'] / get_preset(PRESET).train.lr_matrix:g}× the preset's rates; "
             f"r̄ = {r}, full attention, every block in the loop (P/R/C = {blocks}; the iso-FLOP twin {flop} blocks, "
-            f"iso-params {params}).")
+            f"iso-params {params}){hints}.")
 
 
 def probe_model(name: str, standard: str):

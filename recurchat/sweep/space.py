@@ -29,7 +29,7 @@ MODEL_KINDS = (RECURSIVE, *TWINS)
 # Fields a standard model (no shared blocks) never reads: a baseline is trained once for all their values.
 RECURSION_ONLY = frozenset({"adapter", "adapter_init", "state_init", "state_noise_std", "state_norm", "sandwich_norm",
                             "r_max", "recur_dist", "recur_sigma", "curriculum_frac", "bptt_k", "lr_shared_scale",
-                            "progressive_loss"})
+                            "progressive_loss", "hint_weight", "hint_lag"})
 # Fields the sweep owns (each trial's run directory, schedule length, evaluation depths) or that make no sense per
 # trial; a grid over them is refused.
 NOT_SWEPT = frozenset({"stage", "data", "stop_after", "wandb", "save_every", "save_every_min", "eval_recur"})

@@ -3,7 +3,7 @@
     recurchat train --preset probe --data probe:parity:1-8 --out runs/parity
 
 `check_probe` refuses, in one line, a probe the model cannot hold (vocabulary, sequence length, a loss reach that
-leaves r = 1 nothing to learn); `validation` is what the trainer logs at each evaluation: label accuracy on held-out
+leaves r = 1 nothing to learn, hints it has no iterations for or the probe has no targets for); `validation` is what the trainer logs at each evaluation: label accuracy on held-out
 sequences of the trained levels (`val_acc`) and of the levels up to twice the hardest trained one (`val_acc_long`).
 Exercised by `pytest tests/train/test_probe_training.py`.
 """
@@ -34,6 +34,9 @@ def check_probe(probe: ProbeSpec, m: ModelConfig, t: TrainConfig, known: Tokeniz
     if t.loss_reach >= 0 and m.recursive and probe.levels[0] > 1 + t.loss_reach:
         raise UserError(f"--loss-reach {t.loss_reach}: at r = 1 no label of {probe.name} is within reach "
                         f"(its easiest level is {probe.levels[0]})")
+    if t.hint_weight > 0 and not (m.recursive and probe.probe.has_hints):
+        raise UserError(f"--hint-weight needs a recursive model and a probe with intermediate targets (chase), "
+                        f"not {probe.name} on a {'recursive' if m.recursive else 'standard'} model")
     return tokenizer
 
 

@@ -84,6 +84,8 @@ def load_data(spec: RunSpec, dist: distributed.DistInfo, log) -> tuple[Tokenizer
     where SFT reports plain-text bpb, the check that fine-tuning kept the language model."""
     if is_probe(spec.train.data):
         return check_probe(parse_probe(spec.train.data), spec.model, spec.train, spec.tokenizer), None, None
+    if spec.train.hint_weight > 0:
+        raise UserError("--hint-weight needs probe data with intermediate targets (e.g. --data probe:chase:1-2)")
     with distributed.main_first(dist):
         if spec.is_sft:
             sft = build_sft_data(spec.train.data, spec.tokenizer, spec.model.seq_len, spec.train.sft_examples,
@@ -234,16 +236,19 @@ def describe(run: Run) -> str:
             + f"; {hardware.banner(dist.device, run.dtype, run.peak)}")
 
 
-def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The next micro-batch (x, y) on the device; a recursive model's probe labels beyond what r iterations can
-    reach are masked when loss_reach >= 0 (difficulty > r + loss_reach). A standard model has no iterations to
-    reach with (it runs r = 1): every label counts."""
+def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The next micro-batch (x, y, hints) on the device; a recursive model's probe labels beyond what r iterations
+    can reach are masked when loss_reach >= 0 (difficulty > r + loss_reach). A standard model has no iterations to
+    reach with (it runs r = 1): every label counts. hints: the probe's intermediate targets when hint_weight > 0,
+    else None."""
     batch = (run.text_loader if on_text else run.loader).next_batch()
     x, y = batch[0], batch[1]
     if run.probe is not None and run.spec.train.loss_reach >= 0 and run.spec.model.recursive:
         y = within_reach(y, batch[2], r, run.spec.train.loss_reach)
+    hints = batch[3] if run.probe is not None and run.spec.train.hint_weight > 0 else None
     device = run.dist.device
-    return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+            None if hints is None else hints.to(device, non_blocking=True))
 
 
 def train_step(run: Run, step: int) -> StepMetrics:
@@ -257,12 +262,13 @@ def train_step(run: Run, step: int) -> StepMetrics:
     loss_sum = torch.zeros((), device=dist.device)
     flops, n_tokens = 0.0, 0
     for i, r in enumerate(rs):
-        x, y = batch_for(run, r, on_text[i])
+        x, y, hints = batch_for(run, r, on_text[i])
         # Ranks reduce gradients only on the last micro-step; DDP / FSDP2 average over ranks, the division
         # averages over micro-steps, so the update is that of one process seeing the whole global batch.
         with distributed.gradient_sync(run.model, enabled=i == len(rs) - 1):
             with run.dtype.autocast(dist.device):
-                loss = micro_loss(run.model, x, y, r, step * run.grad_accum + i, cfg, run.spec.model.recursive)
+                loss = micro_loss(run.model, x, y, r, step * run.grad_accum + i, cfg, run.spec.model.recursive,
+                                  hints)
             (loss / run.grad_accum).backward()
         loss_sum += loss.detach()
         flops += flops_per_token(run.spec.model, r, cfg.bptt_k, seq_len=x.size(1)) * x.numel()

@@ -1,5 +1,6 @@
 """Recipes that keep depth working (issue 24): Parcae's constrained injection, the progressive loss's split, the
-loss masked to what r iterations reach, noise in s₀, and the unrolled trajectory the diagnostic reads.
+loss masked to what r iterations reach, noise in s₀, hints read out of every iteration, and the unrolled trajectory
+the diagnostic reads.
 Run: `pytest tests/model/test_depth_recipes.py`."""
 
 import dataclasses
@@ -56,6 +57,10 @@ def test_recipe_fields_are_validated():
         TrainConfig(progressive_loss=1.0).validate()
     with pytest.raises(UserError, match="loss_reach"):
         TrainConfig(loss_reach=-2).validate()
+    with pytest.raises(UserError, match="hint_weight and hint_lag"):
+        TrainConfig(hint_weight=-1.0).validate()
+    with pytest.raises(UserError, match="hint_weight and hint_lag"):
+        TrainConfig(hint_lag=-1).validate()
     with pytest.raises(UserError, match="unknown adapter"):
         ModelConfig(adapter="gated").validate()
 
@@ -76,3 +81,38 @@ def test_unroll_reads_out_the_forward_at_every_depth(tiny_cfg):
         for r in (1, 3, 5):
             assert torch.allclose(m.tail_logits(states[r], cos, sin), m(idx, num_recur=r), atol=1e-5)
         assert not torch.allclose(m.tail_logits(states[1], cos, sin), m.tail_logits(states[5], cos, sin))
+
+
+@pytest.mark.parametrize("lag, bptt_k, read", [(1, None, {2: 0, 3: 1, 4: 2, 5: 2}), (0, None, {1: 0, 2: 1, 3: 2, 4: 2, 5: 2}),
+                                              (1, 2, {4: 2, 5: 2})])
+def test_hints_train_each_iteration_readout_on_its_step_of_the_path(tiny_cfg, lag, bptt_k, read):
+    """The hint loss is the mean, over the iterations with gradients past the lag, of the readout of iteration i
+    against hint column i − lag − 1 (the last column from there on); the answer's loss is the plain forward's."""
+    m = perturbed(RecurrentLM(dataclasses.replace(tiny_cfg, state_norm=False)), seed=2)
+    idx = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    targets = torch.randint(0, tiny_cfg.vocab_size, (2, 9))
+    hints = torch.randint(0, tiny_cfg.vocab_size, (2, 9, 3))
+    hints[:, :4] = -1  # positions without a label have no hints
+    loss, hint_loss = m(idx, targets, num_recur=5, bptt_k=bptt_k, hints=hints, hint_lag=lag)
+    states, cos, sin = m.unroll(idx, 5)
+    with torch.no_grad():
+        expected = torch.stack([torch.nn.functional.cross_entropy(
+            m.tail_logits(states[i], cos, sin).flatten(0, 1), hints[..., col].flatten(), ignore_index=-1)
+            for i, col in read.items()]).mean()
+        assert torch.allclose(loss, m(idx, targets, num_recur=5), atol=1e-5)
+    assert torch.allclose(hint_loss, expected, atol=1e-5)
+    hint_loss.backward()
+    assert m.recur[0].mlp.c_fc.weight.grad.abs().sum() > 0
+
+
+def test_hints_are_refused_where_there_is_nothing_to_read_out(tiny_cfg):
+    idx = torch.randint(0, tiny_cfg.vocab_size, (1, 6))
+    hints = torch.zeros(1, 6, 2, dtype=torch.long)
+    with pytest.raises(ValueError, match="recursive model and targets"):
+        RecurrentLM(tiny_cfg.twin("iso-params"))(idx, idx, hints=hints)
+    m = RecurrentLM(tiny_cfg)
+    with pytest.raises(ValueError, match="recursive model and targets"):
+        m(idx, hints=hints)
+    _, none_read = m(idx, idx, num_recur=1, hints=hints)  # r = 1 with lag 1: no iteration past the lag
+    _, all_ignored = m(idx, idx, num_recur=4, hints=torch.full_like(hints, -1))
+    assert none_read.item() == 0 and all_ignored.item() == 0

@@ -10,7 +10,7 @@ from recurchat import checkpoint
 from recurchat.cli import main
 from recurchat.data.tasks.probes import parse_probe
 from recurchat.errors import UserError
-from recurchat.train.spec import pretrain_spec, resume_spec
+from recurchat.train.spec import init_spec, pretrain_spec, resume_spec
 from recurchat.train.trainer import batch_for, setup, train
 
 
@@ -44,9 +44,10 @@ def test_probe_run_resumes_bit_for_bit_in_fp32(tmp_path):
 
 def test_labels_beyond_reach_are_masked_at_each_r(tmp_path):
     run = setup(pretrain_spec("probe", tmp_path / "reach", train={"loss_reach": 0, "eval_every": 0}), progress=False)
-    x, y = batch_for(run, 3, False)
+    x, y, hints = batch_for(run, 3, False)
     labelled = (y >= 0).sum(dim=1)
     assert torch.equal(labelled, torch.full_like(labelled, 3))  # difficulties 1..3 only
+    assert hints is None  # hint_weight 0 (and parity has none)
     run.telemetry.close()
 
 
@@ -54,7 +55,7 @@ def test_a_standard_model_trains_on_every_label_whatever_the_reach(tmp_path):
     run = setup(pretrain_spec("probe", tmp_path / "std", standard="iso-params", train={"loss_reach": 0,
                                                                                        "eval_every": 0}),
                 progress=False)
-    x, y = batch_for(run, 1, False)
+    x, y, _ = batch_for(run, 1, False)
     assert torch.equal((y >= 0).sum(dim=1), torch.full((x.size(0),), 8))  # all of parity:1-8
     run.telemetry.close()
 
@@ -69,3 +70,28 @@ def test_probe_that_does_not_fit_the_model_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no label of probe:parity:3-8 is within reach"):
         setup(pretrain_spec("probe", tmp_path / "reach", train={"data": "probe:parity:3-8", "loss_reach": 1}),
               progress=False)
+    with pytest.raises(UserError, match="--hint-weight needs a recursive model and a probe with intermediate"):
+        setup(pretrain_spec("probe", tmp_path / "hint", train={"data": "probe:parity:1-8", "hint_weight": 1.0}),
+              progress=False)
+    with pytest.raises(UserError, match="not probe:chase:1-2 on a standard model"):
+        setup(pretrain_spec("probe", tmp_path / "hint", standard="iso-flops", train={"data": "probe:chase:1-2",
+                                                                                     "hint_weight": 1.0}),
+              progress=False)
+    with pytest.raises(UserError, match="--hint-weight needs probe data"):
+        setup(pretrain_spec("cpu-smoke", tmp_path / "hint", train={"hint_weight": 1.0}), progress=False)
+
+
+def test_hinted_chase_run_hands_the_model_each_query_path_and_learns_look_ups(tmp_path):
+    """`--hint-weight` on pointer chasing: the trainer's batch carries the probe's hints, the loss adds their
+    readouts, and direct look-ups are learned (the first stage of the speedrun's curriculum, cut short)."""
+    run = tmp_path / "chase"
+    assert main(["train", "--preset", "probe", "--quiet", "--data", "probe:chase:1-1", "--attn-window", "0",
+                 "--n-prelude", "0", "--n-coda", "0", "--lr-matrix", "0.05", "--lr-embed", "0.12", "--lr-head",
+                 "0.01", "--hint-weight", "1", "--max-steps", "400", "--eval-every", "400", "--eval-recur", "6",
+                 "--eval-tokens", "16384", "--out", str(run)]) == 0
+    assert records(run)[-1]["val_acc"]["6"] >= 0.9  # chance 0.1
+    stage = setup(init_spec(run, tmp_path / "next", train={"data": "probe:chase:1-2"}), progress=False)
+    assert stage.spec.train.hint_weight == 1.0  # a stage started from the last keeps its recipe
+    x, y, hints = batch_for(stage, 6, False)
+    assert hints.shape == (*x.shape, 8) and torch.equal(hints[..., -1][y >= 0], y[y >= 0])
+    stage.telemetry.close()

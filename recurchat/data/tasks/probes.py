@@ -21,7 +21,9 @@ loss reads only those positions. The difficulty of a label is the number of sequ
   of 1-4). The budget bounds the longest chain and sets how many other chains share a sequence with it: with 8
   names a chain of 8 is alone and every query has the same answer, so held-out long chains need a larger budget to
   stay hard. Every budget draws its names from the same CHASE_POOL, so one vocabulary (and one checkpoint) serves
-  them all.
+  them all. Chase batches also carry *hints* (`ProbeBatch.hints`): for each query, the token its chain reaches
+  after 1, 2, … look-ups — the next names, then the value's label from the end of the chain on — the intermediate
+  targets the trainer's `--hint-weight` supervises, one look-up per iteration (CLRS-style hints, arXiv 2205.15659).
 
 Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
 from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.
@@ -29,6 +31,7 @@ from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -52,6 +55,9 @@ class ProbeBatch:
     x: torch.Tensor  # [B, T] token ids, <|bos|> first
     y: torch.Tensor  # [B, T] label token ids, -1 where a position has no label
     difficulty: torch.Tensor  # [B, T] steps each label needs, 0 where there is no label
+    # [B, T, H] token each labelled position's answer path reaches after 1..H steps (-1 elsewhere); None for probes
+    # without intermediate targets
+    hints: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.x.size(0)
@@ -59,7 +65,8 @@ class ProbeBatch:
     def chunks(self, size: int):
         """The batch as consecutive ProbeBatches of at most `size` rows."""
         for i in range(0, len(self), size):
-            yield ProbeBatch(self.x[i:i + size], self.y[i:i + size], self.difficulty[i:i + size])
+            yield ProbeBatch(self.x[i:i + size], self.y[i:i + size], self.difficulty[i:i + size],
+                             None if self.hints is None else self.hints[i:i + size])
 
     def within_reach(self, r: int, slack: int) -> torch.Tensor:
         """y with the labels that r iterations (plus `slack` steps of prelude and coda) cannot reach set to -1."""
@@ -110,6 +117,7 @@ class StateTracking:
         self.chance = 1.0 / n
 
     options, option_help = "", ""  # state tracking takes no `:key=value` options
+    has_hints = False  # its labels are already every step's state
     max_level = MAX_LEVEL
     level_limit = f"levels up to {MAX_LEVEL}"
 
@@ -145,6 +153,7 @@ class PointerChase:
 
     name = "chase"
     chance = 1.0 / CHASE_VALUES
+    has_hints = True
     option_help = ":names=N"
 
     def __init__(self, names: int = DEFAULT_CHASE_NAMES):
@@ -188,8 +197,9 @@ class PointerChase:
             out.append(min(drawn, self.names - sum(out)))
         return out
 
-    def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int]]:
-        """(symbol indices, label per position or -1, difficulty per position) for one sequence."""
+    def sequence(self, levels: list[int], g: torch.Generator) -> tuple[list[int], list[int], list[int], list]:
+        """(symbol indices, label per position or -1, difficulty per position, hint tokens per position: the
+        query's path of names toward its value as token ids, [] where a position has no label) for one sequence."""
         names = torch.randperm(CHASE_POOL, generator=g).tolist()
         statements, queries = [], []
         for length in self.lengths(levels, g):
@@ -197,27 +207,42 @@ class PointerChase:
             value = int(torch.randint(CHASE_VALUES, (1,), generator=g))
             statements.append((chain[0], CHASE_POOL + value))
             statements += [(b, a) for a, b in zip(chain, chain[1:])]
-            queries += [(name, value, hops + 1) for hops, name in enumerate(chain)]
+            # the name chain[k] looks up chain[k-1], then chain[k-2], …, then chain[0]'s value
+            queries += [(name, value, hops + 1, chain[:hops][::-1]) for hops, name in enumerate(chain)]
         order = torch.randperm(len(statements), generator=g).tolist()
         ask = torch.randperm(len(queries), generator=g).tolist()
         symbols = [s for i in order for s in statements[i]] + [CHASE_POOL + CHASE_VALUES]
-        labels, steps = [-1] * len(symbols), [0] * len(symbols)
+        labels, steps, hints = [-1] * len(symbols), [0] * len(symbols), [[] for _ in symbols]
         for i in ask:
-            name, value, difficulty = queries[i]
+            name, value, difficulty, path = queries[i]
+            labelled = difficulty >= min(levels)
             symbols.append(name)
-            labels.append(value if difficulty >= min(levels) else -1)
+            labels.append(value if labelled else -1)
             steps.append(difficulty)
-        return symbols, labels, steps
+            hints.append([self.vocab.first_symbol + n for n in path] + [self.vocab.first_label + value]
+                         if labelled else [])
+        return symbols, labels, steps, hints
 
     def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
         rows = [self.sequence(levels, g) for _ in range(n)]
-        width = max(len(s) for s, _, _ in rows)
+        width = max(len(s) for s, _, _, _ in rows)
         pad = self.vocab.tokens.index("<|pad|>") - self.vocab.first_symbol  # padding after the last query
 
         def column(i: int, fill: int) -> torch.Tensor:
             return torch.tensor([row[i] + [fill] * (width - len(row[i])) for row in rows], dtype=torch.long)
 
-        return with_bos(column(0, pad), column(1, -1), column(2, 0), self.vocab)
+        batch = with_bos(column(0, pad), column(1, -1), column(2, 0), self.vocab)
+        return dataclasses.replace(batch, hints=self.hint_tensor([row[3] for row in rows], width))
+
+    def hint_tensor(self, rows: list[list[list[int]]], width: int) -> torch.Tensor:
+        """[B, 1 + width, names] hint tokens (<|bos|> first), each path held at its value label to the budget's
+        length (the longest path a sequence holds); -1 at positions without a label."""
+        out = torch.full((len(rows), 1 + width, self.names), -1, dtype=torch.long)
+        for b, row in enumerate(rows):
+            for t, path in enumerate(row):
+                if path:
+                    out[b, 1 + t] = torch.tensor(path + path[-1:] * (self.names - len(path)))
+        return out
 
 
 def _probes() -> dict:

@@ -81,6 +81,28 @@ def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
     assert batch.x.shape[1] == 1 + 3 * DEFAULT_CHASE_NAMES + 1  # every sequence fills the name budget
 
 
+def test_chase_hints_walk_each_chain_one_look_up_at_a_time_and_state_tracking_has_none():
+    spec = parse_probe("probe:chase:2-4")
+    batch = spec.batch(16, seed=11)
+    tokens = spec.probe.vocab.tokens
+    xs, ys = symbols_and_labels(spec, batch)
+    assert batch.hints.shape == (*batch.x.shape, DEFAULT_CHASE_NAMES)
+    for row_x, row_y, row_h in zip(xs, ys, batch.hints.tolist()):
+        ask = row_x.index("?")
+        pairs = dict(zip(row_x[1:ask:2], row_x[2:ask:2]))
+        for t, hints in enumerate(row_h):
+            if row_y[t] is None:  # no label (statements, and direct look-ups below the level range): no hints
+                assert hints == [-1] * DEFAULT_CHASE_NAMES
+                continue
+            walk, name = [], row_x[t]
+            while not name.startswith("v"):
+                name = pairs[name]
+                walk.append(name if name.startswith("n") else "=" + name)  # a value is answered by its label
+            walk += walk[-1:] * (DEFAULT_CHASE_NAMES - len(walk))
+            assert [tokens[h] for h in hints] == walk and walk[-1] == "=" + row_y[t]
+    assert parse_probe("probe:parity:1-4").batch(2, seed=0).hints is None
+
+
 def test_chase_names_option_sets_the_budget_and_keeps_the_vocabulary():
     wide = parse_probe("probe:chase:1-8:names=24")
     assert wide.name == "probe:chase:1-8:names=24" and parse_probe(wide.name).name == wide.name
@@ -142,7 +164,8 @@ def test_probe_loader_is_resumable_from_its_state_and_ranks_differ():
         a.next_batch()
     b = ProbeLoader(spec, 4, seed=0)
     b.load_state_dict(a.state_dict())
-    assert all(torch.equal(u, v) for u, v in zip(a.next_batch(), b.next_batch()))
+    (*batch_a, hints_a), (*batch_b, hints_b) = a.next_batch(), b.next_batch()
+    assert all(torch.equal(u, v) for u, v in zip(batch_a, batch_b)) and hints_a is hints_b is None  # s3: no hints
     r0, r1 = ProbeLoader(spec, 4, seed=5, world_size=2), ProbeLoader(spec, 4, seed=5, rank=1, world_size=2)
     assert not torch.equal(r0.next_batch()[0], r1.next_batch()[0])
     with pytest.raises(UserError, match="now 'probe:parity"):
