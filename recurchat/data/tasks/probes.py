@@ -238,10 +238,11 @@ class PointerChase:
         """[B, 1 + width, names] hint tokens (<|bos|> first), each path held at its value label to the budget's
         length (the longest path a sequence holds); -1 at positions without a label."""
         out = torch.full((len(rows), 1 + width, self.names), -1, dtype=torch.long)
-        for b, row in enumerate(rows):
-            for t, path in enumerate(row):
-                if path:
-                    out[b, 1 + t] = torch.tensor(path + path[-1:] * (self.names - len(path)))
+        at = [(b, 1 + t, path + path[-1:] * (self.names - len(path)))
+              for b, row in enumerate(rows) for t, path in enumerate(row) if path]
+        if at:  # one indexed write: a tensor per position would cost more than drawing the sequences
+            b, t, paths = zip(*at)
+            out[torch.tensor(b), torch.tensor(t)] = torch.tensor(paths)
         return out
 
 
