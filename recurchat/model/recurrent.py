@@ -281,7 +281,7 @@ class RecurrentLM(nn.Module):
                 with torch.no_grad():
                     s = self.loop(e.detach(), s, cos, sin, n_nograd, iterate=iterate)
             after = None if hints is None else self.hint_readout(
-                hints, hint_lag, n_nograd, lambda s, t: tail(s, cos, sin, t), hint_losses)
+                hints, hint_lag, n_nograd, lambda s_i, hint_i: tail(s_i, cos, sin, hint_i), hint_losses)
             x = state = self.loop(e, s, cos, sin, r - n_nograd, after=after, iterate=iterate)
         out = tail(x, cos, sin, targets, loss_reduction)
         if hints is not None:
@@ -291,12 +291,12 @@ class RecurrentLM(nn.Module):
     @staticmethod
     def hint_readout(hints: torch.Tensor, lag: int, skipped: int, loss, losses: list):
         """The loop's per-iteration hook for hints (CLRS-style intermediate targets, arXiv 2205.15659): the state
-        after iteration i, read out by the coda and head as the answer would be, is trained on hints[..., i − lag − 1]
-        — step i − lag of each answer's path, its last step from there on — for i > lag, by `loss(state, targets)`
-        (coda, head and cross-entropy); `lag` is the iterations the
-        model has before its first step (P/R/C = 0/1/0 pointer chasing: iteration 1 tells each statement token its
-        neighbour, so look-up j can come at iteration j + 1). Iterations run without gradients (the first `skipped`,
-        truncated BPTT) are not read out; nor is a batch whose hints are all ignored. The losses go to `losses`."""
+        after iteration i > lag, read out as the answer would be by `loss(state, targets)` (coda, head and
+        cross-entropy), is trained on hints[..., i − lag − 1]: step i − lag of each answer's path, its last step from
+        there on. `lag` is the iterations the model has before its first step (P/R/C = 0/1/0 pointer chasing:
+        iteration 1 tells each statement token its neighbour, so look-up j can come at iteration j + 1). Iterations
+        run without gradients (the first `skipped`, truncated BPTT) are not read out; nor is a batch whose hints are
+        all ignored. The losses go to `losses`."""
         if not bool((hints >= 0).any()):
             return None
 

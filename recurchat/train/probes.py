@@ -3,8 +3,9 @@
     recurchat train --preset probe --data probe:parity:1-8 --out runs/parity
 
 `check_probe` refuses, in one line, a probe the model cannot hold (vocabulary, sequence length, a loss reach that
-leaves r = 1 nothing to learn, hints it has no iterations for or the probe has no targets for); `validation` is what the trainer logs at each evaluation: label accuracy on held-out
-sequences of the trained levels (`val_acc`) and of the levels up to twice the hardest trained one (`val_acc_long`).
+leaves r = 1 nothing to learn, hints for a standard model or a probe without intermediate targets); `validation` is
+what the trainer logs at each evaluation: label accuracy on held-out sequences of the trained levels (`val_acc`) and
+of the levels up to twice the hardest trained one (`val_acc_long`).
 Exercised by `pytest tests/train/test_probe_training.py`.
 """
 

@@ -83,8 +83,9 @@ def test_unroll_reads_out_the_forward_at_every_depth(tiny_cfg):
         assert not torch.allclose(m.tail_logits(states[1], cos, sin), m.tail_logits(states[5], cos, sin))
 
 
-@pytest.mark.parametrize("lag, bptt_k, read", [(1, None, {2: 0, 3: 1, 4: 2, 5: 2}), (0, None, {1: 0, 2: 1, 3: 2, 4: 2, 5: 2}),
-                                              (1, 2, {4: 2, 5: 2})])
+@pytest.mark.parametrize("lag, bptt_k, read", [(1, None, {2: 0, 3: 1, 4: 2, 5: 2}),
+                                              (0, None, {1: 0, 2: 1, 3: 2, 4: 2, 5: 2}),
+                                              (1, 2, {4: 2, 5: 2})])  # {iteration read out: hint column}
 def test_hints_train_each_iteration_readout_on_its_step_of_the_path(tiny_cfg, lag, bptt_k, read):
     """The hint loss is the mean, over the iterations with gradients past the lag, of the readout of iteration i
     against hint column i − lag − 1 (the last column from there on); the answer's loss is the plain forward's."""
