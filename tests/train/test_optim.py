@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from recurchat.config import TrainConfig
-from recurchat.train.muon import Muon, orthogonalize
+from recurchat.train.muon import Muon, orthogonalize, orthogonalize_all
 from recurchat.train.optim import build_optimizers, lr_multiplier
 
 COEFFS = (3.4445, -4.7750, 2.0315)
@@ -36,6 +36,18 @@ def test_bf16_matches_torch_muon(kwargs):
     theirs, _ = run_steps(torch.optim.Muon, shapes, **kwargs)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)  # the same ops in the same order
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 4e-3)])  # bf16: ~1 ulp at 0.5
+def test_matrices_of_one_shape_are_orthogonalised_together_as_each_alone(dtype, tol):
+    torch.manual_seed(1)
+    updates = [torch.randn(16, 24), torch.randn(40, 8), torch.randn(16, 24), torch.randn(40, 8), torch.randn(16, 24),
+               torch.randn(12, 12)]  # two shapes batched (wide and tall), one alone
+    together = orthogonalize_all(updates, COEFFS, 5, 1e-7, dtype)
+    for update, out in zip(updates, together):
+        assert out.shape == update.shape and out.dtype == dtype
+        torch.testing.assert_close(out.float(), orthogonalize(update, COEFFS, 5, 1e-7, dtype).float(), rtol=0,
+                                   atol=tol)
 
 
 def test_fp32_update_is_orthogonal_in_the_ns_band():
