@@ -39,11 +39,15 @@ def test_bf16_matches_torch_muon(kwargs):
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 4e-3)])  # bf16: ~1 ulp at 0.5
-def test_matrices_of_one_shape_are_orthogonalised_together_as_each_alone(dtype, tol):
+def test_matrices_of_one_shape_are_orthogonalised_together_as_each_alone(dtype, tol, monkeypatch):
     torch.manual_seed(1)
     updates = [torch.randn(16, 24), torch.randn(40, 8), torch.randn(16, 24), torch.randn(40, 8), torch.randn(16, 24),
                torch.randn(12, 12)]  # two shapes batched (wide and tall), one alone
+    stacks, baddbmm = [], torch.baddbmm
+    monkeypatch.setattr(torch, "baddbmm", lambda x, *a, **k: stacks.append(x.size(0)) or baddbmm(x, *a, **k))
     together = orthogonalize_all(updates, COEFFS, 5, 1e-7, dtype)
+    monkeypatch.undo()
+    assert sorted(set(stacks)) == [2, 3] and len(stacks) == 2 * 5 * 2  # two stacks, 5 steps of 2 products each
     for update, out in zip(updates, together):
         assert out.shape == update.shape and out.dtype == dtype
         torch.testing.assert_close(out.float(), orthogonalize(update, COEFFS, 5, 1e-7, dtype).float(), rtol=0,
