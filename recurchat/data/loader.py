@@ -174,19 +174,20 @@ def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor
 class ProbeLoader:
     """Fresh labelled-sequence batches (data/tasks/probes.py) for one rank, generated from (seed, batch index,
     rank): nothing to store, exactly resumable from the batch count alone. next_batch returns (x, y, difficulty,
-    hints), hints None for a probe without intermediate targets (data/tasks/probes.py)."""
+    hints), hints None unless asked for (`hints`) and the probe has intermediate targets (data/tasks/probes.py)."""
 
-    def __init__(self, probe, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, probe, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 hints: bool = False) -> None:
         if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"bad loader geometry: batch_size={batch_size} rank={rank} world_size={world_size}")
-        self.probe, self.batch_size, self.seed = probe, batch_size, seed
+        self.probe, self.batch_size, self.seed, self.hints = probe, batch_size, seed, hints
         self.rank, self.world_size, self.global_rows = rank, world_size, world_size * batch_size
         self.batches = 0  # global batches drawn so far
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         seed = ((self.seed * 1_000_003 + self.batches) * 1_009 + self.rank) % (2**62)
         self.batches += 1
-        batch = self.probe.batch(self.batch_size, seed)
+        batch = self.probe.batch(self.batch_size, seed, self.hints)
         return batch.x, batch.y, batch.difficulty, batch.hints
 
     def state_dict(self) -> dict:

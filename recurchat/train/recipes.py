@@ -30,9 +30,10 @@ def progressive_split(seed: int, micro: int, r: int) -> tuple[int, int]:
 
 def micro_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, r: int, micro: int, cfg: TrainConfig,
                recursive: bool, hints: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss at r with truncated BPTT (bptt_k), plus hint_weight × the hint loss when hints are given and
-    hint_weight > 0, plus the progressive term when progressive_loss > 0."""
-    if hints is not None and cfg.hint_weight > 0 and recursive:
+    """The loss at r with truncated BPTT (bptt_k), plus hint_weight × the hint loss when hints are given (the
+    trainer hands them over only when hint_weight > 0, for a recursive model), plus the progressive term when
+    progressive_loss > 0."""
+    if hints is not None:
         loss, hint_loss = model(x, y, num_recur=r, bptt_k=cfg.bptt_k, hints=hints, hint_lag=cfg.hint_lag)
         loss = loss + cfg.hint_weight * hint_loss
     else:

@@ -163,7 +163,8 @@ def build_loaders(spec: RunSpec, dist: distributed.DistInfo, data: PreparedData 
     SFT run with mix_pretrain > 0 also gets windows of its base's pretraining text."""
     t, m = spec.train, spec.model
     if probe is not None:
-        return ProbeLoader(probe, t.batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size), None
+        return ProbeLoader(probe, t.batch_size, seed=t.seed, rank=dist.rank, world_size=dist.world_size,
+                           hints=t.hint_weight > 0), None
 
     def windows() -> TokenLoader:
         return TokenLoader(data.train, t.batch_size, m.seq_len, seed=t.seed, rank=dist.rank,
@@ -245,7 +246,7 @@ def batch_for(run: Run, r: int, on_text: bool) -> tuple[torch.Tensor, torch.Tens
     x, y = batch[0], batch[1]
     if run.probe is not None and run.spec.train.loss_reach >= 0 and run.spec.model.recursive:
         y = within_reach(y, batch[2], r, run.spec.train.loss_reach)
-    hints = batch[3] if run.probe is not None and run.spec.train.hint_weight > 0 else None
+    hints = batch[3] if run.probe is not None else None  # None unless the run trains on hints
     device = run.dist.device
     return (x.to(device, non_blocking=True), y.to(device, non_blocking=True),
             None if hints is None else hints.to(device, non_blocking=True))

@@ -21,9 +21,10 @@ loss reads only those positions. The difficulty of a label is the number of sequ
   of 1-4). The budget bounds the longest chain and sets how many other chains share a sequence with it: with 8
   names a chain of 8 is alone and every query has the same answer, so held-out long chains need a larger budget to
   stay hard. Every budget draws its names from the same CHASE_POOL, so one vocabulary (and one checkpoint) serves
-  them all. Chase batches also carry *hints* (`ProbeBatch.hints`): for each query, the token its chain reaches
-  after 1, 2, … look-ups — the next names, then the value's label from the end of the chain on — the intermediate
-  targets the trainer's `--hint-weight` supervises, one look-up per iteration (CLRS-style hints, arXiv 2205.15659).
+  them all. Chase batches can also carry *hints* (`ProbeBatch.hints`, when asked): for each query, the token its
+  chain reaches after 1, 2, … look-ups — the next names, then the value's label from the end of the chain on — the
+  intermediate targets the trainer's `--hint-weight` supervises, one look-up per iteration (CLRS-style hints,
+  arXiv 2205.15659).
 
 Sequences are generated from a seed, so a split is a seed range: training draws from (seed, batch index), eval
 from a disjoint seed space (`EVAL_SEED`). Exercised by `pytest tests/data/tasks/test_task_probes.py`.
@@ -128,7 +129,7 @@ class StateTracking:
         """Tokens in the longest sequence of these levels: <|bos|> and one symbol per step."""
         return 1 + max(levels)
 
-    def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
+    def batch(self, levels: list[int], n: int, g: torch.Generator, hints: bool = False) -> ProbeBatch:
         length = max(levels)
         x = torch.randint(0, self.table.size(0), (n, length), generator=g)
         state = torch.full((n,), self.identity, dtype=torch.long)
@@ -223,7 +224,8 @@ class PointerChase:
                          if labelled else [])
         return symbols, labels, steps, hints
 
-    def batch(self, levels: list[int], n: int, g: torch.Generator) -> ProbeBatch:
+    def batch(self, levels: list[int], n: int, g: torch.Generator, hints: bool = False) -> ProbeBatch:
+        """n sequences; with `hints`, their hint tensor too (only a run that trains on hints pays for building it)."""
         rows = [self.sequence(levels, g) for _ in range(n)]
         width = max(len(s) for s, _, _, _ in rows)
         pad = self.vocab.tokens.index("<|pad|>") - self.vocab.first_symbol  # padding after the last query
@@ -232,7 +234,7 @@ class PointerChase:
             return torch.tensor([row[i] + [fill] * (width - len(row[i])) for row in rows], dtype=torch.long)
 
         batch = with_bos(column(0, pad), column(1, -1), column(2, 0), self.vocab)
-        return dataclasses.replace(batch, hints=self.hint_tensor([row[3] for row in rows], width))
+        return dataclasses.replace(batch, hints=self.hint_tensor([row[3] for row in rows], width)) if hints else batch
 
     def hint_tensor(self, rows: list[list[list[int]]], width: int) -> torch.Tensor:
         """[B, 1 + width, names] hint tokens (<|bos|> first), each path held at its value label to the budget's
@@ -274,8 +276,9 @@ class ProbeSpec:
         """The same probe (and options) drawing difficulties lo..hi instead."""
         return ProbeSpec(self.probe, list(range(lo, hi + 1)))
 
-    def batch(self, n: int, seed: int) -> ProbeBatch:
-        return self.probe.batch(self.levels, n, torch.Generator().manual_seed(seed))
+    def batch(self, n: int, seed: int, hints: bool = False) -> ProbeBatch:
+        """n sequences from `seed`; `hints`: with the probe's intermediate targets, where it has them."""
+        return self.probe.batch(self.levels, n, torch.Generator().manual_seed(seed), hints)
 
     @property
     def width(self) -> int:

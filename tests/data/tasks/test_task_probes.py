@@ -83,7 +83,8 @@ def test_chase_labels_follow_the_chains_and_difficulty_counts_hops():
 
 def test_chase_hints_walk_each_chain_one_look_up_at_a_time_and_state_tracking_has_none():
     spec = parse_probe("probe:chase:2-4")
-    batch = spec.batch(16, seed=11)
+    batch = spec.batch(16, seed=11, hints=True)
+    assert spec.batch(16, seed=11).hints is None  # built only when asked for
     tokens = spec.probe.vocab.tokens
     xs, ys = symbols_and_labels(spec, batch)
     assert batch.hints.shape == (*batch.x.shape, DEFAULT_CHASE_NAMES)
@@ -100,7 +101,7 @@ def test_chase_hints_walk_each_chain_one_look_up_at_a_time_and_state_tracking_ha
                 walk.append(name if name.startswith("n") else "=" + name)  # a value is answered by its label
             walk += walk[-1:] * (DEFAULT_CHASE_NAMES - len(walk))
             assert [tokens[h] for h in hints] == walk and walk[-1] == "=" + row_y[t]
-    assert parse_probe("probe:parity:1-4").batch(2, seed=0).hints is None
+    assert parse_probe("probe:parity:1-4").batch(2, seed=0, hints=True).hints is None
 
 
 def test_chase_names_option_sets_the_budget_and_keeps_the_vocabulary():
