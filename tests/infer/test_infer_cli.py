@@ -89,6 +89,10 @@ def test_bench_infer_json(ckpt, tmp_path):
     # fp32: speculation gives exactly the fixed-depth greedy tokens (bf16 may round a near-tie the other way)
     assert res["speculative_greedy_identical"] is True and res["speculative_first_difference"] is None
     assert 0 <= res["speculative_acceptance"] <= 1 and 0 <= res["speculative_sampling_acceptance"] <= 1
+    # the default 1:6 emits between 1 and K + 1 = 7 tokens a round, and the ceiling scales the measured speedup to 7
+    assert 1 <= res["speculative_tokens_per_round_b1"] <= 7
+    assert res["speculative_ceiling_b1"] == pytest.approx(res["speculative_speedup_b1"] * 7
+                                                          / res["speculative_tokens_per_round_b1"])
     assert 1 <= res["exit_mean_recursions"] <= 8
     # each ratio is the ratio of the rates it names, measured in this run
     assert res["cached_over_naive_b1"] == pytest.approx(res["decode_tok_s_b1"] / res["naive_tok_s_b1"])
