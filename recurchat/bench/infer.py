@@ -83,7 +83,9 @@ class Speculation:
     greedy_identical: bool
     first_difference: int | None  # the first token where greedy output differs (bf16 near-ties), else None
     tokens_per_round_b1: float  # greedy, batch 1: tokens emitted per verification forward (at most K + 1)
-    ceiling_b1: float  # speedup_b1 had every draft been kept: × (K + 1) ÷ tokens_per_round_b1, at this run's round cost
+    # speedup_b1 had every draft been kept: × (K + 1) ÷ tokens_per_round_b1, at this run's round cost (None: no token
+    # came from a round)
+    ceiling_b1: float | None
 
     def to_json(self) -> dict:
         return {"speculate": self.spec, **{f"speculative_{f.name}": getattr(self, f.name)
@@ -214,14 +216,16 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
     # identical by construction in exact arithmetic; in bf16 a near-tie can round the other way in the chunked
     # verification (fp32: identical, tests/infer/test_speculative.py), so the first difference is reported too
     differ = next((i for i, (a, b) in enumerate(zip(s1[0].tokens, fixed_greedy[0])) if a != b), None)
-    per_round = (len(s1[0].tokens) - 1) / s1[0].rounds  # the first token comes from the prefill, not a round
+    # the first token comes from the prefill, not a round (a continuation that stops there has no rounds)
+    per_round = (len(s1[0].tokens) - 1) / s1[0].rounds if s1[0].rounds else 0.0
     k = parse_speculate(spec)[1]
+    ceiling = tok_s1 / fixed_tok_s[0] * (k + 1) / per_round if per_round else None
     out = Speculation(spec, tok_s1 / fixed_tok_s[0], tok_s8 / fixed_tok_s[1], s1[0].acceptance,
-                      tok_ss / fixed_sampled_tok_s, ss[0].acceptance, identical, differ, per_round,
-                      tok_s1 / fixed_tok_s[0] * (k + 1) / per_round)
+                      tok_ss / fixed_sampled_tok_s, ss[0].acceptance, identical, differ, per_round, ceiling)
     log(f"  speculative {spec}: greedy {out.speedup_b1:.2f}× fixed r̄ at batch 1 (acceptance "
-        f"{100 * s1[0].acceptance:.0f}%, {per_round:.2f} tokens a round; every draft kept: at most "
-        f"{out.ceiling_b1:.2f}×), {out.speedup_b8:.2f}× at batch 8; sampling at T=0.8 "
+        f"{100 * s1[0].acceptance:.0f}%, {per_round:.2f} tokens a round"
+        + (f"; every draft kept: at most {ceiling:.2f}×" if ceiling is not None else "")
+        + f"), {out.speedup_b8:.2f}× at batch 8; sampling at T=0.8 "
         f"{out.sampling_speedup_b1:.2f}× at batch 1 (acceptance {100 * ss[0].acceptance:.0f}%); "
         f"greedy identical to fixed-r̄ greedy: {identical}"
         + (f" (first difference at token {differ}, {engine.dtype.name})" if differ is not None else ""))
