@@ -216,9 +216,7 @@ def speculative(engine: Engine, prompts8, tokens: int, spec: str, fixed_tok_s: t
     # identical by construction in exact arithmetic; in bf16 a near-tie can round the other way in the chunked
     # verification (fp32: identical, tests/infer/test_speculative.py), so the first difference is reported too
     differ = next((i for i, (a, b) in enumerate(zip(s1[0].tokens, fixed_greedy[0])) if a != b), None)
-    # the first token comes from the prefill, not a round (a continuation that stops there has no rounds)
-    per_round = (len(s1[0].tokens) - 1) / s1[0].rounds if s1[0].rounds else 0.0
-    k = parse_speculate(spec)[1]
+    per_round, k = s1[0].tokens_per_round, parse_speculate(spec)[1]
     ceiling = tok_s1 / fixed_tok_s[0] * (k + 1) / per_round if per_round else None
     out = Speculation(spec, tok_s1 / fixed_tok_s[0], tok_s8 / fixed_tok_s[1], s1[0].acceptance,
                       tok_ss / fixed_sampled_tok_s, ss[0].acceptance, identical, differ, per_round, ceiling)

@@ -42,6 +42,12 @@ class Speculation:
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens emitted per verification forward (at most K + 1); the first token comes from the prefill, and a
+        continuation that stops there has no rounds (0)."""
+        return (len(self.tokens) - 1) / self.rounds if self.rounds else 0.0
+
 
 def parse_speculate(spec: str) -> tuple[int, int]:
     """"DRAFT_R:K" → (draft depth, tokens per draft)."""
